@@ -1,0 +1,185 @@
+"""The documented Python API: the functions the CLI, the Celery tasks and the scorer call.
+
+    from rise import api
+    from rise.store import LocalStore
+    lm = api.load("path/to/model")
+    api.create(LocalStore("idx"), lm, "train.jsonl", FieldMap(), make_config())
+    hits = api.attribute(api.open_index(LocalStore("idx")), lm, "queries.jsonl", top=10)
+
+Query sketching (``sketch_queries``) is separate from scoring (``attribute_sketched`` /
+``value_sketched``) so that workers sketch and the scorer scores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rise import constants
+from rise.data import FieldMap, Record, file_sha256, read_records, write_records, iter_records
+from rise.errors import InvalidInput, Mismatch
+from rise.featurize import CancelFn, ProgressFn, featurize
+from rise.index import (
+    Index,
+    append,
+    compact,
+    create_index,
+    delete,
+    encode_all,
+    open_index,
+    verify,
+)
+from rise.model import LoadedModel, load_model
+from rise.score import (
+    PoolMean,
+    QuerySet,
+    ScoreSpec,
+    make_queryset,
+    merge_topk,
+    pool_mean,
+    rank_values,
+    shard_scores,
+    topk_candidates,
+    value_scores,
+)
+
+__all__ = [
+    "load", "create", "append", "delete", "compact", "verify", "open_index",
+    "sketch_queries", "attribute", "attribute_sketched", "value", "value_sketched",
+    "select_top_fraction", "fetch_records", "inspect", "read_records", "Hit", "ScoreSpec",
+    "FieldMap",
+]
+
+load = load_model
+create = create_index
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+
+
+def sketch_queries(index: Index, lm: LoadedModel, records: Sequence[Record],
+                   fields: FieldMap, *, batch_size: int = constants.DEFAULT_BATCH_SIZE,
+                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                   ) -> QuerySet:
+    """Sketch queries with the index's configuration; refuse a different model."""
+    index.check_model(lm)
+    config = index.config
+    encoded = encode_all(records, lm, config, fields)
+    feats = featurize(lm, encoded, config, batch_size=batch_size, progress=progress,
+                      cancel=cancel)
+    return make_queryset([r.id for r in records], feats, config, lm.head.vocab)
+
+
+def _mean(index: Index, spec: ScoreSpec) -> PoolMean | None:
+    return pool_mean(index.shards(), index.tombstones) if spec.center else None
+
+
+def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int
+                       ) -> list[list[Hit]]:
+    """Top ``top`` live examples per query, best first, ties by id."""
+    if top < 1:
+        raise InvalidInput("--top must be >= 1")
+    mean = _mean(index, spec)
+    vocab = int(index.manifest["model"]["vocab"])
+    dead = index.tombstones
+    per_query: list[list[list[tuple[float, str]]]] = [[] for _ in range(len(qs))]
+    for sd in index.shards():
+        cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean), sd.ids, dead, top)
+        for q, c in enumerate(cands):
+            per_query[q].append(c)
+    return [[Hit(i, s) for i, s in merge_topk(parts, top)] for parts in per_query]
+
+
+def value_sketched(index: Index, targets: QuerySet, spec: ScoreSpec) -> list[Hit]:
+    """Value of every live example for the target set, best first, ties by id."""
+    if len(targets) == 0:
+        raise InvalidInput("the target set is empty")
+    mean = _mean(index, spec)
+    vocab = int(index.manifest["model"]["vocab"])
+    dead = index.tombstones
+    vals: list[tuple[str, float]] = []
+    for sd in index.shards():
+        v = value_scores(targets, sd, spec, vocab, mean).to(torch.float32).tolist()
+        vals.extend((rid, x) for rid, x in zip(sd.ids, v, strict=True) if rid not in dead)
+    return [Hit(i, s) for i, s in rank_values(vals)]
+
+
+def attribute(index: Index, lm: LoadedModel, queries: str | os.PathLike, *,
+              fields: FieldMap | None = None, spec: ScoreSpec | None = None, top: int = 10,
+              batch_size: int = constants.DEFAULT_BATCH_SIZE,
+              progress: ProgressFn | None = None) -> list[tuple[str, list[Hit]]]:
+    """Sketch the queries in a data file and return (query id, top hits) per query."""
+    records = read_records(queries, fields or FieldMap())
+    qs = sketch_queries(index, lm, records, fields or FieldMap(), batch_size=batch_size,
+                        progress=progress)
+    return list(zip(qs.ids, attribute_sketched(index, qs, spec or ScoreSpec(), top), strict=True))
+
+
+def value(index: Index, lm: LoadedModel, target: str | os.PathLike, *,
+          fields: FieldMap | None = None, spec: ScoreSpec | None = None,
+          batch_size: int = constants.DEFAULT_BATCH_SIZE,
+          progress: ProgressFn | None = None) -> list[Hit]:
+    records = read_records(target, fields or FieldMap())
+    qs = sketch_queries(index, lm, records, fields or FieldMap(), batch_size=batch_size,
+                        progress=progress)
+    return value_sketched(index, qs, spec or ScoreSpec())
+
+
+def select_top_fraction(index: Index, values: Sequence[Hit], fraction: float,
+                        output: str | os.PathLike) -> int:
+    """Write the original records of the top ``fraction`` by value to ``output``.
+
+    Records are read back from each ingest's dataset, which must still match the sha256
+    the manifest recorded.  Returns the number of records written.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise InvalidInput(f"--select-fraction must be in (0, 1], got {fraction}")
+    n = math.ceil(fraction * len(values))
+    chosen = [h.id for h in values[:n]]
+    raws = fetch_records(index, chosen)
+    write_records(output, (raws[i] for i in chosen))
+    return n
+
+
+def fetch_records(index: Index, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Original records (raw dicts) of live ids, from the datasets the manifest points at."""
+    wanted = set(ids)
+    where: dict[int, set[int]] = {}
+    for sd in index.shards():
+        for i, rid in enumerate(sd.ids):
+            if rid in wanted:
+                where.setdefault(int(sd.ingest[i]), set()).add(int(sd.record[i]))
+    out: dict[str, dict[str, Any]] = {}
+    for ing in index.manifest["ingests"]:
+        numbers = where.get(int(ing["generation"]))
+        if not numbers:
+            continue
+        uri = ing["dataset_uri"]
+        if not os.path.exists(uri):
+            raise Mismatch(f"dataset {uri} of ingest generation {ing['generation']} is gone")
+        if file_sha256(uri) != ing["dataset_sha256"]:
+            raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
+        for rec in iter_records(uri, FieldMap.from_dict(ing["fields"])):
+            if rec.number in numbers:
+                out[rec.id] = rec.raw
+    return out
+
+
+def inspect(index: Index) -> dict[str, Any]:
+    """A JSON-able summary of the current generation."""
+    m = index.manifest
+    return {
+        "generation": m["generation"], "live_count": m["live_count"],
+        "tombstones": len(m["tombstones"]), "shards": len(m["shards"]),
+        "bytes": sum(s["bytes"] for s in m["shards"]), "model": m["model"],
+        "config": m["config"], "ingests": m["ingests"], "tool_version": m["tool_version"],
+    }
+

@@ -1,0 +1,405 @@
+"""The ``rise`` command line: the main job on one machine, a local folder as the store.
+
+Every verb has ``--help`` and ``--json`` (a machine-readable summary on stdout); long work
+shows a progress bar with examples/s and tokens/s on stderr.  Bad input prints one line
+``rise: error: ...`` and exits non-zero (the code of the error class, see rise.errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from rise import __version__, constants
+from rise.errors import InvalidInput, NotFound, RiseError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        print(f"rise: error: {message} (see rise {self.prog.split()[-1]} --help)"
+              if " " in self.prog else f"rise: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Progress:
+    """tqdm bar counting examples, with tokens/s in the postfix; silent when not a TTY."""
+
+    def __init__(self, total: int | None, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, disable=None,
+                        file=sys.stderr)
+        self.tokens = 0
+        self.examples = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, examples: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.examples += examples
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s", refresh=False)
+        self.bar.update(examples)
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        return {"seconds": round(dt, 3), "examples_per_s": round(self.examples / dt, 2),
+                "tokens_per_s": round(self.tokens / dt, 1)}
+
+
+def _fields(a: argparse.Namespace):
+    from rise.data import FieldMap
+
+    return FieldMap(text_field=a.text_field, id_field=a.id_field, prompt_field=a.prompt_field,
+                    response_field=a.response_field, chat_template=a.chat_template)
+
+
+def _add_fields(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("record fields")
+    g.add_argument("--text-field", default="text", help="field holding plain text (default: text)")
+    g.add_argument("--id-field", default="id", help="field holding the id (default: id)")
+    g.add_argument("--prompt-field", help="prompt field of prompt/response records")
+    g.add_argument("--response-field", help="response field (supervised tokens)")
+    g.add_argument("--chat-template", action="store_true",
+                   help="render prompts with the tokenizer's chat template")
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required,
+                   help="model folder (config.json + safetensors) or .gguf file")
+    g.add_argument("--revision", help="model revision (hub cache only)")
+    g.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "bfloat16", "float16"],
+                   help="weight dtype; head math runs in float32 or wider (default: float32)")
+    g.add_argument("--device-map", default=None,
+                   help="transformers device map, e.g. auto, cpu, cuda:0 (default: cpu)")
+    g.add_argument("--batch-size", type=int, default=constants.DEFAULT_BATCH_SIZE,
+                   help=f"records per forward pass (default: {constants.DEFAULT_BATCH_SIZE})")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    g.add_argument("--channel", choices=["rh", "gh", "both"], default="both")
+    g.add_argument("--score", choices=["raw", "cosine"], default="cosine")
+    g.add_argument("--lambda", dest="lam", type=float, default=constants.DEFAULT_LAMBDA,
+                   help="weight of RH in the combined cosine score (default: 0.5)")
+    g.add_argument("--center", action="store_true",
+                   help="center sketches by the pool mean before cosine")
+
+
+def _load(a: argparse.Namespace):
+    from rise.model import load_model
+
+    return load_model(a.model, revision=a.revision, dtype=a.dtype, device_map=a.device_map)
+
+
+def _store(path: str):
+    from rise.store import LocalStore
+
+    return LocalStore(path)
+
+
+def _open(path: str):
+    from rise.index import open_index
+
+    if not os.path.isdir(path):
+        raise NotFound(f"index {path!r} does not exist")
+    return open_index(_store(path))
+
+
+def _spec(a: argparse.Namespace):
+    from rise.score import ScoreSpec
+
+    return ScoreSpec(channel=a.channel, score=a.score, lam=a.lam, center=a.center)
+
+
+def _emit(a: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
+    print(json.dumps(summary, sort_keys=True) if a.json else text)
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Atomic: a crash leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_index(a: argparse.Namespace) -> None:
+    from rise.config import make_config, parse_dims
+    from rise.index import create_index
+
+    cfg = make_config(exact=a.exact, no_sketch=a.no_sketch, topk=a.topk,
+                      temperature=a.temperature, dims=parse_dims(a.dims) if a.dims else None,
+                      seed=a.seed, weighting=a.weighting, max_length=a.max_length)
+    fields = _fields(a)
+    if not os.path.exists(a.data):
+        raise NotFound(f"data file {a.data!r} does not exist")
+    lm = _load(a)
+    bar: dict[str, Progress] = {}
+
+    def on_plan(plan, summary) -> None:
+        if summary.exact_bytes_estimate is not None:
+            print(f"rise: {cfg.mode} mode stores ~{summary.exact_bytes_estimate / 2**20:.1f} MiB "
+                  "of per-token factors", file=sys.stderr)
+        bar["p"] = Progress(plan.n_records, "index")
+
+    s = create_index(_store(a.out), lm, a.data, fields, cfg, shard_size=a.shard_size,
+                     batch_size=a.batch_size, exact_budget=int(a.exact_budget * 2**20),
+                     progress=lambda e, t: bar["p"](e, t), on_plan=on_plan)
+    speed = bar["p"].close()
+    out = dict(s.__dict__, index=a.out, config=cfg.to_dict(), **speed)
+    _emit(a, out, f"indexed {s.records} records ({s.tokens} tokens, {s.truncated} truncated) "
+                  f"into {a.out}: {s.shards_written} shards written, {s.shards_skipped} reused, "
+                  f"{speed['examples_per_s']} ex/s, {speed['tokens_per_s']} tok/s")
+
+
+def cmd_append(a: argparse.Namespace) -> None:
+    from rise.index import append
+
+    idx = _open(a.index)
+    fields = _fields(a) if a.text_field != "text" or a.prompt_field else None
+    lm = _load(a)
+    bar: dict[str, Progress] = {}
+    s = append(idx.store, lm, a.data, fields, batch_size=a.batch_size,
+               on_plan=lambda plan, _: bar.setdefault("p", Progress(plan.n_records, "append")),
+               progress=lambda e, t: bar["p"](e, t))
+    speed = bar["p"].close()
+    _emit(a, dict(s.__dict__, **speed),
+          f"appended {s.records} records as generation {s.generation} of {a.index}")
+
+
+def _read_ids(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise NotFound(f"ids file {path!r} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    v = json.loads(line)["id"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InvalidInput(f"{path} line {n}: expected an id or {{\"id\": ...}}") from None
+                out.append(str(v))
+            else:
+                out.append(line)
+    if not out:
+        raise InvalidInput(f"{path}: no ids")
+    return out
+
+
+def cmd_delete(a: argparse.Namespace) -> None:
+    from rise.index import delete
+
+    idx = _open(a.index)
+    ids = _read_ids(a.ids)
+    gen = delete(idx.store, ids)
+    _emit(a, {"generation": gen, "deleted": len(ids)},
+          f"tombstoned {len(ids)} ids in generation {gen} (run rise compact to erase them)")
+
+
+def cmd_compact(a: argparse.Namespace) -> None:
+    from rise.index import compact
+
+    idx = _open(a.index)
+    gen = compact(idx.store)
+    _emit(a, {"generation": gen or idx.generation, "compacted": gen is not None},
+          f"compacted into generation {gen}" if gen else "nothing to compact")
+
+
+def cmd_verify(a: argparse.Namespace) -> None:
+    from rise.index import verify
+
+    if not os.path.isdir(a.index):
+        raise NotFound(f"index {a.index!r} does not exist")
+    r = verify(_store(a.index))
+    lines = [f"generation {g}: {why}" for g, why in sorted(r.generations.items())]
+    _emit(a, {"ok": r.ok, "current": r.current, "shards_checked": r.shards_checked,
+              "generations": {str(g): w for g, w in r.generations.items()}},
+          "\n".join(lines + [f"current generation: {r.current}"]))
+    if not r.ok:
+        sys.exit(7)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from rise.api import inspect
+
+    info = inspect(_open(a.index))
+    c = info["config"]
+    _emit(a, info, "\n".join([
+        f"index {a.index}: generation {info['generation']}, {info['live_count']} live examples, "
+        f"{info['tombstones']} tombstoned, {info['shards']} shards, {info['bytes']:,} bytes",
+        f"model {info['model']['name']} (head {info['model']['head_sha256'][:12]}, "
+        f"vocab {info['model']['vocab']}, hidden {info['model']['hidden']})",
+        f"config mode={c['mode']} topk={c['topk']} tau={c['temperature']} dims={c['dims']} "
+        f"seed={c['seed']} weighting={c['weighting']} max_length={c['max_length']}",
+    ] + [f"ingest {i['generation']}: {i['records']} records from {i['dataset_uri']}"
+         for i in info["ingests"]]))
+
+
+def cmd_attribute(a: argparse.Namespace) -> None:
+    from rise.api import attribute_sketched, sketch_queries
+    from rise.data import read_records
+
+    spec = _spec(a)
+    idx = _open(a.index)
+    fields = _fields(a)
+    records = read_records(a.queries, fields)
+    lm = _load(a)
+    p = Progress(len(records), "queries")
+    qs = sketch_queries(idx, lm, records, fields, batch_size=a.batch_size, progress=p)
+    speed = p.close()
+    t0 = time.perf_counter()
+    hits = attribute_sketched(idx, qs, spec, a.top)
+    rows = [{"query_id": q, "results": [{"id": h.id, "score": h.score} for h in hs]}
+            for q, hs in zip(qs.ids, hits, strict=True)]
+    _write_jsonl(a.output, rows)
+    _emit(a, {"queries": len(rows), "output": a.output, "top": a.top,
+              "score_seconds": round(time.perf_counter() - t0, 3), **speed},
+          f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
+
+
+def cmd_value(a: argparse.Namespace) -> None:
+    from rise.api import select_top_fraction, sketch_queries, value_sketched
+    from rise.data import read_records
+
+    spec = _spec(a)
+    if (a.select_fraction is None) != (a.select_output is None):
+        raise InvalidInput("--select-fraction and --select-output go together")
+    idx = _open(a.index)
+    fields = _fields(a)
+    records = read_records(a.target, fields)
+    lm = _load(a)
+    p = Progress(len(records), "targets")
+    qs = sketch_queries(idx, lm, records, fields, batch_size=a.batch_size, progress=p)
+    speed = p.close()
+    values = value_sketched(idx, qs, spec)
+    _write_jsonl(a.output, [{"id": h.id, "value": h.score} for h in values])
+    out: dict[str, Any] = {"examples": len(values), "output": a.output, **speed}
+    if a.select_fraction is not None:
+        out["selected"] = select_top_fraction(idx, values, a.select_fraction, a.select_output)
+        out["select_output"] = a.select_output
+    _emit(a, out, f"valued {len(values)} examples against {len(records)} targets -> {a.output}"
+                  + (f"; selected {out['selected']} -> {a.select_output}"
+                     if "selected" in out else ""))
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    from rise.config import parse_dims
+    from rise.plan import format_plan_table, parse_bytes, plan_model
+
+    plan = plan_model(a.model, gpus=a.gpus, gpu_memory_bytes=parse_bytes(a.gpu_memory),
+                      batch_size=a.batch_size, max_length=a.max_length, dtype=a.dtype,
+                      dims=parse_dims(a.dims) if a.dims else constants.DEFAULT_DIMS)
+    _emit(a, plan.to_dict(), format_plan_table(plan))
+    if not plan.fits:
+        sys.exit(9)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rise", description="Readout Influence Sketching Estimator: attribution "
+                "and valuation of training data from the LM head.")
+    p.add_argument("--version", action="version", version=f"rise {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = verb("index", cmd_index, "sketch a data file into a new index folder")
+    _add_model(sp)
+    sp.add_argument("--data", required=True, help="JSONL or Parquet records")
+    sp.add_argument("--out", required=True, help="index folder (created)")
+    _add_fields(sp)
+    sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
+    sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
+    sp.add_argument("--temperature", type=float, help="softmax temperature (default: 1.0)")
+    sp.add_argument("--dims", help="sketch widths KR,KH,KG (default: %s)"
+                    % ",".join(map(str, constants.DEFAULT_DIMS)))
+    sp.add_argument("--seed", type=int, help="CountSketch seed (default: 0)")
+    sp.add_argument("--weighting", choices=["mean", "sum"], default="mean")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--exact", action="store_true",
+                      help="K = V, tau = 1, no sketch: exact head-gradient inner products")
+    mode.add_argument("--no-sketch", action="store_true",
+                      help="keep K and tau but store per-token factors: the sketch's ceiling")
+    sp.add_argument("--exact-budget", type=float, default=constants.DEFAULT_EXACT_BUDGET_BYTES / 2**20,
+                    help="MiB of per-token factors exact/no-sketch mode may store (default: 2048)")
+    sp.add_argument("--shard-size", type=int, default=constants.DEFAULT_SHARD_SIZE)
+
+    sp = verb("attribute", cmd_attribute, "top training examples for each query")
+    sp.add_argument("--index", required=True)
+    _add_model(sp)
+    sp.add_argument("--queries", required=True)
+    sp.add_argument("--output", required=True, help="JSONL, one line per query")
+    sp.add_argument("--top", type=int, default=10)
+    _add_fields(sp)
+    _add_scoring(sp)
+
+    sp = verb("value", cmd_value, "value every indexed example for a target set")
+    sp.add_argument("--index", required=True)
+    _add_model(sp)
+    sp.add_argument("--target", required=True)
+    sp.add_argument("--output", required=True, help="JSONL, one line per live example")
+    sp.add_argument("--select-fraction", type=float, help="fraction of the pool to select")
+    sp.add_argument("--select-output", help="data file of the selected original records")
+    _add_fields(sp)
+    _add_scoring(sp)
+
+    sp = verb("append", cmd_append, "add a data file to an index as a new generation")
+    sp.add_argument("--index", required=True)
+    _add_model(sp)
+    sp.add_argument("--data", required=True)
+    _add_fields(sp)
+
+    sp = verb("delete", cmd_delete, "tombstone ids (one per line, or JSONL with id)")
+    sp.add_argument("--index", required=True)
+    sp.add_argument("--ids", required=True)
+
+    sp = verb("compact", cmd_compact, "rewrite shards to erase deleted examples")
+    sp.add_argument("index")
+    sp = verb("verify", cmd_verify, "check every shard of every generation")
+    sp.add_argument("index")
+    sp = verb("inspect", cmd_inspect, "summarise an index")
+    sp.add_argument("index")
+
+    sp = verb("plan", cmd_plan, "will a model fit these GPUs? memory and storage plan")
+    sp.add_argument("--model", required=True, help="model folder or config.json")
+    sp.add_argument("--gpus", type=int, default=1)
+    sp.add_argument("--gpu-memory", default="80GiB")
+    sp.add_argument("--batch-size", type=int, default=constants.DEFAULT_BATCH_SIZE)
+    sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
+    sp.add_argument("--dtype", default="bfloat16")
+    sp.add_argument("--dims", help="sketch widths KR,KH,KG")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args.fn(args)
+    except RiseError as e:
+        print(f"rise: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("rise: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

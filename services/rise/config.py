@@ -1,0 +1,171 @@
+"""Typed sketch configuration.
+
+The configuration is part of an index's identity: a query is scored only against an
+index built with the same configuration and the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rise import constants
+from rise.errors import InvalidInput
+
+Mode = Literal["sketch", "exact", "nosketch"]
+
+
+class SketchConfig(BaseModel):
+    """How each example is read out and compressed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = "sketch"
+    """``sketch`` (CountSketch, the product), ``exact`` (K = V, tau = 1, per-token
+    factors, no sketch: ground truth) or ``nosketch`` (keeps K and tau, no sketch: the
+    ceiling of the sketch itself)."""
+    topk: int | None = constants.DEFAULT_TOPK
+    """Residual entries kept per position: TopK(p, K) U {y}.  None keeps all V."""
+    temperature: float = constants.DEFAULT_TEMPERATURE
+    """Softmax temperature tau."""
+    dims: tuple[int, int, int] = constants.DEFAULT_DIMS
+    """CountSketch widths (kr, kh, kg) for the residual, hidden and projected error."""
+    seed: int = constants.DEFAULT_SEED
+    """Seed of the three CountSketch maps; same seed, same maps on every machine."""
+    weighting: Literal["mean", "sum"] = "mean"
+    """Token weight w_t: 1/|S(x)| (mean, the Hugging Face loss) or 1 (sum)."""
+    max_length: int = constants.DEFAULT_MAX_LENGTH
+    """Tokens per record after truncation."""
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    """Dtype of stored unit sketches (norms are always float32)."""
+
+    @field_validator("topk")
+    @classmethod
+    def _topk(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("topk must be >= 1 or 'all'")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("temperature must be > 0")
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(k < 1 for k in v):
+            raise ValueError("dims must be positive")
+        return v
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("max_length must be >= 2")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**63:
+            raise ValueError("seed must be in [0, 2^63)")
+        return v
+
+    @model_validator(mode="after")
+    def _exact(self) -> SketchConfig:
+        if self.mode == "exact" and (self.topk is not None or self.temperature != 1.0):
+            raise ValueError("exact mode means K = V and tau = 1")
+        return self
+
+    @property
+    def sketched(self) -> bool:
+        return self.mode == "sketch"
+
+    @property
+    def numbers_per_example(self) -> int:
+        kr, kh, kg = self.dims
+        return kr * kh + kg * kh
+
+    def channel_dim(self, channel: str) -> int:
+        kr, kh, kg = self.dims
+        return kr * kh if channel == "rh" else kg * kh
+
+    def to_dict(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(
+            json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+
+
+def make_config(
+    *,
+    exact: bool = False,
+    no_sketch: bool = False,
+    topk: int | None | str = None,
+    temperature: float | None = None,
+    dims: tuple[int, int, int] | None = None,
+    seed: int | None = None,
+    weighting: str = "mean",
+    max_length: int = constants.DEFAULT_MAX_LENGTH,
+) -> SketchConfig:
+    """Resolve CLI/API flags into a config; ``None`` means "not given" (use the default).
+
+    Combining ``exact`` with topk, temperature or dims is an error: exact mode fixes them.
+    """
+    if exact and no_sketch:
+        raise InvalidInput("--exact and --no-sketch are exclusive")
+    if exact:
+        given = [
+            n
+            for n, v in (("--topk", topk), ("--temperature", temperature), ("--dims", dims))
+            if v is not None
+        ]
+        if given:
+            raise InvalidInput(f"--exact fixes K = V, tau = 1 and no sketch; drop {', '.join(given)}")
+    if no_sketch and dims is not None:
+        raise InvalidInput("--no-sketch stores no sketch; drop --dims")
+    topk_given = topk is not None
+    if isinstance(topk, str):
+        if topk == "all":
+            topk = None
+        else:
+            try:
+                topk = int(topk)
+            except ValueError:
+                raise InvalidInput(
+                    f"--topk must be a positive integer or 'all', got {topk!r}"
+                ) from None
+    kwargs: dict = {"weighting": weighting, "max_length": max_length}
+    if exact:
+        kwargs.update(mode="exact", topk=None, temperature=1.0)
+    else:
+        kwargs["mode"] = "nosketch" if no_sketch else "sketch"
+        if topk_given:
+            kwargs["topk"] = topk
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        if dims is not None:
+            kwargs["dims"] = tuple(dims)
+    if seed is not None:
+        kwargs["seed"] = seed
+    try:
+        return SketchConfig(**kwargs)
+    except ValueError as e:  # pydantic.ValidationError is a ValueError
+        msgs = "; ".join(err["msg"] for err in getattr(e, "errors", lambda: [])()) or str(e)
+        raise InvalidInput(f"invalid sketch configuration: {msgs}") from None
+
+
+def parse_dims(text: str) -> tuple[int, int, int]:
+    """Parse ``KR,KH,KG``."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise InvalidInput(f"--dims must be three positive integers KR,KH,KG, got {text!r}")
+    return (int(parts[0]), int(parts[1]), int(parts[2]))

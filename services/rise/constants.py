@@ -1,0 +1,46 @@
+"""Names, keys and defaults in one place.
+
+Object keys are pure functions of (index, generation, shard number): writing a shard twice
+writes the same key and the same bytes.  Ids never appear in keys.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+MANIFEST_PREFIX = "manifest-"
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+
+# Defaults (tunable; the identities in the design are normative, these numbers are not).
+DEFAULT_TOPK = 128
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_DIMS = (64, 32, 32)
+DEFAULT_SEED = 0
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SHARD_SIZE = 1024
+DEFAULT_LAMBDA = 0.5
+# Exact mode keeps per-token factors; refuse above this many bytes unless raised.
+DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
+# Head work per chunk: logits, softmax and the residual each take chunk x V floats.
+DEFAULT_HEAD_CHUNK_BYTES = 256 * 1024**2
+
+
+def manifest_key(generation: int) -> str:
+    """Key of manifest generation ``generation`` (zero-padded so keys sort by generation)."""
+    return f"{MANIFEST_PREFIX}{generation:08d}.json"
+
+
+def parse_manifest_key(key: str) -> int | None:
+    """Generation of a manifest key, or None if ``key`` is not a manifest."""
+    name = key.rsplit("/", 1)[-1]
+    if not (name.startswith(MANIFEST_PREFIX) and name.endswith(".json")):
+        return None
+    digits = name[len(MANIFEST_PREFIX) : -len(".json")]
+    return int(digits) if digits.isdigit() else None
+
+
+def shard_key(generation: int, shard: int) -> str:
+    """Key of shard ``shard`` written by generation ``generation`` (ingest or compaction)."""
+    return f"{SHARD_DIR}/g{generation:08d}/shard-{shard:06d}{SHARD_SUFFIX}"

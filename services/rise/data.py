@@ -1,0 +1,387 @@
+"""Training-data records: reading, validating, writing back, and tokenizing.
+
+A record has an id and either a plain ``text`` or a prompt and a response.  Files are JSONL
+(``.jsonl``, ``.json``, ``.jsonl.gz``) or Parquet (``.parquet``), chosen by extension.  Every
+bad-input error is one line naming the problem, the file and the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import secrets
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from rise.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+StrPath = str | os.PathLike[str]
+MAX_ID_BYTES = 256
+# Longest suffix first, so ".jsonl.gz" is not mistaken for something else.
+_FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which fields of a record hold the id, the text, or the prompt and the response."""
+
+    text_field: str = "text"
+    id_field: str = "id"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_prompt_response(self) -> bool:
+        """True when records are prompt/response pairs rather than plain text."""
+        return self.prompt_field is not None and self.response_field is not None
+
+    def validate(self) -> None:
+        """Raise InvalidInput for an inconsistent field map."""
+        for name in ("text_field", "id_field", "prompt_field", "response_field"):
+            value = getattr(self, name)
+            optional = name in ("prompt_field", "response_field")
+            if not (isinstance(value, str) and value) and not (optional and value is None):
+                raise InvalidInput(f"field map: {name} must be a non-empty string")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise InvalidInput("field map: set both prompt_field and response_field, or neither")
+        if self.is_prompt_response and self.prompt_field == self.response_field:
+            raise InvalidInput("field map: prompt_field and response_field must differ")
+        if not isinstance(self.chat_template, bool):
+            raise InvalidInput("field map: chat_template must be true or false")
+        # A chat template only applies to prompts; accepting it for plain text would
+        # silently ignore a flag the user asked for.
+        if self.chat_template and not self.is_prompt_response:
+            raise InvalidInput("field map: chat_template needs prompt_field and response_field")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, stored in the index manifest."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FieldMap:
+        """Inverse of to_dict; unknown keys are an error so a typo is not silently ignored."""
+        if not isinstance(d, Mapping):
+            raise InvalidInput("field map: expected an object")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise InvalidInput(f"field map: unknown key(s) {', '.join(map(repr, unknown))}")
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated training record; ``raw`` is the original object, for writing back."""
+
+    id: str
+    number: int
+    text: str | None
+    prompt: str | None
+    response: str | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized record.  Hidden position t predicts input_ids[t+1], supervised iff
+    t+1 >= sup_start; position 0 is never a target since nothing precedes it."""
+
+    input_ids: list[int]
+    sup_start: int
+    truncated: bool
+
+    @property
+    def n_supervised(self) -> int:
+        """Number of supervised next-token targets."""
+        return len(self.input_ids) - max(self.sup_start, 1)
+
+
+def _format(path: StrPath) -> str:
+    """'jsonl', 'jsonl.gz' or 'parquet' from the file name, else InvalidInput."""
+    name = os.fspath(path)
+    for suffix, fmt in _FORMATS.items():
+        if name.lower().endswith(suffix):
+            return fmt
+    raise InvalidInput(f"{name}: unknown data file extension (use {', '.join(_FORMATS)})")
+
+
+def _open_binary(path: StrPath) -> IO[bytes]:
+    """Open a data file for reading, mapping OS errors onto the platform's errors."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"data file not found: {os.fspath(path)}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{os.fspath(path)}: is a directory, not a data file") from None
+    except PermissionError:
+        raise InvalidInput(f"{os.fspath(path)}: permission denied") from None
+
+
+def _jsonl_objects(path: StrPath, gz: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, object) per non-blank line; location names line and record number."""
+    name = os.fspath(path)
+    number = 0
+    with contextlib.ExitStack() as stack:
+        stream: IO[bytes] = stack.enter_context(_open_binary(path))
+        if gz:
+            stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
+        try:
+            for lineno, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue  # blank lines are not records, so they do not advance number
+                loc = f"line {lineno} (record {number})"
+                where = f"{name} {loc}"
+                try:
+                    # utf-8-sig on line 1 so a BOM written by some editors is not an error.
+                    text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise InvalidInput(f"{where}: invalid UTF-8 at byte {e.start}") from None
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    msg = f"{where}: invalid JSON: {e.msg} at column {e.colno}"
+                    raise InvalidInput(msg) from None
+                if not isinstance(obj, dict):
+                    kind = "array" if isinstance(obj, list) else type(obj).__name__
+                    raise InvalidInput(f"{where}: not a JSON object (got {kind})")
+                yield loc, obj
+                number += 1
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise InvalidInput(f"{name}: not a valid gzip file ({e})") from None
+
+
+def _parquet_rows(path: StrPath) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, row) for each Parquet row, streamed in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"record {number}", row
+                number += 1
+    except (pa.ArrowException, OSError) as e:
+        raise InvalidInput(f"{os.fspath(path)}: not a valid Parquet file ({e})") from None
+
+
+def _utf8_len(value: str, field: str, where: str) -> int:
+    """UTF-8 size of a string; JSON "\\ud800" escapes yield lone surrogates that UTF-8 (and
+    so the tokenizer) cannot take, so they are rejected here with the record named."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{where}: field {field!r} is not valid Unicode") from None
+
+
+def _parse_id(value: Any, field: str, number: int, where: str) -> str:
+    """Validate an id; an absent id (missing or null) becomes the record number."""
+    if value is None:
+        return str(number)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        kind = type(value).__name__
+        raise InvalidInput(f"{where}: id field {field!r} must be a string or integer, got {kind}")
+    ident = str(value)
+    size = _utf8_len(ident, field, where)
+    if not 0 < size <= MAX_ID_BYTES:
+        limit = f"1-{MAX_ID_BYTES}"
+        raise InvalidInput(f"{where}: id field {field!r} is {size} UTF-8 bytes, not {limit}")
+    return ident
+
+
+def _string_field(obj: Mapping[str, Any], field: str, where: str, non_blank: bool) -> str:
+    """Fetch a required string field; non_blank also rejects whitespace-only strings."""
+    value = obj.get(field)
+    if value is None:
+        raise InvalidInput(f"{where}: missing field {field!r} (absent or null)")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if non_blank and not value.strip():
+        raise InvalidInput(f"{where}: field {field!r} is empty or whitespace-only")
+    _utf8_len(value, field, where)
+    return value
+
+
+def iter_records(path: StrPath, fields: FieldMap) -> Iterator[Record]:
+    """Stream validated records; a duplicate id raises when its second copy is reached.
+
+    The extension and the file's existence are checked now, not on first iteration, so a
+    caller's try block around this call sees those errors."""
+    fmt = _format(path)
+    _open_binary(path).close()
+    return _iter_records(path, fmt, fields)
+
+
+def _iter_records(path: StrPath, fmt: str, fields: FieldMap) -> Iterator[Record]:
+    """Generator behind iter_records."""
+    rows = _parquet_rows(path) if fmt == "parquet" else _jsonl_objects(path, fmt == "jsonl.gz")
+    name = os.fspath(path)
+    seen: dict[str, str] = {}
+    for number, (loc, obj) in enumerate(rows):
+        ident = _parse_id(obj.get(fields.id_field), fields.id_field, number, f"{name} {loc}")
+        where = f"{name} {loc}, id {ident!r}"
+        text = prompt = response = None
+        if fields.is_prompt_response:
+            # An empty prompt is allowed (the response is still supervised after the
+            # special tokens); an empty response would leave nothing to learn.
+            prompt = _string_field(obj, fields.prompt_field or "", where, non_blank=False)
+            response = _string_field(obj, fields.response_field or "", where, non_blank=True)
+        else:
+            text = _string_field(obj, fields.text_field, where, non_blank=True)
+        first = seen.get(ident)
+        if first is not None:
+            raise InvalidInput(f"duplicate id {ident!r} in {name}: {first} and {loc}")
+        seen[ident] = loc
+        yield Record(ident, number, text, prompt, response, obj)
+
+
+def read_records(path: StrPath, fields: FieldMap) -> list[Record]:
+    """All validated records of a file, in file order."""
+    return list(iter_records(path, fields))
+
+
+def file_sha256(path: StrPath) -> str:
+    """Hex sha256 of the file's bytes, read in 1 MiB blocks so large files stay cheap."""
+    digest = hashlib.sha256()
+    with _open_binary(path) as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_unique_ids(records: Iterable[Record], existing: Mapping[str, str] | None = None) -> None:
+    """Raise InvalidInput if ids repeat among records or clash with ``existing``
+    (live id -> description such as "index generation 2 record 7")."""
+    existing = existing or {}
+    seen: dict[str, int] = {}
+    for rec in records:
+        if rec.id in existing:
+            other = existing[rec.id]
+            raise InvalidInput(f"id {rec.id!r} of record {rec.number} clashes with {other}")
+        if rec.id in seen:
+            raise InvalidInput(f"duplicate id {rec.id!r}: record {seen[rec.id]} and {rec.number}")
+        seen[rec.id] = rec.number
+
+
+def _jsonl_line(raw: Mapping[str, Any], index: int) -> bytes:
+    """One JSONL line; falls back to ASCII escapes for strings UTF-8 cannot hold."""
+    try:
+        text = json.dumps(raw, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"record {index} cannot be written as JSON: {e}") from None
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # lone surrogates survive only as \\u escapes
+        return json.dumps(raw, ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def _dicts(raws: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """Pass raws through, rejecting anything that is not a dict."""
+    for i, raw in enumerate(raws):
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"record {i} to write is a {type(raw).__name__}, not a dict")
+        yield raw
+
+
+def _write_parquet(f: IO[bytes], raws: list[dict[str, Any]]) -> None:
+    """Write rows as Parquet; columns are the union of keys so no field is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Table.from_pylist takes its columns from the first row only, so build them here.
+    names = list(dict.fromkeys(k for raw in raws for k in raw))
+    columns: dict[str, Any] = {}
+    for name in names:
+        try:
+            columns[name] = pa.array([raw.get(name) for raw in raws])
+        except (pa.ArrowException, TypeError) as e:
+            raise InvalidInput(f"column {name!r} cannot be written as Parquet: {e}") from None
+    pq.write_table(pa.table(columns), f)
+
+
+def write_records(path: StrPath, raws: Iterable[dict[str, Any]]) -> None:
+    """Write original records as JSONL or Parquet, atomically: a temp file in the same
+    directory is renamed over ``path``, so a crash never leaves a half-written file."""
+    fmt = _format(path)
+    target = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise NotFound(f"directory not found: {directory}")
+    # A hidden, random name in the same directory: os.replace is atomic only within one
+    # file system, and concurrent writers must not share a temp file.
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    try:
+        # "xb" rather than mkstemp so the file gets the usual umask-derived mode.
+        with open(tmp, "xb") as f:
+            if fmt == "parquet":
+                _write_parquet(f, list(_dicts(raws)))
+            elif fmt == "jsonl.gz":
+                # The header holds a name and a time: use the target's name (not the temp
+                # file's) and mtime=0 so identical records give identical bytes.
+                name = os.path.basename(target)
+                with gzip.GzipFile(name, mode="wb", fileobj=f, mtime=0) as gz:
+                    gz.writelines(_jsonl_line(raw, i) for i, raw in enumerate(_dicts(raws)))
+            else:
+                f.writelines(_jsonl_line(raw, i) for i, raw in enumerate(_dicts(raws)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def encode_record(
+    rec: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, chat_template: bool = False
+) -> Encoded:
+    """Tokenize a record for training.  Plain text keeps its first max_length tokens;
+    prompt/response keeps the whole response and the end of the prompt."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise InvalidInput(f"max_length must be an integer of at least 2, got {max_length!r}")
+    if rec.response is None:
+        if rec.text is None:  # hand-built records only; read_records never makes these
+            raise InvalidInput(f"record id {rec.id!r} has neither text nor a response")
+        ids = list(tokenizer.encode(rec.text, add_special_tokens=True))
+        if len(ids) < 2:
+            raise InvalidInput(
+                f"record id {rec.id!r}: text has {len(ids)} token(s), so no position is supervised"
+            )
+        return Encoded(ids[:max_length], sup_start=1, truncated=len(ids) > max_length)
+
+    prompt = rec.prompt or ""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInput("the tokenizer has no chat template; drop --chat-template")
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = list(tokenizer.encode(rendered, add_special_tokens=False))
+    else:
+        prompt_ids = list(tokenizer.encode(prompt, add_special_tokens=True))
+    response_ids = list(tokenizer.encode(rec.response, add_special_tokens=False))
+    if len(response_ids) > max_length:
+        raise InvalidInput(
+            f"record id {rec.id!r}: response is {len(response_ids)} tokens, over max_length "
+            f"{max_length}; raise --max-length"
+        )
+    # Cut the prompt from the left: the response is the supervised part, and the tokens
+    # nearest to it are the context that matters most.
+    keep = max_length - len(response_ids)
+    kept = prompt_ids[max(0, len(prompt_ids) - keep) :]
+    encoded = Encoded(kept + response_ids, len(kept), truncated=len(kept) < len(prompt_ids))
+    if encoded.n_supervised < 1:
+        raise InvalidInput(f"record id {rec.id!r}: no supervised token left after tokenization")
+    return encoded

@@ -1,0 +1,137 @@
+"""Turn encoded records into per-example features: sketches, or exact per-token factors.
+
+This is the one function the CLI, the Celery shard tasks and query sketching all call.
+Batches are padded on the right; the head math runs on the head's device in float32 (or
+float64 for float64 models), a chunk of tokens at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rise.config import SketchConfig
+from rise.data import Encoded
+from rise.errors import Cancelled
+from rise.model import LoadedModel
+from rise.readout import (
+    chunk_tokens_for,
+    iter_readouts,
+    sketch_batch,
+    supervised_positions,
+)
+from rise.sketch import make_sketcher
+from rise import constants
+
+ProgressFn = Callable[[int, int], None]
+"""Called after each batch with (examples done in this call, tokens done in this call)."""
+CancelFn = Callable[[], bool]
+"""Polled between batches; returning True stops the work with Cancelled."""
+
+
+@dataclass
+class Factors:
+    """Exact per-token factors of one example (modes ``exact`` and ``nosketch``).
+
+    h, g: (T, d); w: (T,); r: (T, m) with idx (T, m) int64, or r (T, V) dense and idx None.
+    """
+
+    h: torch.Tensor
+    g: torch.Tensor
+    w: torch.Tensor
+    r: torch.Tensor
+    idx: torch.Tensor | None
+
+
+@dataclass
+class Features:
+    """Features of a list of examples, in input order."""
+
+    token_counts: torch.Tensor  # (n,) int64 supervised tokens
+    rh: torch.Tensor | None = None  # (n, kr*kh) float64 raw sketches (mode sketch)
+    gh: torch.Tensor | None = None  # (n, kg*kh)
+    factors: list[Factors] | None = None  # modes exact / nosketch
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _pad(encs: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = max(len(e.input_ids) for e in encs)
+    ids = torch.full((len(encs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encs), t), dtype=torch.long)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, : len(e.input_ids)] = 1
+    sup = torch.tensor([e.sup_start for e in encs], dtype=torch.long)
+    return ids, mask, sup
+
+
+def featurize(
+    lm: LoadedModel,
+    encoded: Sequence[Encoded],
+    config: SketchConfig,
+    *,
+    batch_size: int = constants.DEFAULT_BATCH_SIZE,
+    head_chunk_bytes: int = constants.DEFAULT_HEAD_CHUNK_BYTES,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Features:
+    """Features of ``encoded`` under ``config`` (sketches or per-token factors)."""
+    head = lm.head
+    dt = lm.compute_dtype
+    chunk = chunk_tokens_for(head.vocab, dt, head_chunk_bytes)
+    pad_id = lm.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = lm.tokenizer.eos_token_id or 0
+    sketcher = None
+    if config.sketched:
+        sketcher = make_sketcher(config.seed, head.vocab, head.hidden, config.dims)
+    rh_parts, gh_parts, counts, factors = [], [], [], []
+    # Sorting by length inside the call would change which examples share a batch but not
+    # any example's features (padding is masked); keep input order for simplicity.
+    for rng in _batches(len(encoded), batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled")
+        encs = [encoded[i] for i in rng]
+        ids, mask, sup = _pad(encs, pad_id)
+        hidden = lm.hidden_states(ids, mask)
+        with torch.inference_mode():
+            pos = supervised_positions(hidden, ids, mask, sup, config.weighting, dt)
+            counts.append(pos.counts.cpu())
+            if sketcher is not None:
+                rh, gh = sketch_batch(pos, head, sketcher, config.topk, config.temperature,
+                                      chunk, len(encs))
+                rh_parts.append(rh.cpu())
+                gh_parts.append(gh.cpu())
+            else:
+                factors.extend(_factors(pos, head, config, chunk, len(encs)))
+        if progress is not None:
+            progress(len(encs), int(pos.counts.sum()))
+    feats = Features(token_counts=torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))
+    if sketcher is not None:
+        kr, kh, kg = config.dims
+        feats.rh = torch.cat(rh_parts) if rh_parts else torch.zeros(0, kr * kh, dtype=torch.float64)
+        feats.gh = torch.cat(gh_parts) if gh_parts else torch.zeros(0, kg * kh, dtype=torch.float64)
+    else:
+        feats.factors = factors
+    return feats
+
+
+def _factors(pos, head, config: SketchConfig, chunk: int, n_examples: int) -> list[Factors]:
+    parts = [ro for _, ro in iter_readouts(pos, head, config.topk, config.temperature, chunk)]
+    h = torch.cat([p.h for p in parts]).cpu()
+    g = torch.cat([p.g for p in parts]).cpu()
+    r = torch.cat([p.r for p in parts]).cpu()
+    idx = None if parts[0].idx is None else torch.cat([p.idx for p in parts]).cpu()
+    ex = pos.example.cpu()
+    w = pos.w.cpu()
+    out = []
+    for e in range(n_examples):
+        sel = (ex == e).nonzero(as_tuple=True)[0]
+        out.append(Factors(h=h[sel], g=g[sel], w=w[sel], r=r[sel],
+                           idx=None if idx is None else idx[sel]))
+    return out

@@ -1,0 +1,185 @@
+"""Shard serialisation: safetensors bytes with one JSON metadata entry.
+
+A shard holds, for its examples in record order: ids, ingest generations, record numbers,
+supervised token counts, and either unit-normalised sketches with float32 norms and
+per-channel sums of the stored unit sketches (mode ``sketch``), or exact per-token factors
+with float64 norms (modes ``exact`` and ``nosketch``).  The bytes are a pure function of
+the content: no timestamps, one metadata key holding sorted JSON, tensors in fixed order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load, save
+
+from rise import constants
+from rise.errors import Corrupt
+from rise.featurize import Factors, Features
+
+_META_KEY = "rise"
+
+
+def encode_ids(ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    blobs = [s.encode("utf-8") for s in ids]
+    offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
+    if blobs:
+        offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs]), 0)
+    data = torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8)
+    return data[: int(offsets[-1])].clone(), offsets
+
+
+def decode_ids(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
+    raw = data.numpy().tobytes()
+    off = offsets.tolist()
+    return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+
+
+@dataclass
+class ShardData:
+    """Decoded shard content."""
+
+    meta: dict
+    ids: list[str]
+    ingest: torch.Tensor  # (n,) int64 ingest generation of each record
+    record: torch.Tensor  # (n,) int64 record number within its ingest's dataset
+    token_count: torch.Tensor  # (n,) int64
+    norms: torch.Tensor  # (n, 2): ||RH||, ||GH||
+    rh: torch.Tensor | None = None  # (n, kr*kh) unit sketches, storage dtype
+    gh: torch.Tensor | None = None
+    rh_sum: torch.Tensor | None = None  # (kr*kh,) float64 sum of stored unit sketches
+    gh_sum: torch.Tensor | None = None
+    factors: list[Factors] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows scaled to unit norm (zero rows stay zero) and their norms."""
+    norms = x.norm(dim=1)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None], norms
+
+
+def _factor_tensors(fs: list[Factors]) -> dict[str, torch.Tensor]:
+    """Per-token factors of several examples, concatenated, with token offsets."""
+    counts = torch.tensor([f.h.shape[0] for f in fs], dtype=torch.int64)
+    off = torch.zeros(len(fs) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(counts, 0)
+    t = {"tok_offsets": off}
+    for name in ("h", "g", "w", "r"):
+        t[name] = torch.cat([getattr(f, name) for f in fs]).contiguous()
+    if fs and fs[0].idx is not None:
+        t["r_idx"] = torch.cat([f.idx for f in fs]).to(torch.int32).contiguous()
+    return t
+
+
+def build_shard(
+    meta: dict,
+    ids: list[str],
+    ingest: list[int],
+    record: list[int],
+    feats: Features,
+    storage_dtype: str,
+    factor_norms: torch.Tensor | None = None,
+) -> bytes:
+    """Serialise one shard; ``meta`` must be JSON-able and free of timestamps."""
+    id_data, id_off = encode_ids(ids)
+    t: dict[str, torch.Tensor] = {
+        "ids_utf8": id_data,
+        "ids_offsets": id_off,
+        "ingest": torch.tensor(ingest, dtype=torch.int64),
+        "record": torch.tensor(record, dtype=torch.int64),
+        "token_count": feats.token_counts.to(torch.int64).contiguous(),
+    }
+    if feats.rh is not None and feats.gh is not None:
+        dt = getattr(torch, storage_dtype)
+        urh, nrh = unit_rows(feats.rh)
+        ugh, ngh = unit_rows(feats.gh)
+        t["rh"] = urh.to(dt).contiguous()
+        t["gh"] = ugh.to(dt).contiguous()
+        t["norms"] = torch.stack([nrh, ngh], dim=1).to(torch.float32).contiguous()
+        t["rh_sum"] = t["rh"].double().sum(0)
+        t["gh_sum"] = t["gh"].double().sum(0)
+    else:
+        if factor_norms is None:
+            raise ValueError("factor shards need their exact norms")
+        t["norms"] = factor_norms.to(torch.float64).contiguous()
+        t.update(_factor_tensors(feats.factors or []))
+    return serialize(meta, t)
+
+
+def serialize(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Shard bytes from its tensors; the count comes from the ids."""
+    full_meta = dict(meta, format_version=constants.FORMAT_VERSION,
+                     count=int(tensors["ids_offsets"].shape[0] - 1))
+    return save(tensors, metadata={_META_KEY: json.dumps(full_meta, sort_keys=True)})
+
+
+def concat_rows(parts: list[tuple[ShardData, list[int]]]) -> dict[str, torch.Tensor]:
+    """Tensors of a new shard made of the given rows of existing shards, bytes unchanged.
+
+    Used by compaction: stored sketches and norms are copied, never recomputed.
+    """
+    ids = [p.ids[i] for p, rows in parts for i in rows]
+    id_data, id_off = encode_ids(ids)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name)[rows] for p, rows in parts]).contiguous()
+
+    t = {"ids_utf8": id_data, "ids_offsets": id_off, "ingest": cat("ingest"),
+         "record": cat("record"), "token_count": cat("token_count"), "norms": cat("norms")}
+    first = parts[0][0]
+    if first.rh is not None:
+        t["rh"], t["gh"] = cat("rh"), cat("gh")
+        t["rh_sum"] = t["rh"].double().sum(0)
+        t["gh_sum"] = t["gh"].double().sum(0)
+        return t
+    fs = [p.factors[i] for p, rows in parts for i in rows]  # type: ignore[index]
+    t.update(_factor_tensors(fs))
+    return t
+
+
+def read_meta(data: bytes) -> dict:
+    """Only the metadata of a shard (cheap: the JSON header)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        return json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError) as e:
+        raise Corrupt(f"not a RISE shard: {e}") from None
+
+
+def parse_shard(data: bytes) -> ShardData:
+    """Decode shard bytes; Corrupt on anything malformed."""
+    meta = read_meta(data)
+    try:
+        t = load(data)
+        ids = decode_ids(t["ids_utf8"], t["ids_offsets"])
+        sd = ShardData(
+            meta=meta, ids=ids, ingest=t["ingest"], record=t["record"],
+            token_count=t["token_count"], norms=t["norms"],
+        )
+        if "rh" in t:
+            sd.rh, sd.gh, sd.rh_sum, sd.gh_sum = t["rh"], t["gh"], t["rh_sum"], t["gh_sum"]
+        else:
+            off = t["tok_offsets"].tolist()
+            sd.factors = [
+                Factors(
+                    h=t["h"][a:b], g=t["g"][a:b], w=t["w"][a:b], r=t["r"][a:b],
+                    idx=t["r_idx"][a:b].long() if "r_idx" in t else None,
+                )
+                for a, b in zip(off[:-1], off[1:], strict=True)
+            ]
+    except (KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise Corrupt(f"malformed shard: {e}") from None
+    if len(ids) != meta.get("count"):
+        raise Corrupt(f"shard holds {len(ids)} ids but its header says {meta.get('count')}")
+    return sd
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

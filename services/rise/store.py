@@ -1,0 +1,135 @@
+"""Object stores: put, get, list, delete; no rename.
+
+The index lives behind this interface so the same code runs on a local folder (the
+embedded default) and on S3/MinIO in a cluster.  Every put is atomic: a reader sees the
+whole object or nothing.  ``put(..., create_only=True)`` refuses to overwrite; manifests
+use it so two writers can never both commit the same generation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from rise.errors import AlreadyExists, InvalidInput, NotFound, StorageError
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The object-store interface of an index (keys are '/'-separated relative names)."""
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        """Write ``data`` at ``key`` atomically; AlreadyExists if create_only and present."""
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; NotFound if absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds an object."""
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys that start with ``prefix``."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error (deletes are idempotent)."""
+
+    def describe(self) -> str:
+        """Where this store is, for messages."""
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInput(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStore:
+    """A folder as an object store.
+
+    Atomic puts write a temporary file in the target folder, fsync it, then either
+    ``os.replace`` it (overwrite) or ``os.link`` it (create-only: link fails if the name
+    exists, so exactly one of two racing writers wins).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if create_only:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        raise AlreadyExists(f"{key} already exists in {self.root}") from None
+                else:
+                    os.replace(tmp, path)
+                    tmp = ""
+            finally:
+                if tmp:
+                    os.unlink(tmp)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise StorageError(f"cannot write {key} in {self.root}: {e.strerror}") from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{key} not found in {self.root}") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {key} in {self.root}: {e.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        keys = []
+        for dirpath, _, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root)
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue  # an interrupted put: never an object
+                key = (rel / name).as_posix() if rel != Path(".") else name
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {key} in {self.root}: {e.strerror}") from None
+        # Keys are flat names: folders are an artefact of this store, so drop empty ones.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent

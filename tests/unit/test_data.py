@@ -1,0 +1,428 @@
+"""Unit tests for rise.data: reading, validating, writing and tokenizing records."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from rise.data import (
+    Encoded,
+    FieldMap,
+    Record,
+    check_unique_ids,
+    encode_record,
+    file_sha256,
+    iter_records,
+    read_records,
+    write_records,
+)
+from rise.errors import InvalidInput, NotFound
+
+WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"w{i}" for i in range(50)]
+SPECIALS = ["<unk>", "<s>", "</s>", "<user>", "<asst>"]
+BOS = 1
+PR = FieldMap(prompt_field="prompt", response_field="response")
+
+
+def _make_tokenizer(with_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer built in memory: token id = vocabulary position."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if with_bos:
+        # Like Llama: add_special_tokens=True prepends BOS.
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", BOS)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<user> {{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %} <asst>{% endif %}"
+    )
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """Tokenizer that prepends BOS."""
+    return _make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer() -> PreTrainedTokenizerFast:
+    """Tokenizer without any special tokens added."""
+    return _make_tokenizer(with_bos=False)
+
+
+def wid(word: str) -> int:
+    """Token id of a word in the test vocabulary."""
+    return len(SPECIALS) + WORDS.index(word)
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    """Write raw JSONL lines (str encoded as UTF-8, bytes as-is)."""
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+def rec(**kw: Any) -> Record:
+    """A hand-built record."""
+    base: dict[str, Any] = {"id": "r", "number": 0, "text": None, "prompt": None, "response": None}
+    base.update(kw)
+    return Record(raw={}, **base)
+
+
+def error_of(fn: Callable[[], Any], kind: type[Exception] = InvalidInput) -> str:
+    """Run fn, expect `kind`, return its one-line message."""
+    with pytest.raises(kind) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ---- reading: bad input ---------------------------------------------------------------
+
+
+def test_missing_file_is_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "nope.jsonl"
+    msg = error_of(lambda: read_records(path, FieldMap()), NotFound)
+    assert str(path) in msg
+    # Checked eagerly, before the first record is pulled.
+    error_of(lambda: iter_records(path, FieldMap()), NotFound)
+    error_of(lambda: file_sha256(path), NotFound)
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n")
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "data.csv" in msg and "extension" in msg
+
+
+def test_invalid_utf8_names_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.jsonl", ['{"text": "a b"}', b'{"text": "\xff\xfe"}'])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "UTF-8" in msg and "line 2" in msg and str(path) in msg
+
+
+def test_invalid_json_names_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.jsonl", ['{"text": "a"}', "", '{"text": "b",'])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "invalid JSON" in msg and "line 3" in msg and "record 1" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize(("line", "kind"), [("[1, 2]", "array"), ('"text"', "str"), ("3", "int")])
+def test_non_object_line(tmp_path: Path, line: str, kind: str) -> None:
+    path = write_lines(tmp_path / "d.json", [line])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "not a JSON object" in msg and kind in msg and "line 1" in msg
+
+
+def test_missing_field_named(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.jsonl", ['{"id": "x", "txt": "a"}'])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "missing field 'text'" in msg and "'x'" in msg and "line 1" in msg
+    path = write_lines(tmp_path / "p.jsonl", ['{"id": "x", "prompt": "a"}'])
+    assert "missing field 'response'" in error_of(lambda: read_records(path, PR))
+    path = write_lines(tmp_path / "n.jsonl", ['{"id": "x", "text": null}'])
+    assert "missing field 'text'" in error_of(lambda: read_records(path, FieldMap()))
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\n\t"])
+def test_empty_text_and_response(tmp_path: Path, value: str) -> None:
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"id": "e1", "text": value})])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "'text'" in msg and "empty" in msg and "'e1'" in msg and "line 1" in msg
+    path = write_lines(
+        tmp_path / "p.jsonl", [json.dumps({"id": "e2", "prompt": "a", "response": value})]
+    )
+    msg = error_of(lambda: read_records(path, PR))
+    assert "'response'" in msg and "empty" in msg and "'e2'" in msg
+
+
+def test_empty_prompt_is_allowed(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "p.jsonl", ['{"prompt": "", "response": "a"}'])
+    assert read_records(path, PR)[0].prompt == ""
+
+
+@pytest.mark.parametrize("value", [3, ["a"], {"a": 1}, True])
+def test_non_string_text(tmp_path: Path, value: Any) -> None:
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"id": "n", "text": value})])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "'text'" in msg and "must be a string" in msg and "'n'" in msg
+
+
+@pytest.mark.parametrize("value", [True, 1.5, [1], {"a": 1}])
+def test_bad_id_types(tmp_path: Path, value: Any) -> None:
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"id": value, "text": "a"})])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "id field 'id'" in msg and type(value).__name__ in msg and "line 1" in msg
+
+
+def test_id_length_limit_in_utf8_bytes(tmp_path: Path) -> None:
+    ok = "é" * 128  # 256 bytes
+    path = write_lines(tmp_path / "ok.jsonl", [json.dumps({"id": ok, "text": "a"})])
+    assert read_records(path, FieldMap())[0].id == ok
+    path = write_lines(tmp_path / "long.jsonl", [json.dumps({"id": ok + "a", "text": "a"})])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "257 UTF-8 bytes" in msg
+    path = write_lines(tmp_path / "empty.jsonl", ['{"id": "", "text": "a"}'])
+    assert "0 UTF-8 bytes" in error_of(lambda: read_records(path, FieldMap()))
+
+
+def test_lone_surrogate_rejected(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.jsonl", ['{"id": "s", "text": "a \\ud800"}'])
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "'text'" in msg and "Unicode" in msg and "line 1" in msg
+
+
+def test_duplicate_id_names_both_records(tmp_path: Path) -> None:
+    lines = ['{"id": "a", "text": "x"}', "", '{"id": "b", "text": "x"}', '{"id": "a", "text": "y"}']
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "duplicate id 'a'" in msg
+    assert "line 1 (record 0)" in msg and "line 4 (record 2)" in msg and str(path) in msg
+    # Streaming yields the records before the duplicate, then raises.
+    it = iter_records(path, FieldMap())
+    assert [next(it).id, next(it).id] == ["a", "b"]
+    with pytest.raises(InvalidInput, match="duplicate id 'a'"):
+        next(it)
+
+
+def test_absent_id_clashing_with_explicit_id(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.jsonl", ['{"id": "1", "text": "x"}', '{"text": "y"}'])
+    assert "duplicate id '1'" in error_of(lambda: read_records(path, FieldMap()))
+
+
+def test_bad_gzip_and_bad_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(b"not gzip at all")
+    assert "gzip" in error_of(lambda: read_records(path, FieldMap()))
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"not parquet")
+    assert "Parquet" in error_of(lambda: read_records(path, FieldMap()))
+
+
+# ---- reading: ids and numbering -------------------------------------------------------
+
+
+def test_blank_lines_skipped_and_ids(tmp_path: Path) -> None:
+    lines = ['{"id": 7, "text": "a"}', "", "   ", '{"text": "b"}', '{"id": "z", "text": "c"}']
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    records = read_records(path, FieldMap())
+    assert [r.id for r in records] == ["7", "1", "z"]
+    assert [r.number for r in records] == [0, 1, 2]
+    assert records[0].raw == {"id": 7, "text": "a"}
+
+
+def test_custom_fields_and_bom(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"key": 5, "body": "a b"}\n')
+    records = read_records(path, FieldMap(text_field="body", id_field="key"))
+    assert records[0].id == "5" and records[0].text == "a b"
+
+
+def test_parquet_without_id_column_and_null_ids(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), path)
+    assert [r.id for r in read_records(path, FieldMap())] == ["0", "1"]
+    pq.write_table(pa.table({"id": [10, None, 12], "text": ["a", "b", "c"]}), path)
+    assert [r.id for r in read_records(path, FieldMap())] == ["10", "1", "12"]
+
+
+def test_parquet_errors_name_record(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", " "]}), path)
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "record 1" in msg and "'b'" in msg and "'text'" in msg and str(path) in msg
+    pq.write_table(pa.table({"id": ["a", "a"], "text": ["x", "y"]}), path)
+    msg = error_of(lambda: read_records(path, FieldMap()))
+    assert "duplicate id 'a'" in msg and "record 0" in msg and "record 1" in msg
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+
+RAWS = [
+    {"id": "a", "text": "x y", "meta": {"k": 1}},
+    {"id": "b", "text": "é ☃", "extra": 2.5},
+    {"id": "c", "text": "z"},
+]
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.json", "out.jsonl.gz", "out.parquet"])
+def test_write_read_round_trip(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    write_records(path, iter(RAWS))
+    records = read_records(path, FieldMap())
+    assert [r.id for r in records] == ["a", "b", "c"]
+    assert [r.text for r in records] == ["x y", "é ☃", "z"]
+    raws = [{k: v for k, v in r.raw.items() if v is not None} for r in records]
+    assert raws == RAWS  # Parquet fills absent keys with null; no key is dropped
+    assert os.listdir(tmp_path) == [name]  # no temp file left behind
+    write_records(path, [])
+    assert read_records(path, FieldMap()) == []
+
+
+def test_write_gzip_is_reproducible(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.gz"
+    write_records(path, RAWS)
+    first = file_sha256(path)
+    write_records(path, RAWS)  # a different temp file name must not reach the header
+    assert file_sha256(path) == first
+    assert gzip.decompress(path.read_bytes()).count(b"\n") == 3
+
+
+def test_write_failure_leaves_target_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    bad: list[Any] = [{"id": "a"}, "not a dict"]
+    msg = error_of(lambda: write_records(path, bad))
+    assert "record 1" in msg
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["out.jsonl"]
+    error_of(lambda: write_records(path, [{"x": object()}]))
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+    msg = error_of(lambda: write_records(tmp_path / "p.parquet", [{"id": 1}, {"id": "a"}]))
+    assert "'id'" in msg and os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_write_errors(tmp_path: Path) -> None:
+    error_of(lambda: write_records(tmp_path / "missing" / "x.jsonl", RAWS), NotFound)
+    error_of(lambda: write_records(tmp_path / "x.txt", RAWS))
+
+
+def test_file_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "blob.jsonl"
+    data = os.urandom(3 * (1 << 20) + 17)  # spans several 1 MiB blocks
+    path.write_bytes(data)
+    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+# ---- id uniqueness across files and index generations ---------------------------------
+
+
+def test_check_unique_ids() -> None:
+    records = [rec(id="a", number=0), rec(id="b", number=1)]
+    check_unique_ids(records)
+    check_unique_ids(records, {"c": "index generation 1 record 0"})
+    msg = error_of(lambda: check_unique_ids(records, {"b": "index generation 2 record 7"}))
+    assert "'b'" in msg and "record 1" in msg and "index generation 2 record 7" in msg
+    msg = error_of(lambda: check_unique_ids([*records, rec(id="a", number=5)]))
+    assert "duplicate id 'a'" in msg and "record 0" in msg and "5" in msg
+
+
+# ---- FieldMap --------------------------------------------------------------------------
+
+
+def test_field_map() -> None:
+    assert not FieldMap().is_prompt_response and PR.is_prompt_response
+    fm = FieldMap(id_field="k", prompt_field="p", response_field="r", chat_template=True)
+    assert FieldMap.from_dict(json.loads(json.dumps(fm.to_dict()))) == fm
+    assert "both" in error_of(lambda: FieldMap(prompt_field="p"))
+    assert "both" in error_of(lambda: FieldMap(response_field="r"))
+    assert "chat_template" in error_of(lambda: FieldMap(chat_template=True))
+    assert "differ" in error_of(lambda: FieldMap(prompt_field="x", response_field="x"))
+    assert "text_field" in error_of(lambda: FieldMap(text_field=""))
+    assert "colour" in error_of(lambda: FieldMap.from_dict({"colour": "red"}))
+
+
+# ---- encoding --------------------------------------------------------------------------
+
+
+def test_plain_text_encoding(tokenizer: PreTrainedTokenizerFast) -> None:
+    enc = encode_record(rec(text="a b c"), tokenizer, max_length=10)
+    assert enc == Encoded([BOS, wid("a"), wid("b"), wid("c")], sup_start=1, truncated=False)
+    assert enc.n_supervised == 3  # every next-token position
+
+
+def test_plain_text_truncated_from_right(tokenizer: PreTrainedTokenizerFast) -> None:
+    enc = encode_record(rec(text="a b c d e"), tokenizer, max_length=3)
+    assert enc.input_ids == [BOS, wid("a"), wid("b")] and enc.truncated
+    assert enc.n_supervised == 2
+    exact = encode_record(rec(text="a b"), tokenizer, max_length=3)
+    assert not exact.truncated
+
+
+def test_plain_text_too_short(bare_tokenizer: PreTrainedTokenizerFast) -> None:
+    msg = error_of(lambda: encode_record(rec(id="s1", text="a"), bare_tokenizer, 8))
+    assert "'s1'" in msg and "supervised" in msg
+
+
+def test_prompt_response_encoding(tokenizer: PreTrainedTokenizerFast) -> None:
+    enc = encode_record(rec(prompt="a b", response="c d"), tokenizer, max_length=10)
+    assert enc.input_ids == [BOS, wid("a"), wid("b"), wid("c"), wid("d")]
+    assert enc.sup_start == 3 and not enc.truncated
+    # Hidden position t is supervised iff t+1 >= sup_start: positions 2 and 3 predict c, d.
+    supervised = [t for t in range(len(enc.input_ids) - 1) if t + 1 >= enc.sup_start]
+    assert supervised == [2, 3] and enc.n_supervised == 2
+
+
+def test_prompt_cut_from_left_never_response(tokenizer: PreTrainedTokenizerFast) -> None:
+    enc = encode_record(rec(prompt="a b c d", response="x y z"), tokenizer, max_length=5)
+    assert enc.input_ids == [wid("c"), wid("d"), wid("x"), wid("y"), wid("z")]
+    assert enc.sup_start == 2 and enc.truncated and enc.n_supervised == 3
+    # Response exactly fills the window: prompt gone, first response token unpredicted.
+    enc = encode_record(rec(prompt="a b", response="x y z"), tokenizer, max_length=3)
+    assert enc.input_ids == [wid("x"), wid("y"), wid("z")]
+    assert enc.sup_start == 0 and enc.truncated and enc.n_supervised == 2
+
+
+def test_response_too_long(tokenizer: PreTrainedTokenizerFast) -> None:
+    msg = error_of(lambda: encode_record(rec(id="r9", prompt="a", response="x y z"), tokenizer, 2))
+    assert "'r9'" in msg and "--max-length" in msg
+
+
+def test_no_supervised_token(bare_tokenizer: PreTrainedTokenizerFast) -> None:
+    msg = error_of(lambda: encode_record(rec(id="q", prompt="", response="x"), bare_tokenizer, 4))
+    assert "'q'" in msg and "supervised" in msg
+
+
+def test_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    enc = encode_record(rec(prompt="a", response="b"), tokenizer, 10, chat_template=True)
+    # Rendered prompt is tokenized without BOS: the template owns the special tokens.
+    assert enc.input_ids == [3, wid("a"), 4, wid("b")] and enc.sup_start == 3
+
+
+def test_bad_max_length(tokenizer: PreTrainedTokenizerFast) -> None:
+    for bad in (1, 0, True):
+        assert "max_length" in error_of(lambda b=bad: encode_record(rec(text="a b"), tokenizer, b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prompt=st.lists(st.sampled_from(WORDS), max_size=12),
+    response=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8),
+    max_length=st.integers(min_value=2, max_value=16),
+)
+def test_prompt_response_invariants(
+    tokenizer: PreTrainedTokenizerFast, prompt: list[str], response: list[str], max_length: int
+) -> None:
+    prompt_ids = [BOS] + [wid(w) for w in prompt]
+    response_ids = [wid(w) for w in response]
+    r = rec(prompt=" ".join(prompt), response=" ".join(response))
+    if len(response_ids) > max_length:
+        error_of(lambda: encode_record(r, tokenizer, max_length))
+        return
+    enc = encode_record(r, tokenizer, max_length)
+    assert len(enc.input_ids) <= max_length
+    assert enc.input_ids[enc.sup_start :] == response_ids  # the response is whole
+    kept = enc.input_ids[: enc.sup_start]
+    assert kept == prompt_ids[len(prompt_ids) - len(kept) :]  # a suffix of the prompt
+    assert enc.truncated == (len(kept) < len(prompt_ids))
+    assert enc.n_supervised == len(response_ids) - (1 if enc.sup_start == 0 else 0)

@@ -213,8 +213,10 @@ def _gguf_folder(gguf_file: Path) -> Path:
     kw = {"gguf_file": gguf_file.name}
     model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), **kw)
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # The GGUF loader dequantises to float but leaves a quantizer attached, which refuses
+    # save_pretrained; detaching it also drops config.quantization_config.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     ident = {

@@ -72,10 +72,16 @@ class TokenReadout:
     g: torch.Tensor  # (n, d)
 
 
+# Live (chunk, V) tensors at the peak of ``readout``: logits, softmax, the temperature
+# division's copy and the top-K/derivative work.  The planner sizes the head with this too.
+HEAD_TEMPORARIES = 4
+HEAD_CHUNK_MAX_TOKENS = 4096
+
+
 def chunk_tokens_for(vocab: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    """Tokens per head chunk so that ~4 (chunk, V) temporaries fit in ``budget_bytes``."""
-    per_token = 4 * vocab * torch.finfo(dtype).bits // 8
-    return max(1, min(4096, budget_bytes // per_token))
+    """Tokens per head chunk so that the (chunk, V) temporaries fit in ``budget_bytes``."""
+    per_token = HEAD_TEMPORARIES * vocab * torch.finfo(dtype).bits // 8
+    return max(1, min(HEAD_CHUNK_MAX_TOKENS, budget_bytes // per_token))
 
 
 def readout(

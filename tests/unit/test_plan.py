@@ -1,0 +1,194 @@
+"""Memory planner: parameter counts, placement, fit verdicts, index sizes, parsing, table.
+
+Everything runs on the meta device from the shipped config.json fixtures: no weights, no
+GPU, no network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rise import plan as P
+from rise.errors import InvalidInput, NotFound, UnsupportedModel
+
+CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+OLMO_32B = str(CONFIGS / "olmo-2-32b.json")
+GiB = 1024**3
+
+# Published totals: the Pythia suite's model card table (exact) and the OLMo 2 releases
+# (1B = 1.48B, 7B = 7.30B, 13B = 13.7B, 32B = 32.2B).
+PUBLISHED_PARAMS = {
+    "pythia-14m": 14_067_712,
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-2.8b": 2_775_208_960,
+    "pythia-6.9b": 6_857_302_016,
+    "olmo-2-1b": 1.48e9,
+    "olmo-2-7b": 7.30e9,
+    "olmo-2-13b": 13.7e9,
+    "olmo-2-32b": 32.2e9,
+}
+
+
+@pytest.fixture(scope="module")
+def plan_4x80() -> P.Plan:
+    return P.plan_model(OLMO_32B, gpus=4, gpu_memory_bytes=P.parse_bytes("80GiB"))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_fixture_param_counts_match_published(name: str) -> None:
+    path = CONFIGS / f"{name}.json"
+    raw = json.loads(path.read_text())
+    assert raw["model_type"] in ("gpt_neox", "olmo2") and raw["architectures"]
+    net = P.build_meta_model(P.load_config(str(path)))
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - PUBLISHED_PARAMS[name]) / PUBLISHED_PARAMS[name] < 0.01, (name, n)
+    assert next(net.parameters()).device.type == "meta"
+
+
+def test_olmo_32b_fits_on_4x80gib_spread_over_all_gpus(plan_4x80: P.Plan) -> None:
+    p = plan_4x80
+    assert abs(p.n_params - 32.2e9) / 32.2e9 < 0.01
+    assert p.weight_bytes == p.n_params * 2  # bfloat16
+    assert p.fits and p.reason is None
+    gpus = [d for d in p.devices if d.device.startswith("cuda")]
+    assert len(gpus) == 4 and all(d.n_layers > 0 for d in gpus)
+    assert sum(d.n_layers for d in gpus) == p.n_layers == 64
+    assert sum(d.weight_bytes for d in gpus) == p.weight_bytes
+    assert all(d.peak_bytes <= d.budget_bytes == 80 * GiB for d in gpus)
+    assert all(d.context_bytes == P.CUDA_CONTEXT_BYTES for d in gpus)
+
+
+def test_head_and_final_norm_share_the_last_gpu(plan_4x80: P.Plan) -> None:
+    dm = plan_4x80.device_map
+    assert dm["lm_head"] == dm["model.norm"] == 3
+    assert plan_4x80.head_device == "cuda:3"
+    head = [d for d in plan_4x80.devices if d.has_head]
+    assert [d.device for d in head] == ["cuda:3"] and head[0].head_workspace_bytes > 0
+    pythia = P.plan_model(str(CONFIGS / "pythia-6.9b.json"), 2, "24GiB")
+    head_name = next(n for n, m in P.build_meta_model(P.load_config(
+        str(CONFIGS / "pythia-6.9b.json"))).named_modules() if n.endswith(("lm_head", "embed_out")))
+    assert pythia.device_map[head_name] == pythia.device_map["gpt_neox.final_layer_norm"] == 1
+
+
+def test_olmo_32b_fits_on_one_141gib_gpu() -> None:
+    p = P.plan_model(OLMO_32B, gpus=1, gpu_memory_bytes="141GiB")
+    assert p.fits, p.reason
+    (gpu,) = p.devices
+    assert gpu.n_layers == 64 and gpu.has_head and gpu.weight_bytes == p.weight_bytes
+    assert gpu.peak_bytes == (P.CUDA_CONTEXT_BYTES + gpu.weight_bytes + gpu.activation_bytes
+                              + gpu.head_workspace_bytes)
+
+
+def test_olmo_32b_does_not_fit_on_2x24gib_but_does_with_cpu_offload() -> None:
+    p = P.plan_model(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB")
+    assert not p.fits and "no room" in (p.reason or "")
+    assert p.devices[-1].device == "unplaced" and p.devices[-1].n_layers > 0
+    off = P.plan_model(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB", cpu_memory_bytes="128GiB")
+    assert off.fits, off.reason
+    cpu = [d for d in off.devices if d.device == "cpu"]
+    assert cpu and cpu[0].n_layers > 0 and any("offloaded" in n for n in off.notes)
+
+
+def test_a_gpu_too_small_for_the_head_is_reported() -> None:
+    p = P.plan_model(OLMO_32B, gpus=1, gpu_memory_bytes="2GiB")
+    assert not p.fits and "cuda:0 peak" in (p.reason or "")
+
+
+def test_sketch_bytes_per_example_formula() -> None:
+    assert P.sketch_bytes_per_example((64, 32, 32)) == (64 * 32 + 32 * 32) * 2 + 16 == 6160
+    kr, kh, kg = 8, 4, 2
+    assert P.sketch_bytes_per_example((kr, kh, kg)) == (kr * kh + kg * kh) * 2 + 16 == 96
+    assert P.rapidin_bytes_per_example() == 65536 * 2
+
+
+def test_storage_ratio_and_dense_gradient(plan_4x80: P.Plan) -> None:
+    p = plan_4x80
+    assert p.sketch_bytes_per_example == 6160 and p.rapidin_bytes_per_example == 131072
+    assert p.storage_ratio == pytest.approx(131072 / 6160) and p.storage_ratio > 1
+    assert p.dense_gradient_bytes == p.n_params * 4 > 80 * GiB
+    assert f"{p.storage_ratio:.1f}x" in P.format_plan_table(p)
+    assert p.tokens_per_s is None
+
+
+def test_head_chunk_default_and_workspace() -> None:
+    # 256 MiB for 4 float32 (chunk, V) temporaries, at most 4096 tokens (rise.readout).
+    assert P.default_head_chunk_tokens(100352) == 167
+    assert P.default_head_chunk_tokens(50304) == 333
+    assert P.default_head_chunk_tokens(1000) == 4096
+    v, d, chunk = 100352, 5120, 512
+    want = (v * d + chunk * v * 4 + chunk * 129 * d + 8 * 512 * d) * 4
+    assert P.head_workspace_bytes(v, d, 8, 512, chunk, weight_is_fp32=False) == want
+    assert P.head_workspace_bytes(v, d, 8, 512, chunk, weight_is_fp32=True) == want - v * d * 4
+    # A chunk never holds more tokens than the batch.
+    assert P.head_workspace_bytes(10, 4, 1, 2, 4096, True) == (2 * 10 * 4 + 2 * 129 * 4 + 8) * 4
+    assert P.activation_bytes(8, 512, 5120, 27648, 2) == 8 * 512 * (2 * 5120 + 2 * 27648) * 2
+
+
+@pytest.mark.parametrize("text, want", [
+    ("80GiB", 80 * GiB), ("80GB", 80 * 10**9), ("141GiB", 141 * GiB), ("24G", 24 * 10**9),
+    ("24Gi", 24 * GiB), (" 80 gib ", 80 * GiB), ("1.5GiB", 3 * GiB // 2), ("512MiB", 2**29),
+    ("1000", 1000), ("7B", 7), ("2TiB", 2 * 2**40), (1000, 1000), (0, 0),
+])
+def test_parse_bytes(text: int | str, want: int) -> None:
+    assert P.parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "GiB", "-1GiB", "80XB", "80 G iB", "1e9", "0x10",
+                                 -5, True, 1.5, None])
+def test_parse_bytes_rejects(bad: object) -> None:
+    with pytest.raises(InvalidInput):
+        P.parse_bytes(bad)  # type: ignore[arg-type]
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        P.plan_model(str(tmp_path / "missing.json"), 1, "80GiB")
+    with pytest.raises(NotFound):  # a folder without config.json
+        P.plan_model(str(tmp_path), 1, "80GiB")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InvalidInput):
+        P.plan_model(str(tmp_path), 1, "80GiB")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    with pytest.raises(UnsupportedModel):
+        P.plan_model(str(tmp_path), 1, "80GiB")
+    for kwargs in ({"gpus": 0}, {"gpu_memory_bytes": 0}, {"batch_size": 0}, {"dtype": "int8"},
+                   {"dims": (0, 32, 32)}, {"dims": (64, 32)}, {"head_chunk_tokens": 0},
+                   {"max_length": -1}, {"gpu_memory_bytes": "lots"}):
+        args = {"gpus": 1, "gpu_memory_bytes": "80GiB"} | kwargs
+        with pytest.raises(InvalidInput):
+            P.plan_model(OLMO_32B, **args)
+
+
+def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = P.plan_model(str(tmp_path), gpus=2, gpu_memory_bytes="1GiB", dtype="float32")
+    layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert p.n_params == 1000 * 64 + 4 * layer + 64  # the tied head counted once
+    dm = p.device_map
+    assert dm["lm_head"] == dm["model.norm"] == dm["model.embed_tokens"] == 1
+    assert p.fits and p.dtype == "float32" and p.weight_bytes == p.n_params * 4
+
+
+def test_table_and_dict(plan_4x80: P.Plan) -> None:
+    table = P.format_plan_table(plan_4x80)
+    for needle in ("32,234,279,936", "60.04 GiB", "olmo2", "cuda:0", "cuda:3", "+head",
+                   "fits      yes", "6,160", "131,072", "21.3x", "80.00 GiB", "unknown",
+                   "SDPA"):
+        assert needle in table, needle
+    assert len(table.splitlines()) == 3 + 2 + 4 + 5 + len(plan_4x80.notes)
+    d = plan_4x80.to_dict()
+    json.dumps(d)
+    assert d["devices"][0]["n_layers"] == plan_4x80.devices[0].n_layers
+    assert d["dims"] == [64, 32, 32] and d["fits"] is True
+    failing = P.format_plan_table(P.plan_model(OLMO_32B, 2, "24GiB"))
+    assert "NO: " in failing and "unplaced" in failing

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from rise.index import (
     verify,
 )
 from rise.model import LoadedModel, load_model
+from rise.shard import ShardData
 from rise.score import (
     PoolMean,
     QuerySet,
@@ -51,6 +52,7 @@ from rise.score import (
 __all__ = [
     "load", "create", "append", "delete", "compact", "verify", "open_index",
     "sketch_queries", "attribute", "attribute_sketched", "value", "value_sketched",
+    "score_candidates", "value_candidates", "replica_shards", "index_mean",
     "select_top_fraction", "fetch_records", "inspect", "read_records", "Hit", "ScoreSpec",
     "FieldMap",
 ]
@@ -78,37 +80,77 @@ def sketch_queries(index: Index, lm: LoadedModel, records: Sequence[Record],
     return make_queryset([r.id for r in records], feats, config, lm.head.vocab)
 
 
-def _mean(index: Index, spec: ScoreSpec) -> PoolMean | None:
-    return pool_mean(index.shards(), index.tombstones) if spec.center else None
+ShardLoader = Callable[[dict[str, Any]], ShardData]
+
+
+def replica_shards(manifest: dict[str, Any], replica: int = 0, replicas: int = 0
+                   ) -> list[dict[str, Any]]:
+    """The manifest's shard entries that replica ``replica`` of ``replicas`` scores
+    (position i goes to replica i % replicas; replicas = 0 means all)."""
+    shards = manifest["shards"]
+    if replicas <= 0:
+        return list(shards)
+    if not 0 <= replica < replicas:
+        raise InvalidInput(f"replica {replica} out of range for {replicas} replicas")
+    return [e for i, e in enumerate(shards) if i % replicas == replica]
+
+
+def index_mean(index: Index, spec: ScoreSpec, load: ShardLoader | None = None
+               ) -> PoolMean | None:
+    """Pool mean over every shard of the index (all replicas agree on it)."""
+    if not spec.center:
+        return None
+    load = load or index.shard
+    return pool_mean((load(e) for e in index.manifest["shards"]), index.tombstones)
+
+
+def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
+                     entries: Sequence[dict[str, Any]] | None = None,
+                     load: ShardLoader | None = None, mean: PoolMean | None = None,
+                     ) -> list[list[tuple[float, str]]]:
+    """Per query, the candidates of the given shards (default: all) for the global top."""
+    if top < 1:
+        raise InvalidInput("top must be >= 1")
+    load = load or index.shard
+    vocab = int(index.manifest["model"]["vocab"])
+    dead = index.tombstones
+    per_query: list[list[tuple[float, str]]] = [[] for _ in range(len(qs))]
+    for entry in index.manifest["shards"] if entries is None else entries:
+        sd = load(entry)
+        cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean), sd.ids, dead, top)
+        for q, c in enumerate(cands):
+            per_query[q].extend(c)
+    return per_query
 
 
 def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int
                        ) -> list[list[Hit]]:
     """Top ``top`` live examples per query, best first, ties by id."""
-    if top < 1:
-        raise InvalidInput("--top must be >= 1")
-    mean = _mean(index, spec)
+    cands = score_candidates(index, qs, spec, top, mean=index_mean(index, spec))
+    return [[Hit(i, s) for i, s in merge_topk([c], top)] for c in cands]
+
+
+def value_candidates(index: Index, targets: QuerySet, spec: ScoreSpec, *,
+                     entries: Sequence[dict[str, Any]] | None = None,
+                     load: ShardLoader | None = None, mean: PoolMean | None = None,
+                     ) -> list[tuple[str, float]]:
+    """(id, value) of every live example in the given shards (default: all)."""
+    if len(targets) == 0:
+        raise InvalidInput("the target set is empty")
+    load = load or index.shard
     vocab = int(index.manifest["model"]["vocab"])
     dead = index.tombstones
-    per_query: list[list[list[tuple[float, str]]]] = [[] for _ in range(len(qs))]
-    for sd in index.shards():
-        cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean), sd.ids, dead, top)
-        for q, c in enumerate(cands):
-            per_query[q].append(c)
-    return [[Hit(i, s) for i, s in merge_topk(parts, top)] for parts in per_query]
+    vals: list[tuple[str, float]] = []
+    for entry in index.manifest["shards"] if entries is None else entries:
+        sd = load(entry)
+        v = value_scores(targets, sd, spec, vocab, mean).to(torch.float32).tolist()
+        vals.extend((rid, x) for rid, x in zip(sd.ids, v, strict=True) if rid not in dead)
+    return vals
 
 
 def value_sketched(index: Index, targets: QuerySet, spec: ScoreSpec) -> list[Hit]:
     """Value of every live example for the target set, best first, ties by id."""
-    if len(targets) == 0:
-        raise InvalidInput("the target set is empty")
-    mean = _mean(index, spec)
-    vocab = int(index.manifest["model"]["vocab"])
-    dead = index.tombstones
-    vals: list[tuple[str, float]] = []
-    for sd in index.shards():
-        v = value_scores(targets, sd, spec, vocab, mean).to(torch.float32).tolist()
-        vals.extend((rid, x) for rid, x in zip(sd.ids, v, strict=True) if rid not in dead)
+    vals = value_candidates(index, targets, spec, mean=index_mean(index, spec))
     return [Hit(i, s) for i, s in rank_values(vals)]
 
 
@@ -134,7 +176,8 @@ def value(index: Index, lm: LoadedModel, target: str | os.PathLike, *,
 
 
 def select_top_fraction(index: Index, values: Sequence[Hit], fraction: float,
-                        output: str | os.PathLike) -> int:
+                        output: str | os.PathLike,
+                        resolve: Callable[[str], str | os.PathLike] | None = None) -> int:
     """Write the original records of the top ``fraction`` by value to ``output``.
 
     Records are read back from each ingest's dataset, which must still match the sha256
@@ -144,13 +187,19 @@ def select_top_fraction(index: Index, values: Sequence[Hit], fraction: float,
         raise InvalidInput(f"--select-fraction must be in (0, 1], got {fraction}")
     n = math.ceil(fraction * len(values))
     chosen = [h.id for h in values[:n]]
-    raws = fetch_records(index, chosen)
+    raws = fetch_records(index, chosen, resolve)
     write_records(output, (raws[i] for i in chosen))
     return n
 
 
-def fetch_records(index: Index, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Original records (raw dicts) of live ids, from the datasets the manifest points at."""
+def fetch_records(index: Index, ids: Iterable[str],
+                  resolve: Callable[[str], str | os.PathLike] | None = None,
+                  ) -> dict[str, dict[str, Any]]:
+    """Original records (raw dicts) of live ids, from the datasets the manifest points at.
+
+    ``resolve`` maps a dataset URI to a local file (the services download s3:// URIs);
+    by default URIs are local paths.
+    """
     wanted = set(ids)
     where: dict[int, set[int]] = {}
     for sd in index.shards():
@@ -163,11 +212,12 @@ def fetch_records(index: Index, ids: Iterable[str]) -> dict[str, dict[str, Any]]
         if not numbers:
             continue
         uri = ing["dataset_uri"]
-        if not os.path.exists(uri):
+        path = resolve(uri) if resolve is not None else uri
+        if not os.path.exists(path):
             raise Mismatch(f"dataset {uri} of ingest generation {ing['generation']} is gone")
-        if file_sha256(uri) != ing["dataset_sha256"]:
+        if file_sha256(path) != ing["dataset_sha256"]:
             raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
-        for rec in iter_records(uri, FieldMap.from_dict(ing["fields"])):
+        for rec in iter_records(path, FieldMap.from_dict(ing["fields"])):
             if rec.number in numbers:
                 out[rec.id] = rec.raw
     return out

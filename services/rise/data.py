@@ -227,7 +227,22 @@ def iter_records(path: StrPath, fields: FieldMap) -> Iterator[Record]:
 def _iter_records(path: StrPath, fmt: str, fields: FieldMap) -> Iterator[Record]:
     """Generator behind iter_records."""
     rows = _parquet_rows(path) if fmt == "parquet" else _jsonl_objects(path, fmt == "jsonl.gz")
-    name = os.fspath(path)
+    return _validated(rows, fields, os.fspath(path))
+
+
+def records_from_dicts(rows: Iterable[Mapping[str, Any]], fields: FieldMap,
+                       source: str = "request") -> list[Record]:
+    """Validate records sent inline (a gRPC request) exactly as file records are."""
+    objs = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InvalidInput(f"{source} record {i}: expected an object")
+        objs.append((f"record {i}", dict(row)))
+    return list(_validated(iter(objs), fields, source))
+
+
+def _validated(rows: Iterator[tuple[str, dict[str, Any]]], fields: FieldMap,
+               name: str) -> Iterator[Record]:
     seen: dict[str, str] = {}
     for number, (loc, obj) in enumerate(rows):
         ident = _parse_id(obj.get(fields.id_field), fields.id_field, number, f"{name} {loc}")

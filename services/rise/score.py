@@ -229,3 +229,46 @@ def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
             s = x @ q.mean(0)
         out += w * s if w != 1.0 else s
     return out
+
+
+def queryset_to_bytes(qs: QuerySet, storage_dtype: str = "float16") -> bytes:
+    """Serialise query features for the wire (worker -> gateway -> scorer).
+
+    Sketches travel in the storage dtype they were rounded to, so the scorer rebuilds
+    exactly the vectors the embedded path scores.
+    """
+    import json
+
+    from safetensors.torch import save
+
+    from rise.shard import _factor_tensors, encode_ids
+
+    ids, off = encode_ids(qs.ids)
+    t = {"ids_utf8": ids, "ids_offsets": off, "norms": qs.norms.contiguous()}
+    if qs.rh is not None and qs.gh is not None:
+        dt = getattr(torch, storage_dtype)
+        t["rh"], t["gh"] = qs.rh.to(dt).contiguous(), qs.gh.to(dt).contiguous()
+    else:
+        t.update(_factor_tensors(qs.factors or []))
+    return save(t, metadata={"rise": json.dumps({"kind": "queryset"})})
+
+
+def queryset_from_bytes(data: bytes) -> QuerySet:
+    from safetensors.torch import load
+
+    from rise.errors import InvalidInput
+    from rise.shard import decode_ids
+
+    try:
+        t = load(data)
+        ids = decode_ids(t["ids_utf8"], t["ids_offsets"])
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad payload
+        raise InvalidInput(f"malformed query features: {e}") from None
+    if "rh" in t:
+        return QuerySet(ids=ids, norms=t["norms"].double(), rh=stored_unit(t["rh"]),
+                        gh=stored_unit(t["gh"]))
+    off = t["tok_offsets"].tolist()
+    fs = [Factors(h=t["h"][a:b], g=t["g"][a:b], w=t["w"][a:b], r=t["r"][a:b],
+                  idx=t["r_idx"][a:b].long() if "r_idx" in t else None)
+          for a, b in zip(off[:-1], off[1:], strict=True)]
+    return QuerySet(ids=ids, norms=t["norms"].double(), factors=fs)

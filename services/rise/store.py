@@ -39,6 +39,15 @@ class Store(Protocol):
         """Where this store is, for messages."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -68,6 +77,7 @@ class LocalStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; objects are ordinary files
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

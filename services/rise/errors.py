@@ -82,3 +82,24 @@ class UnsupportedModel(RiseError):
 
     grpc_code = "FAILED_PRECONDITION"
     exit_code = 5
+
+
+class Unauthenticated(RiseError):
+    """A call without a valid bearer token."""
+
+    grpc_code = "UNAUTHENTICATED"
+    exit_code = 10
+
+
+class PermissionDenied(RiseError):
+    """A tenant reaching outside its own area (another tenant's objects or prefix)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    exit_code = 11
+
+
+class Unavailable(RiseError):
+    """A dependency (broker, worker pool, scorer) did not answer in time; retry."""
+
+    grpc_code = "UNAVAILABLE"
+    exit_code = 8

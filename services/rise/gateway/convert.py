@@ -1,0 +1,113 @@
+"""Between protobuf messages and the core's types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rise import constants
+from rise.config import SketchConfig
+from rise.data import FieldMap
+from rise.errors import InvalidInput
+from rise.score import ScoreSpec
+from rise.v1 import common_pb2, rise_pb2
+
+
+def fields_from(msg: common_pb2.FieldMap | None) -> FieldMap:
+    if msg is None:
+        return FieldMap()
+    return FieldMap(text_field=msg.text_field or "text", id_field=msg.id_field or "id",
+                    prompt_field=msg.prompt_field or None,
+                    response_field=msg.response_field or None,
+                    chat_template=msg.chat_template)
+
+
+def config_from(msg: common_pb2.SketchConfig) -> SketchConfig:
+    mode = msg.mode or "sketch"
+    if mode == "exact":
+        raise InvalidInput("exact mode is for validation with the embedded CLI; use sketch")
+    kw: dict[str, Any] = {"mode": mode, "seed": msg.seed, "weighting": msg.weighting or "mean",
+                          "max_length": msg.max_length or constants.DEFAULT_MAX_LENGTH,
+                          "temperature": msg.temperature or 1.0}
+    if msg.topk_all:
+        kw["topk"] = None
+    elif msg.topk:
+        kw["topk"] = msg.topk
+    d = constants.DEFAULT_DIMS
+    kw["dims"] = (msg.kr or d[0], msg.kh or d[1], msg.kg or d[2])
+    try:
+        return SketchConfig(**kw)
+    except ValueError as e:
+        errs = getattr(e, "errors", None)
+        detail = "; ".join(x["msg"] for x in errs()) if errs else str(e)
+        raise InvalidInput(f"invalid sketch configuration: {detail}") from None
+
+
+def config_to(cfg: dict[str, Any]) -> common_pb2.SketchConfig:
+    kr, kh, kg = cfg["dims"]
+    return common_pb2.SketchConfig(
+        mode=cfg["mode"], topk=cfg["topk"] or 0, topk_all=cfg["topk"] is None,
+        temperature=cfg["temperature"], kr=kr, kh=kh, kg=kg, seed=cfg["seed"],
+        weighting=cfg["weighting"], max_length=cfg["max_length"])
+
+
+def spec_from(msg: common_pb2.Scoring | None) -> ScoreSpec:
+    if msg is None:
+        return ScoreSpec()
+    lam = msg.__getattribute__("lambda") if msg.HasField("lambda") else constants.DEFAULT_LAMBDA
+    return ScoreSpec(channel=msg.channel or "both", score=msg.score or "cosine", lam=lam,
+                     center=msg.center)
+
+
+def record_dicts(records: Any, fields: FieldMap) -> list[dict[str, Any]]:
+    """Inline records as the dicts the data layer validates (empty id -> position)."""
+    out = []
+    for r in records:
+        d: dict[str, Any] = {}
+        if r.id:
+            d[fields.id_field] = r.id
+        if fields.is_prompt_response:
+            d[fields.prompt_field] = r.prompt
+            d[fields.response_field] = r.response
+        else:
+            d[fields.text_field] = r.text
+        out.append(d)
+    return out
+
+
+def job_to(job: dict[str, Any]) -> rise_pb2.Job:
+    import time
+
+    started = job["started_at"]
+    end = job["finished_at"] or time.time()
+    elapsed = max(end - started, 1e-9) if started else 0.0
+    ex_rate = job["examples_done"] / elapsed if elapsed else 0.0
+    tok_rate = job["tokens_done"] / elapsed if elapsed else 0.0
+    left = max(job["examples_total"] - job["examples_done"], 0)
+    eta = left / ex_rate if ex_rate > 0 and not job["finished_at"] else 0.0
+    return rise_pb2.Job(
+        id=job["id"], kind=rise_pb2.JobKind.Value("JOB_KIND_" + job["kind"]),
+        state=rise_pb2.JobState.Value("JOB_STATE_" + job["state"]), index=job["index"],
+        shards_total=job["shards_total"], shards_done=job["shards_done"],
+        examples_total=job["examples_total"], examples_done=job["examples_done"],
+        tokens_done=job["tokens_done"], examples_per_second=ex_rate,
+        tokens_per_second=tok_rate, eta_seconds=eta, created_at=job["created_at"],
+        started_at=job["started_at"], finished_at=job["finished_at"],
+        generation=job["generation"], error_code=job.get("error_code", ""),
+        error_message=job.get("error_message", ""))
+
+
+def index_to(name: str, pool: str, manifest: dict[str, Any] | None) -> rise_pb2.Index:
+    if manifest is None:
+        return rise_pb2.Index(name=name, pool=pool)
+    m = manifest["model"]
+    return rise_pb2.Index(
+        name=name, pool=pool, generation=manifest["generation"],
+        live_count=manifest["live_count"], tombstones=len(manifest["tombstones"]),
+        shards=len(manifest["shards"]), bytes=sum(s["bytes"] for s in manifest["shards"]),
+        model=rise_pb2.ModelIdentity(name=m["name"], config_sha256=m["config_sha256"],
+                                     head_sha256=m["head_sha256"],
+                                     tokenizer_sha256=m["tokenizer_sha256"]),
+        config=config_to(manifest["config"]),
+        ingests=[rise_pb2.Ingest(generation=i["generation"], dataset_uri=i["dataset_uri"],
+                                 dataset_sha256=i["dataset_sha256"], records=i["records"],
+                                 truncated=i["truncated"]) for i in manifest["ingests"]])

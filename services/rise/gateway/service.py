@@ -1,0 +1,418 @@
+"""The gateway's servicers: thin adapters from rise.v1 to the job store, the Celery
+queues, the object store and the scorer replicas."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from rise import constants
+from rise.api import fetch_records
+from rise.data import FieldMap, records_from_dicts, write_records
+from rise.errors import (
+    AlreadyExists,
+    InvalidInput,
+    Mismatch,
+    NotFound,
+    PermissionDenied,
+    RiseError,
+    Unauthenticated,
+    Unavailable,
+)
+from rise.gateway import convert
+from rise.grpcutil import rpc
+from rise.index import Index, delete, open_index
+from rise.jobs import JobStore, TERMINAL, check_name, index_prefix
+from rise.score import merge_topk, rank_values
+from rise.settings import Settings
+from rise.store import Store
+from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc, scorer_pb2, scorer_pb2_grpc
+
+
+@dataclass
+class Deps:
+    """What the gateway talks to; tests and the entry point build it."""
+
+    settings: Settings
+    jobs: JobStore
+    send_task: Callable[..., Any]  # celery_app.send_task
+    store: Callable[[str], Store]  # prefix -> store
+    scorers: Sequence[scorer_pb2_grpc.ScorerServiceStub]
+    materialize: Callable[[str], str]  # dataset URI -> local path
+    metrics: Any = None
+
+
+class Auth:
+    """Bearer token -> tenant; reloaded from the tokens file on every miss so a rotated
+    secret takes effect without a restart."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tokens = settings.tokens()
+
+    def tenant(self, context: grpc.ServicerContext) -> str:
+        md = dict(context.invocation_metadata())
+        header = md.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
+        token = header[7:].strip()
+        tenant = self.tokens.get(token)
+        if tenant is None:
+            self.tokens = self.settings.tokens()
+            tenant = self.tokens.get(token)
+        if tenant is None:
+            raise Unauthenticated("invalid bearer token")
+        return tenant
+
+
+class _Base:
+    def __init__(self, deps: Deps, auth: Auth) -> None:
+        self.d = deps
+        self.auth = auth
+        self.metrics = deps.metrics
+
+    def _index(self, tenant: str, name: str) -> tuple[dict[str, Any], Store]:
+        check_name(name)
+        entry = self.d.jobs.index_entry(tenant, name)  # NOT_FOUND for other tenants' names
+        return entry, self.d.store(index_prefix(tenant, name))
+
+    def _manifest(self, store: Store) -> dict[str, Any] | None:
+        try:
+            return open_index(store).manifest
+        except NotFound:
+            return None
+
+    def _lock(self, tenant: str, name: str, job_id: str) -> None:
+        holder = self.d.jobs.lock_index(tenant, name, job_id,
+                                        self.d.settings.task_time_limit_seconds * 4)
+        if holder is not None:
+            raise Mismatch(f"index {name!r} is busy with job {holder}; wait for it or cancel it")
+
+    def _check_dataset(self, tenant: str, uri: str) -> None:
+        if not uri:
+            raise InvalidInput("dataset_uri is required")
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            if not key:
+                raise InvalidInput(f"dataset_uri {uri!r} has no key")
+            if bucket == self.d.settings.s3_bucket and key.startswith("tenants/") and \
+                    not key.startswith(f"tenants/{tenant}/"):
+                raise PermissionDenied(f"dataset_uri {uri!r} is in another tenant's area")
+        elif "://" in uri:
+            raise InvalidInput(f"dataset_uri {uri!r}: use s3://bucket/key or a path")
+
+
+class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
+    @rpc("gateway")
+    def CreateIndex(self, req: rise_pb2.CreateIndexRequest, context) -> rise_pb2.Job:
+        tenant = self.auth.tenant(context)
+        check_name(req.index)
+        pool = self.d.settings.pool(req.pool) if req.pool else None
+        if pool is None:
+            raise InvalidInput("pool is required (the worker pool whose model sketches)")
+        fields = convert.fields_from(req.fields if req.HasField("fields") else None)
+        config = convert.config_from(req.config)
+        self._check_dataset(tenant, req.dataset_uri)
+        check_fits(pool, config.max_length)
+        if not self.d.jobs.register_index(tenant, req.index, req.pool):
+            raise AlreadyExists(f"index {req.index!r} already exists")
+        return self._submit(tenant, "CREATE_INDEX", req.index, req.pool, {
+            "dataset_uri": req.dataset_uri, "fields": fields.to_dict(),
+            "config": config.to_dict(), "append": False,
+            "shard_size": req.shard_size or constants.DEFAULT_SHARD_SIZE},
+            drop_on_busy=True)
+
+    @rpc("gateway")
+    def AppendToIndex(self, req: rise_pb2.AppendToIndexRequest, context) -> rise_pb2.Job:
+        tenant = self.auth.tenant(context)
+        entry, store = self._index(tenant, req.index)
+        self._check_dataset(tenant, req.dataset_uri)
+        m = self._manifest(store)
+        if m is None:
+            raise Mismatch(f"index {req.index!r} has no committed generation yet")
+        fields = (convert.fields_from(req.fields) if req.HasField("fields")
+                  else FieldMap.from_dict(m["ingests"][0]["fields"]))
+        return self._submit(tenant, "APPEND", req.index, entry["pool"], {
+            "dataset_uri": req.dataset_uri, "fields": fields.to_dict(), "config": m["config"],
+            "append": True, "shard_size": m["ingests"][0]["shard_size"]})
+
+    def _submit(self, tenant: str, kind: str, name: str, pool: str, request: dict[str, Any],
+                drop_on_busy: bool = False) -> rise_pb2.Job:
+        request = dict(request, prefix=index_prefix(tenant, name), pool=pool)
+        job = self.d.jobs.create(tenant, kind, name, request=request)
+        try:
+            self._lock(tenant, name, job["id"])
+        except RiseError as e:
+            self.d.jobs.set_state(job["id"], "FAILED", error_code=e.grpc_code,
+                                  error_message=e.message)
+            raise
+        queue = self.d.settings.queue_of(pool) if kind != "COMPACT" else \
+            self.d.settings.control_queue
+        task = "rise.index.compact" if kind == "COMPACT" else "rise.ingest.plan"
+        try:
+            self.d.send_task(task, args=[job["id"]], queue=queue)
+        except Exception as e:  # noqa: BLE001 - broker down: the job must not vanish silently
+            self.d.jobs.set_state(job["id"], "FAILED", error_code="UNAVAILABLE",
+                                  error_message=f"could not enqueue: {e}")
+            self.d.jobs.unlock_index(tenant, name, job["id"])
+            if drop_on_busy:
+                self.d.jobs.drop_index(tenant, name)
+            raise Unavailable(f"the job queue is unavailable: {e}") from None
+        if self.d.metrics is not None:
+            self.d.metrics.jobs_submitted_total.labels(kind).inc()
+        return convert.job_to(self.d.jobs.get(tenant, job["id"]))
+
+    @rpc("gateway")
+    def DeleteExamples(self, req: rise_pb2.DeleteExamplesRequest, context) -> rise_pb2.Index:
+        tenant = self.auth.tenant(context)
+        entry, store = self._index(tenant, req.index)
+        if not req.ids:
+            raise InvalidInput("ids is empty")
+        token = f"delete-{time.time_ns()}"
+        self._lock(tenant, req.index, token)
+        try:
+            delete(store, list(req.ids))
+        finally:
+            self.d.jobs.unlock_index(tenant, req.index, token)
+        return convert.index_to(req.index, entry["pool"], self._manifest(store))
+
+    @rpc("gateway")
+    def CompactIndex(self, req: rise_pb2.CompactIndexRequest, context) -> rise_pb2.Job:
+        tenant = self.auth.tenant(context)
+        entry, store = self._index(tenant, req.index)
+        if self._manifest(store) is None:
+            raise Mismatch(f"index {req.index!r} has no committed generation yet")
+        return self._submit(tenant, "COMPACT", req.index, entry["pool"], {})
+
+    @rpc("gateway")
+    def DeleteIndex(self, req: rise_pb2.DeleteIndexRequest, context) -> rise_pb2.DeleteIndexResponse:
+        tenant = self.auth.tenant(context)
+        _, store = self._index(tenant, req.index)
+        token = f"drop-{time.time_ns()}"
+        self._lock(tenant, req.index, token)
+        try:
+            # Manifests first: once none is left the index is gone for every reader,
+            # whatever happens to the shard deletes after that.
+            keys = store.list("")
+            manifests = [k for k in keys if k.startswith(constants.MANIFEST_PREFIX)]
+            for k in manifests + [k for k in keys if k not in manifests]:
+                store.delete(k)
+            self.d.jobs.drop_index(tenant, req.index)
+        finally:
+            self.d.jobs.unlock_index(tenant, req.index, token)
+        return rise_pb2.DeleteIndexResponse(objects_deleted=len(keys))
+
+    @rpc("gateway")
+    def ListIndexes(self, req: rise_pb2.ListIndexesRequest, context) -> rise_pb2.ListIndexesResponse:
+        tenant = self.auth.tenant(context)
+        out = []
+        for name in self.d.jobs.index_names(tenant):
+            entry, store = self._index(tenant, name)
+            out.append(convert.index_to(name, entry["pool"], self._manifest(store)))
+        return rise_pb2.ListIndexesResponse(indexes=out)
+
+    @rpc("gateway")
+    def GetIndex(self, req: rise_pb2.GetIndexRequest, context) -> rise_pb2.Index:
+        tenant = self.auth.tenant(context)
+        entry, store = self._index(tenant, req.index)
+        return convert.index_to(req.index, entry["pool"], self._manifest(store))
+
+
+class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
+    @rpc("gateway")
+    def GetJob(self, req: rise_pb2.GetJobRequest, context) -> rise_pb2.Job:
+        return convert.job_to(self.d.jobs.get(self.auth.tenant(context), req.id))
+
+    @rpc("gateway")
+    def ListJobs(self, req: rise_pb2.ListJobsRequest, context) -> rise_pb2.ListJobsResponse:
+        tenant = self.auth.tenant(context)
+        jobs = self.d.jobs.list(tenant, req.index, req.limit or 100)
+        return rise_pb2.ListJobsResponse(jobs=[convert.job_to(j) for j in jobs])
+
+    @rpc("gateway")
+    def WatchJob(self, req: rise_pb2.WatchJobRequest, context) -> Iterator[rise_pb2.Job]:
+        tenant = self.auth.tenant(context)
+        interval = req.interval_seconds or 1.0
+        if not 0.05 <= interval <= 60:
+            raise InvalidInput("interval_seconds must be in [0.05, 60]")
+        while context.is_active():
+            job = self.d.jobs.get(tenant, req.id)
+            yield convert.job_to(job)
+            if job["state"] in TERMINAL:
+                return
+            time.sleep(interval)
+
+    @rpc("gateway")
+    def CancelJob(self, req: rise_pb2.CancelJobRequest, context) -> rise_pb2.Job:
+        tenant = self.auth.tenant(context)
+        job = self.d.jobs.get(tenant, req.id)
+        if job["state"] not in TERMINAL and self.d.jobs.set_state(req.id, "CANCELLED"):
+            self.d.jobs.unlock_index(tenant, job["index"], req.id)
+        return convert.job_to(self.d.jobs.get(tenant, req.id))
+
+
+class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
+    def _prepare(self, tenant: str, name: str, records: Any, fields_msg: Any, has_fields: bool,
+                 what: str) -> tuple[Index, str, str]:
+        entry, store = self._index(tenant, name)
+        if not records:
+            raise InvalidInput(f"no {what}")
+        if len(records) > self.d.settings.max_queries_per_call:
+            raise_exhausted(f"{len(records)} {what} in one call; the limit is "
+                            f"{self.d.settings.max_queries_per_call}")
+        fields = convert.fields_from(fields_msg if has_fields else None)
+        rows = convert.record_dicts(records, fields)
+        records_from_dicts(rows, fields)  # validate here: INVALID_ARGUMENT before any work
+        index = open_index(store)
+        payload = self._sketch(tenant, name, entry["pool"], rows, fields)
+        return index, payload, entry["pool"]
+
+    def _sketch(self, tenant: str, name: str, pool: str, rows: list[dict[str, Any]],
+                fields: FieldMap) -> str:
+        queue = f"{self.d.settings.query_queue}.{pool}"
+        try:
+            res = self.d.send_task("rise.queries.sketch", queue=queue, args=[
+                tenant, index_prefix(tenant, name), rows, fields.to_dict()])
+            out = res.get(timeout=self.d.settings.query_timeout_seconds, propagate=False)
+        except Exception as e:  # noqa: BLE001 - broker or worker unreachable
+            raise Unavailable(f"query sketching failed: the {pool!r} pool did not answer ({e})") from None
+        if isinstance(out, dict) and "error_code" in out:
+            raise error_from(out["error_code"], out["error_message"])
+        if not isinstance(out, str):
+            raise Unavailable(f"query sketching failed on the {pool!r} pool: {out!r}")
+        return out
+
+    def _fan_out(self, call: Callable[[Any, int, int], Any]) -> list[Any]:
+        stubs = self.d.scorers
+        if not stubs:
+            raise Unavailable("no scorer replicas configured")
+        with futures.ThreadPoolExecutor(max_workers=len(stubs)) as pool:
+            futs = [pool.submit(call, stub, i, len(stubs)) for i, stub in enumerate(stubs)]
+            out = []
+            for f in futs:
+                try:
+                    out.append(f.result())
+                except grpc.RpcError as e:
+                    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise Unavailable(f"scorer unavailable: {e.details()}") from None
+                    raise error_from(e.code().name, e.details() or "") from None
+        return out
+
+    def _selector(self, tenant: str, name: str, index: Index, i: int, n: int):
+        return scorer_pb2.ShardSelector(prefix=index_prefix(tenant, name),
+                                        generation=index.generation, replica=i, replicas=n)
+
+    @rpc("gateway")
+    def Attribute(self, req: rise_pb2.AttributeRequest, context) -> rise_pb2.AttributeResponse:
+        tenant = self.auth.tenant(context)
+        spec = convert.spec_from(req.scoring if req.HasField("scoring") else None)
+        top = req.top or 10
+        if top > 10_000:
+            raise_exhausted("top is limited to 10000")
+        index, payload, _ = self._prepare(tenant, req.index, req.queries, req.fields,
+                                          req.HasField("fields"), "queries")
+        qbytes = base64.b64decode(payload)
+        scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
+        replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
+            shards=self._selector(tenant, req.index, index, i, n), queries=qbytes,
+            scoring=scoring, top=top), timeout=self.d.settings.query_timeout_seconds))
+        n_queries = len(replies[0].queries)
+        merged = [merge_topk([[(c.score, c.id) for c in r.queries[q].candidates]
+                              for r in replies], top) for q in range(n_queries)]
+        texts: dict[str, dict[str, Any]] = {}
+        if req.return_texts:
+            texts = fetch_records(index, {i for hits in merged for i, _ in hits},
+                                  self.d.materialize)
+        fields = convert.fields_from(req.fields if req.HasField("fields") else None)
+        rows = convert.record_dicts(req.queries, fields)
+        qids = [r.id for r in records_from_dicts(rows, fields)]
+        return rise_pb2.AttributeResponse(generation=index.generation, results=[
+            rise_pb2.QueryResult(query_id=qid, hits=[
+                rise_pb2.Hit(id=i, score=s, record_json=json.dumps(texts[i]) if i in texts else "")
+                for i, s in hits]) for qid, hits in zip(qids, merged, strict=True)])
+
+    @rpc("gateway")
+    def Value(self, req: rise_pb2.ValueRequest, context) -> rise_pb2.ValueResponse:
+        tenant = self.auth.tenant(context)
+        convert.spec_from(req.scoring if req.HasField("scoring") else None)  # validate early
+        if req.select_fraction and not 0 < req.select_fraction <= 1:
+            raise InvalidInput("select_fraction must be in (0, 1]")
+        target_key = self._selection_key(tenant, req) if req.select_fraction else None
+        index, payload, _ = self._prepare(tenant, req.index, req.targets, req.fields,
+                                          req.HasField("fields"), "targets")
+        scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
+        tbytes = base64.b64decode(payload)
+        replies = self._fan_out(lambda stub, i, n: stub.ValueShards(scorer_pb2.ValueShardsRequest(
+            shards=self._selector(tenant, req.index, index, i, n), targets=tbytes,
+            scoring=scoring), timeout=self.d.settings.query_timeout_seconds))
+        ranked = rank_values((c.id, c.score) for r in replies for c in r.values)
+        resp = rise_pb2.ValueResponse(examples=len(ranked), generation=index.generation)
+        shown = ranked[: req.top] if req.top else ranked
+        resp.values.extend(rise_pb2.Hit(id=i, score=s) for i, s in shown)
+        if target_key is not None:
+            import math
+
+            n = math.ceil(req.select_fraction * len(ranked))
+            chosen = [i for i, _ in ranked[:n]]
+            raws = fetch_records(index, chosen, self.d.materialize)
+            self._write_selection(target_key, [raws[i] for i in chosen])
+            resp.selected, resp.selection_uri = n, req.selection_uri
+        return resp
+
+    def _selection_key(self, tenant: str, req: rise_pb2.ValueRequest) -> str:
+        uri = req.selection_uri
+        if not uri.startswith("s3://"):
+            raise InvalidInput("selection_uri must be s3://<deployment bucket>/tenants/<tenant>/...")
+        bucket, _, key = uri[5:].partition("/")
+        if bucket != self.d.settings.s3_bucket or not key.startswith(f"tenants/{tenant}/"):
+            raise PermissionDenied(
+                f"selection_uri must be under s3://{self.d.settings.s3_bucket}/tenants/{tenant}/")
+        if not key.endswith((".jsonl", ".parquet")):
+            raise InvalidInput("selection_uri must end in .jsonl or .parquet")
+        return key
+
+    def _write_selection(self, key: str, raws: list[dict[str, Any]]) -> None:
+        suffix = ".parquet" if key.endswith(".parquet") else ".jsonl"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "selection" + suffix)
+            write_records(path, raws)
+            with open(path, "rb") as f:
+                self.d.store("").put(key, f.read())
+
+
+def raise_exhausted(msg: str) -> None:
+    from rise.errors import BudgetExceeded
+
+    raise BudgetExceeded(msg)
+
+
+def error_from(code: str, message: str) -> RiseError:
+    """A domain error carrying a status code name received from a worker or scorer."""
+    err = RiseError(message)
+    err.grpc_code = code if code in grpc.StatusCode.__members__ else "INTERNAL"
+    return err
+
+
+def check_fits(pool: Any, max_length: int) -> None:
+    """Refuse at submit time a model its pool's GPUs cannot hold (not halfway through)."""
+    if pool.gpus <= 0:
+        return
+    from rise.plan import format_plan_table, parse_bytes, plan_model
+
+    plan = plan_model(pool.model, gpus=pool.gpus, gpu_memory_bytes=parse_bytes(pool.gpu_memory),
+                      batch_size=pool.batch_size, max_length=max_length, dtype=pool.dtype)
+    if not plan.fits:
+        detail = " | ".join(line.strip() for line in format_plan_table(plan).splitlines()
+                            if line.strip())
+        raise Mismatch(f"model does not fit the pool's {pool.gpus} x {pool.gpu_memory} GPUs: "
+                       f"{plan.reason}; plan: {detail}")
+

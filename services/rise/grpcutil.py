@@ -1,0 +1,120 @@
+"""gRPC plumbing shared by the gateway and the scorer: one error translation, metrics,
+health and reflection.
+
+Domain errors (rise.errors) carry their status code; ``translate`` is the one place they
+become gRPC statuses.  Anything else is INTERNAL with a generic message (and logged with
+its traceback), never UNKNOWN with a stack trace on the wire.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from rise.errors import RiseError
+
+log = logging.getLogger("rise.grpc")
+
+
+def status_of(err: RiseError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def rpc(service: str) -> Callable:
+    """Decorate a servicer method: translate errors, count and time the call.
+
+    Metrics come from the servicer's ``metrics`` attribute (a rise.metrics.Metrics, or
+    None).  Works for unary and server-streaming methods (generators).
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        method = fn.__name__
+
+        def observe(self: Any, code: grpc.StatusCode, start: float) -> None:
+            metrics = getattr(self, "metrics", None)
+            if metrics is None:
+                return
+            metrics.grpc_requests_total.labels(service, method, code.name).inc()
+            metrics.grpc_request_duration_seconds.labels(service, method).observe(
+                time.perf_counter() - start)
+            if code != grpc.StatusCode.OK:
+                metrics.errors_total.labels(service, code.name).inc()
+
+        def fail(self: Any, context: grpc.ServicerContext, e: BaseException,
+                 start: float) -> None:
+            if isinstance(e, RiseError):
+                code, msg = status_of(e), e.message
+            else:
+                log.exception("internal error in %s", method)
+                code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method}"
+            observe(self, code, start)
+            context.abort(code, msg)
+
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterable:
+                start = time.perf_counter()
+                try:
+                    yield from fn(self, request, context)
+                except Exception as e:  # noqa: BLE001 - translated, never leaked
+                    if _is_abort(e):
+                        raise
+                    fail(self, context, e, start)
+                observe(self, grpc.StatusCode.OK, start)
+
+            return stream
+
+        @functools.wraps(fn)
+        def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                out = fn(self, request, context)
+            except Exception as e:  # noqa: BLE001 - translated, never leaked
+                if _is_abort(e):
+                    code = context.code() if hasattr(context, "code") else None
+                    observe(self, code or grpc.StatusCode.UNKNOWN, start)
+                    raise
+                fail(self, context, e, start)
+            observe(self, grpc.StatusCode.OK, start)
+            return out
+
+        return unary
+
+    return wrap
+
+
+def _is_abort(e: BaseException) -> bool:
+    # context.abort raises a bare Exception subclass internal to grpc.
+    return type(e).__name__ == "_AbortedError" or (
+        type(e) is Exception and not e.args)
+
+
+def make_server(max_message_bytes: int, threads: int = 16,
+                interceptors: Iterable[grpc.ServerInterceptor] = ()) -> grpc.Server:
+    opts = [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=opts,
+                       interceptors=list(interceptors))
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> Any:
+    """Standard grpc.health.v1 (every service SERVING) and server reflection."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    names = list(service_names)
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    for n in ["", *names]:
+        hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return hs

@@ -1,0 +1,111 @@
+"""The Prometheus metric catalogue: every name the platform exports, in one place.
+
+Names are ``rise_*`` with unit suffixes; labels come from small fixed sets (service,
+method, gRPC code, queue, task, state, kind, outcome) and never name a job, a shard or an
+example.  Each service builds its metrics on its own registry with ``for_service`` and
+serves them with ``serve``; Celery's pre-forked workers use the multiprocess mode of
+prometheus-client (``PROMETHEUS_MULTIPROC_DIR``), which ``serve`` honours.
+
+The dashboards and alert rules in ``deploy/`` may use only names from ``CATALOGUE``; a test
+checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# name -> (type, help, labels, services that export it)
+CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "rise_grpc_requests_total": (
+        "counter", "gRPC requests handled, by method and status code",
+        ("service", "method", "code"), ("gateway", "scorer")),
+    "rise_grpc_request_duration_seconds": (
+        "histogram", "gRPC request latency", ("service", "method"), ("gateway", "scorer")),
+    "rise_jobs_submitted_total": (
+        "counter", "jobs accepted by the gateway", ("kind",), ("gateway",)),
+    "rise_jobs": (
+        "gauge", "jobs by state, read from the job store at scrape time", ("state",),
+        ("gateway",)),
+    "rise_queue_depth": (
+        "gauge", "messages waiting in a Celery queue at scrape time", ("queue",), ("gateway",)),
+    "rise_task_duration_seconds": (
+        "histogram", "Celery task run time", ("task",), ("worker",)),
+    "rise_tasks_total": (
+        "counter", "Celery tasks finished, by outcome (ok, skipped, retry, error)",
+        ("task", "outcome"), ("worker",)),
+    "rise_examples_sketched_total": (
+        "counter", "examples read out and sketched", (), ("worker",)),
+    "rise_tokens_sketched_total": (
+        "counter", "supervised tokens read out and sketched", (), ("worker",)),
+    "rise_model_load_seconds": (
+        "histogram", "time to load a model into a worker process", (), ("worker",)),
+    "rise_storage_bytes_written_total": (
+        "counter", "bytes written to the object store", ("service",), ("worker", "gateway")),
+    "rise_storage_bytes_read_total": (
+        "counter", "bytes read from the object store", ("service",),
+        ("worker", "scorer", "gateway")),
+    "rise_scorer_shards_scanned_total": (
+        "counter", "shards scored", (), ("scorer",)),
+    "rise_scorer_bytes_scanned_total": (
+        "counter", "sketch bytes scored", (), ("scorer",)),
+    "rise_scorer_cache_bytes": (
+        "gauge", "bytes of shards held in the scorer's cache", (), ("scorer",)),
+    "rise_errors_total": (
+        "counter", "errors by service and gRPC status code name", ("service", "code"),
+        ("gateway", "worker", "scorer")),
+}
+
+# Latency buckets: gRPC calls from 1 ms to 60 s; shard tasks from 0.1 s to 1 h.
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TASK_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass
+class Metrics:
+    """The metric objects of one service, by name (without the ``rise_`` prefix)."""
+
+    service: str
+    registry: object
+    objects: dict
+
+    def __getattr__(self, item: str):
+        try:
+            return self.objects["rise_" + item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def names_for(service: str) -> list[str]:
+    return sorted(n for n, spec in CATALOGUE.items() if service in spec[3])
+
+
+def for_service(service: str, registry=None) -> Metrics:
+    """Create the service's metrics on ``registry`` (a fresh one by default)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+    kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+    objects = {}
+    for name in names_for(service):
+        kind, doc, labels, _ = CATALOGUE[name]
+        kw: dict = {"registry": registry, "labelnames": labels}
+        if kind == "histogram":
+            kw["buckets"] = TASK_BUCKETS if "task" in name or "load" in name else RPC_BUCKETS
+        if kind == "gauge" and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            kw["multiprocess_mode"] = "livemax"
+        metric_name = name.removesuffix("_total") if kind == "counter" else name
+        objects[name] = kinds[kind](metric_name, doc, **kw)
+    return Metrics(service=service, registry=registry, objects=objects)
+
+
+def serve(port: int, registry=None, addr: str = "0.0.0.0") -> object:
+    """Serve /metrics on ``port``; in multiprocess mode, aggregate every process's files."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return start_http_server(port, addr=addr, registry=registry)

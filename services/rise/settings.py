@@ -1,0 +1,110 @@
+"""Typed settings of the services, from ``RISE_*`` environment variables.
+
+Unknown keys are rejected so a typo in a deployment fails loudly at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rise.errors import InvalidInput
+
+
+class Pool(BaseModel):
+    """A GPU worker pool: one model, one Celery queue, the GPUs each worker owns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    """Model folder or .gguf file, readable by the pool's workers (and its config.json by
+    the gateway, which plans memory from it without loading weights)."""
+    queue: str = ""
+    """Celery queue for shard tasks; empty means ``rise.pool.<name>``."""
+    gpus: int = 0
+    """GPUs per worker process; 0 runs on the CPU."""
+    gpu_memory: str = "80GiB"
+    """Memory budget per GPU, e.g. 80GiB."""
+    dtype: str = "bfloat16"
+    """Weights' dtype on GPUs (float32 on the CPU)."""
+    batch_size: int = 8
+    """Records per forward pass."""
+
+
+class Settings(BaseSettings):
+    """Every service reads the same settings; each uses what it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="RISE_", extra="forbid")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Celery broker, result backend and job store."""
+    s3_endpoint: str = "127.0.0.1:8333"
+    """S3/MinIO endpoint host:port."""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    """Use TLS to reach the S3 endpoint."""
+    s3_region: str | None = None
+    s3_bucket: str = "rise"
+    """Bucket of this deployment; tenants and indexes are prefixes inside it."""
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = 50051
+    scorer_host: str = "0.0.0.0"
+    scorer_port: int = 50052
+    scorer_addresses: str = "127.0.0.1:50052"
+    """Comma-separated host:port of every scorer replica, for the gateway."""
+    scorer_replica: int = 0
+    """This scorer's replica index (0-based) and the replica count."""
+    scorer_replicas: int = 1
+    scorer_cache_bytes: int = 4 * 1024**3
+    """Shard bytes a scorer keeps in memory (LRU)."""
+    scorer_threads: int = 4
+    """Shards scored in parallel by one scorer."""
+    metrics_port: int = 9464
+    """Port of /metrics for this process (worker processes share one in multiprocess mode)."""
+    auth_tokens_file: str = ""
+    """JSON file mapping bearer token -> tenant. Empty: every call is UNAUTHENTICATED."""
+    pools: dict[str, Pool] = Field(default_factory=dict)
+    """Worker pools by name (JSON in RISE_POOLS)."""
+    worker_pool: str = ""
+    """The pool this worker process serves (workers only)."""
+    query_queue: str = "rise.queries"
+    """High-priority queue for query sketching, consumed by every worker of a pool as
+    ``<query_queue>.<pool>``."""
+    control_queue: str = "rise.control"
+    """Queue of model-free tasks (planning checks, compaction)."""
+    max_message_bytes: int = 16 * 1024**2
+    """Largest gRPC message accepted or sent."""
+    max_queries_per_call: int = 256
+    """Queries (or targets) per Attribute/Value call."""
+    query_timeout_seconds: float = 120.0
+    """How long the gateway waits for query sketches from a worker."""
+    task_time_limit_seconds: int = 3600
+    """Hard limit of one shard task; the broker's visibility timeout is set above it."""
+    cache_dir: str = ""
+    """Local cache of datasets and converted models; empty: ~/.cache/rise."""
+
+    def tokens(self) -> dict[str, str]:
+        """Bearer token -> tenant, from auth_tokens_file."""
+        if not self.auth_tokens_file:
+            return {}
+        try:
+            data = json.loads(Path(self.auth_tokens_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidInput(f"cannot read auth tokens file {self.auth_tokens_file}: {e}") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in data.items()
+        ):
+            raise InvalidInput("auth tokens file must map token strings to tenant strings")
+        return data
+
+    def pool(self, name: str) -> Pool:
+        if name not in self.pools:
+            raise InvalidInput(f"unknown pool {name!r}; pools: {', '.join(sorted(self.pools)) or 'none'}")
+        return self.pools[name]
+
+    def queue_of(self, name: str) -> str:
+        return self.pool(name).queue or f"rise.pool.{name}"

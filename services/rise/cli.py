@@ -123,8 +123,16 @@ def _emit(a: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
     print(json.dumps(summary, sort_keys=True) if a.json else text)
 
 
+def _check_output(path: str) -> None:
+    """Fail before any work when the output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise NotFound(f"output folder {folder!r} does not exist")
+
+
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """Atomic: a crash leaves the old file or none, never half of one."""
+    _check_output(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
@@ -224,6 +232,8 @@ def cmd_verify(a: argparse.Namespace) -> None:
         raise NotFound(f"index {a.index!r} does not exist")
     r = verify(_store(a.index))
     lines = [f"generation {g}: {why}" for g, why in sorted(r.generations.items())]
+    if not r.ok:
+        lines.append(f"newest generation {r.latest} does not verify")
     _emit(a, {"ok": r.ok, "current": r.current, "shards_checked": r.shards_checked,
               "generations": {str(g): w for g, w in r.generations.items()}},
           "\n".join(lines + [f"current generation: {r.current}"]))
@@ -252,6 +262,7 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     from rise.data import read_records
 
     spec = _spec(a)
+    _check_output(a.output)
     idx = _open(a.index)
     fields = _fields(a)
     records = read_records(a.queries, fields)
@@ -276,6 +287,9 @@ def cmd_value(a: argparse.Namespace) -> None:
     spec = _spec(a)
     if (a.select_fraction is None) != (a.select_output is None):
         raise InvalidInput("--select-fraction and --select-output go together")
+    _check_output(a.output)
+    if a.select_output:
+        _check_output(a.select_output)
     idx = _open(a.index)
     fields = _fields(a)
     records = read_records(a.target, fields)
@@ -383,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--dtype", default="bfloat16")
     sp.add_argument("--dims", help="sketch widths KR,KH,KG")
+
+    from rise.remote import add_remote_parser
+
+    add_remote_parser(sub)
     return p
 
 

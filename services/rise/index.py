@@ -359,8 +359,13 @@ def append(store: Store, lm: LoadedModel, data: str | os.PathLike, fields: Field
         fields = FieldMap.from_dict(idx.manifest["ingests"][0]["fields"])
     gen = idx.generation + 1
     shard_size = idx.manifest["ingests"][0]["shard_size"]
+    # A tombstoned id still has a row in some shard until compaction: reusing it now would
+    # make the new record share the old one's tombstone.
+    taken = idx.live_ids()
+    taken.update({t: "a deleted id not yet compacted (run rise compact first)"
+                  for t in idx.tombstones})
     plan, records, encoded, summary = _prepare(lm, data, fields, idx.config, gen, shard_size,
-                                               idx.live_ids(), exact_budget)
+                                               taken, exact_budget)
     if on_plan is not None:
         on_plan(plan, summary)
     shards = run_ingest(store, lm, plan, records, encoded, batch_size=batch_size,
@@ -457,13 +462,19 @@ def _delete_unreferenced(store: Store, manifest: dict[str, Any]) -> None:
 
 @dataclass
 class VerifyReport:
-    current: int | None
+    current: int | None  # highest generation whose shards all verify
     generations: dict[int, str]  # generation -> "ok" or the problem
     shards_checked: int = 0
 
     @property
+    def latest(self) -> int:
+        return max(self.generations)
+
+    @property
     def ok(self) -> bool:
-        return self.current is not None and self.generations.get(self.current) == "ok"
+        """True only when the newest generation verifies: an older good generation does
+        not make a damaged newest one healthy."""
+        return self.generations.get(self.latest) == "ok"
 
 
 def verify(store: Store) -> VerifyReport:

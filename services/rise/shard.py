@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from rise import constants
@@ -174,7 +175,7 @@ def parse_shard(data: bytes) -> ShardData:
                 )
                 for a, b in zip(off[:-1], off[1:], strict=True)
             ]
-    except (KeyError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+    except (KeyError, ValueError, RuntimeError, UnicodeDecodeError, SafetensorError) as e:
         raise Corrupt(f"malformed shard: {e}") from None
     if len(ids) != meta.get("count"):
         raise Corrupt(f"shard holds {len(ids)} ids but its header says {meta.get('count')}")

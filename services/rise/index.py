@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from rise import __version__, constants, exact
 from rise.config import SketchConfig
@@ -36,7 +35,7 @@ from rise.errors import (
     NotFound,
     RiseError,
 )
-from rise.featurize import CancelFn, Features, ProgressFn, featurize
+from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.model import LoadedModel
 from rise.shard import ShardData, build_shard, parse_shard, read_meta, sha256
 from rise.store import Store

@@ -314,7 +314,7 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
     @rpc("gateway")
     def Attribute(self, req: rise_pb2.AttributeRequest, context) -> rise_pb2.AttributeResponse:
         tenant = self.auth.tenant(context)
-        spec = convert.spec_from(req.scoring if req.HasField("scoring") else None)
+        convert.spec_from(req.scoring if req.HasField("scoring") else None)  # validate early
         top = req.top or 10
         if top > 10_000:
             raise_exhausted("top is limited to 10000")

@@ -1,0 +1,230 @@
+"""The S3 backend of the object-store interface (any S3 server: AWS, MinIO, SeaweedFS).
+
+Every object carries the sha256 of its bytes as user metadata (``x-amz-meta-sha256``) and
+``get`` checks it, so a truncated or tampered object is reported as Corrupt, never used.
+Large objects upload as multipart.  ``put(..., create_only=True)`` is one conditional
+PUT (``If-None-Match: *``, never multipart), which the server decides atomically: of
+racing writers exactly one wins (AWS S3 since 2024-08, MinIO, and SeaweedFS 4.48 -- the
+test server -- honour it).  For a server that ignores the header,
+``S3Store(..., conditional=False)`` falls back to a lock, which is only safe between
+threads of one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error, ServerError
+
+from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageError
+from rise.store import _check_key
+
+T = TypeVar("T")
+
+PART_SIZE = 16 * 1024 * 1024  # objects larger than this upload as multipart
+MAX_SINGLE_PUT = 5 * 1024**3  # S3's limit for one PUT, hence for create_only objects
+TRIES = 3  # attempts per operation on connection errors and 5xx answers
+BACKOFF_S = 0.2  # first retry delay; doubles each try
+META = "x-amz-meta-sha256"
+_MISSING = ("NoSuchKey", "NotFound", "ResourceNotFound")
+_EXISTS = ("PreconditionFailed",)
+# AWS answers 409 to a conditional put racing another one on the same key: try again.
+_RETRY_CODES = ("ConditionalRequestConflict", "SlowDown", "RequestTimeout")
+_CREATE_LOCK = threading.Lock()  # the conditional=False fallback (one process only)
+
+
+class S3Store:
+    """A prefix of an S3 bucket as an object store; keys are relative to ``prefix``.
+
+    The store retries transient failures itself: give it a client whose urllib3 pool does
+    not retry too (``from_url`` builds one), or an unreachable server takes long to report.
+    """
+
+    def __init__(self, client: Minio, bucket: str, prefix: str = "", *,
+                 conditional: bool = True) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.conditional = conditional
+
+    @classmethod
+    def from_url(cls, endpoint: str, access_key: str | None, secret_key: str | None,
+                 bucket: str, prefix: str = "", secure: bool = False,
+                 region: str | None = None) -> S3Store:
+        """A store on ``endpoint`` ("host:port", or a URL whose scheme sets ``secure``)."""
+        if "://" in endpoint:
+            scheme, endpoint = endpoint.split("://", 1)
+            secure = scheme == "https"
+        # The store retries itself; urllib3's own retries (5 by default in minio) would
+        # multiply with ours and make an unreachable server take a minute to report.
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=120),
+                                   retries=False, maxsize=16)
+        client = Minio(endpoint.rstrip("/"), access_key=access_key, secret_key=secret_key,
+                       secure=secure, region=region, http_client=http)
+        return cls(client, bucket, prefix)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def _name(self, key: str) -> str:
+        return self.prefix + _check_key(key)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with exponential backoff on transient failures.
+
+        Non-transient S3 errors (NoSuchKey, PreconditionFailed, AccessDenied...) are
+        re-raised as S3Error for the caller to translate.
+        """
+        delay = BACKOFF_S
+        for attempt in range(1, TRIES + 1):
+            try:
+                return fn()
+            except S3Error as e:
+                status = getattr(getattr(e, "response", None), "status", 0) or 0
+                if status < 500 and e.code not in _RETRY_CODES:
+                    raise
+                reason = f"{e.code} (HTTP {status})"
+            except ServerError as e:
+                reason = f"HTTP {e.status_code}"
+            except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
+                reason = _one_line(e)
+            if attempt == TRIES:
+                raise StorageError(f"cannot {what} at {self.describe()}: {reason} "
+                                   f"(after {TRIES} tries)") from None
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _refused(self, what: str, e: S3Error) -> StorageError:
+        return StorageError(f"cannot {what} at {self.describe()}: {e.code}: {e.message}")
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (a racing creator is fine)."""
+        try:
+            if not self._call("check bucket", lambda: self.client.bucket_exists(self.bucket)):
+                self._call("create bucket", lambda: self.client.make_bucket(self.bucket))
+        except S3Error as e:
+            if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._refused("create bucket", e) from None
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        name = self._name(key)
+        if create_only and len(data) > MAX_SINGLE_PUT:
+            raise InvalidInput(f"{key}: create-only objects are at most 5 GiB (one S3 PUT)")
+        digest = hashlib.sha256(data).hexdigest()
+        tries = 0
+
+        def upload() -> None:
+            nonlocal tries
+            tries += 1
+            if create_only and self.conditional:
+                self._put_if_absent(name, data, digest)
+            else:
+                self.client.put_object(self.bucket, name, io.BytesIO(data), len(data),
+                                       metadata={"sha256": digest}, part_size=PART_SIZE)
+
+        try:
+            if create_only and not self.conditional:
+                with _CREATE_LOCK:
+                    if self.exists(key):
+                        raise AlreadyExists(f"{key} already exists in {self.describe()}")
+                    self._call(f"write {key}", upload)
+            else:
+                self._call(f"write {key}", upload)
+        except S3Error as e:
+            if e.code not in _EXISTS:
+                raise self._refused(f"write {key}", e) from None
+            # A retried conditional put can lose to its own first attempt, whose answer
+            # was lost: finding exactly our bytes there is the outcome of winning.
+            if tries > 1 and self._stored_sha256(name) == digest:
+                return
+            raise AlreadyExists(f"{key} already exists in {self.describe()}") from None
+
+    def _put_if_absent(self, name: str, data: bytes, digest: str) -> None:
+        """One PUT with ``If-None-Match: *``, whatever the size.
+
+        Never multipart: SeaweedFS 4.48 checks the condition of CompleteMultipartUpload
+        outside its object lock, so racing multipart completions can all succeed (seen
+        in tests), while its conditional single PUT is atomic.  minio 7.2's public
+        put_object cannot send extra headers, hence its (pinned) request helper.
+        """
+        headers = {"Content-Type": "application/octet-stream", META: digest,
+                   "If-None-Match": "*"}
+        self.client._put_object(self.bucket, name, data, headers)
+
+    def _stored_sha256(self, name: str) -> str | None:
+        try:
+            st = self._call("stat", lambda: self.client.stat_object(self.bucket, name))
+        except S3Error:
+            return None
+        return (st.metadata or {}).get(META)
+
+    def get(self, key: str) -> bytes:
+        name = self._name(key)
+
+        def read() -> tuple[bytes, str | None]:
+            resp = self.client.get_object(self.bucket, name)
+            try:
+                return resp.read(), resp.headers.get(META)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            data, want = self._call(f"read {key}", read)
+        except S3Error as e:
+            if e.code in _MISSING:
+                raise NotFound(f"{key} not found in {self.describe()}") from None
+            raise self._refused(f"read {key}", e) from None
+        if want is None:
+            raise Corrupt(f"{key} in {self.describe()} has no sha256 metadata")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise Corrupt(f"{key} in {self.describe()}: sha256 of the bytes differs from "
+                          f"its metadata ({len(data)} bytes read)")
+        return data
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        try:
+            self._call(f"stat {key}", lambda: self.client.stat_object(self.bucket, name))
+        except S3Error as e:
+            if e.code in _MISSING:
+                return False
+            raise self._refused(f"stat {key}", e) from None
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        def names() -> list[str]:  # the listing is lazy: errors surface while iterating
+            objs = self.client.list_objects(self.bucket, prefix=self.prefix + prefix,
+                                            recursive=True)
+            return [o.object_name for o in objs if not o.is_dir]
+
+        try:
+            found = self._call("list", names)
+        except S3Error as e:
+            if e.code == "NoSuchBucket":
+                return []
+            raise self._refused("list", e) from None
+        return sorted(n[len(self.prefix):] for n in found)
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        try:  # S3 deletes are idempotent: an absent key answers 204 too
+            self._call(f"delete {key}", lambda: self.client.remove_object(self.bucket, name))
+        except S3Error as e:
+            if e.code not in _MISSING:
+                raise self._refused(f"delete {key}", e) from None
+
+
+def _one_line(e: BaseException) -> str:
+    """A short reason: urllib3 nests the real cause (connection refused...) in its message."""
+    inner = getattr(e, "reason", None) or e
+    text = " ".join(str(inner).split()) or type(inner).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -90,3 +90,20 @@ assets-debian:
 			|| { apt-get update && apt-get install -y fortunes fortunes-min dict-gcide; }; \
 		else echo "assets-debian: no apt-get; install fortunes fortunes-min dict-gcide" >&2; fi; \
 	fi
+
+# --- GPU check on a lent H200 (tests/gpu/README.md).  pydantic and what it needs travel as
+# CPython 3.12 wheels in the git-ignored .whl/ (the device image has no pydantic); this
+# target fetches them, runs the CPU smoke, and prints the exact device call.
+GPU_WHEELS := pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+.PHONY: gpu-check
+gpu-check: install
+	rm -rf .whl && $(PY) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	@bytes=$$(cat .whl/*.whl | wc -c); echo "gpu-check: .whl/ holds $$bytes bytes"; \
+		[ $$bytes -lt $$((16 * 1024 * 1024)) ] || { echo "gpu-check: over 16 MiB" >&2; exit 1; }
+	PYTHONPATH=services $(PY) tests/gpu/gpu_check.py --device cpu --models pythia-14m \
+		--tokens 2x32 --quick --out $(CACHE)/gpu-check-smoke
+	@echo 'gpu-check: device run: carry [".whl"], timeout_s 360, command:'
+	@echo 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONUNBUFFERED=1 PYTHONPATH=services:/tmp/site python3 tests/gpu/gpu_check.py'

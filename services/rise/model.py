@@ -164,7 +164,13 @@ class LoadedModel:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        emb = self.model.get_input_embeddings()
+        if emb.weight.device.type == "meta":
+            # Offloaded by accelerate: its hook streams the weight in and runs the module on
+            # the execution device, which is where the token ids must go.
+            hook = getattr(emb, "_hf_hook", None)
+            return torch.device(getattr(hook, "execution_device", None) or "cpu")
+        return emb.weight.device
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

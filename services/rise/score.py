@@ -130,9 +130,27 @@ def stored_unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(n > 0, n, torch.ones_like(n))
 
 
-def _centered(u: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    c = u - mu
-    return c / c.norm(dim=1, keepdim=True).clamp_min(1e-30)
+def shard_unit(sd: ShardData, channel: str) -> torch.Tensor:
+    """The shard's renormalised float64 unit rows of a channel, computed once per load."""
+    key = ("unit", channel)
+    if key not in sd.derived:
+        sd.derived[key] = stored_unit(getattr(sd, channel))
+    return sd.derived[key]
+
+
+def cosine_block(q: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """Cosines (q, n) of unit rows, optionally after centering both sides by ``mu``.
+
+    Centering is done algebraically -- <q-mu, x-mu> = q.x - q.mu - x.mu + mu.mu and
+    |x-mu|^2 = 1 - 2 x.mu + mu.mu for unit x -- so the shard is never copied.
+    """
+    s = q @ x.T
+    if mu is None:
+        return s
+    qm, xm, mm = q @ mu, x @ mu, mu @ mu
+    nq = (1.0 - 2.0 * qm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    nx = (1.0 - 2.0 * xm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    return (s - qm[:, None] - xm[None, :] + mm) / (nq[:, None] * nx[None, :])
 
 
 def shard_scores(qs: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
@@ -155,11 +173,8 @@ def shard_scores(qs: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
                 s = raw / denom.clamp_min(1e-300)
         else:
             q = getattr(qs, c)
-            x = stored_unit(getattr(sd, c))
-            if mean is not None:
-                mu = getattr(mean, c)
-                q, x = _centered(q, mu), _centered(x, mu)
-            s = q @ x.T
+            x = shard_unit(sd, c)
+            s = cosine_block(q, x, getattr(mean, c) if mean is not None else None)
             if spec.score == "raw":
                 s = s * qs.norms[:, col][:, None] * sd.norms[:, col].double()[None, :]
         out += w * s if w != 1.0 else s
@@ -218,13 +233,13 @@ def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
         if w == 0.0:
             continue
         q = getattr(targets, c)
-        x = stored_unit(getattr(sd, c))
-        if mean is not None:
-            mu = getattr(mean, c)
-            q, x = _centered(q, mu), _centered(x, mu)
+        x = shard_unit(sd, c)
         if spec.score == "raw":
             qbar = (q * targets.norms[:, col][:, None]).mean(0)
             s = (x @ qbar) * sd.norms[:, col].double()
+        elif mean is not None:
+            # mean_q cos_c(q, x): centering is not linear in x, so average the block.
+            s = cosine_block(q, x, getattr(mean, c)).mean(0)
         else:
             s = x @ q.mean(0)
         out += w * s if w != 1.0 else s

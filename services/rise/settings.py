@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     ``<query_queue>.<pool>``."""
     control_queue: str = "rise.control"
     """Queue of model-free tasks (planning checks, compaction)."""
-    max_message_bytes: int = 16 * 1024**2
+    max_message_bytes: int = 64 * 1024**2
     """Largest gRPC message accepted or sent."""
     max_queries_per_call: int = 256
     """Queries (or targets) per Attribute/Value call."""

@@ -54,6 +54,9 @@ class ShardData:
     rh_sum: torch.Tensor | None = None  # (kr*kh,) float64 sum of stored unit sketches
     gh_sum: torch.Tensor | None = None
     factors: list[Factors] | None = field(default=None, repr=False)
+    derived: dict = field(default_factory=dict, repr=False)
+    """Values computed once from the stored tensors (e.g. float64 unit rows) and reused
+    while the shard stays loaded (the scorer's cache keeps it across requests)."""
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -50,8 +50,8 @@ class ScorerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ScoreShards(self, request, context):
-        """Per query, the top candidates among this replica's shards (every tie at the cut
-        included), so that merging replicas gives the single-process answer exactly.
+        """Per query, this replica's best `top` candidates ordered by (score descending, id):
+        a total order, so merging the replicas' lists gives the single-process answer exactly.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

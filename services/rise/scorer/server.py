@@ -1,0 +1,286 @@
+"""The scorer's gRPC servicer: thin adapters from rise.v1.ScorerService to rise.api.
+
+A call names an index (store prefix), a manifest generation and a replica selector; the
+scorer reads that manifest, scores the selected shards (in parallel, through the shard
+cache) and returns per query the replica's top ``top`` candidates, or every live
+example's value.  Merging the replicas' answers with ``rise.score.merge_topk`` (or
+``rank_values``) gives exactly the single-process ``attribute_sketched`` /
+``value_sketched`` answer: each replica returns its best ``top`` under the same total
+order (score descending, then id), which contains every member of the global top that
+lives in its shards.  The centering mean is always taken over every shard of the
+generation, so all replicas use the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from rise import api, constants
+from rise.errors import InvalidInput, Mismatch, RiseError
+from rise.grpcutil import rpc
+from rise.index import Index, read_manifest
+from rise.metrics import Metrics, for_service
+from rise.score import (
+    PoolMean,
+    QuerySet,
+    ScoreSpec,
+    merge_topk,
+    queryset_from_bytes,
+    rank_values,
+)
+from rise.settings import Settings
+from rise.shard import ShardData
+from rise.v1 import scorer_pb2 as pb
+from rise.v1 import scorer_pb2_grpc as pb_grpc
+from rise.v1.common_pb2 import Scoring
+
+from rise.scorer.cache import ShardCache, StoreFactory
+
+log = logging.getLogger("rise.scorer")
+
+SERVICE_NAME = "rise.v1.ScorerService"
+DEFAULT_TOP = 10
+# Shard groups per scoring thread: more groups than threads balances cached and uncached
+# shards across threads; each group's candidates are merged afterwards.
+GROUPS_PER_THREAD = 4
+# Pool means kept, one per (index, generation content).
+MAX_MEANS = 64
+
+T = TypeVar("T")
+
+
+def default_store_factory(settings: Settings) -> StoreFactory:
+    """``rise.datasets.open_store`` bound to ``settings`` (imported on first use)."""
+
+    def factory(prefix: str):
+        from rise.datasets import open_store
+
+        return open_store(settings, prefix)
+
+    return factory
+
+
+# ------------------------------------------------------------------ request decoding
+
+
+def spec_from_proto(s: Scoring | None) -> ScoreSpec:
+    """The ScoreSpec of a Scoring message; unset fields take the defaults
+    (both channels, cosine, lambda 0.5, no centering).  InvalidInput on bad combinations."""
+    if s is None:
+        return ScoreSpec()
+    lam = getattr(s, "lambda") if s.HasField("lambda") else constants.DEFAULT_LAMBDA
+    return ScoreSpec(channel=s.channel or "both", score=s.score or "cosine", lam=lam,
+                     center=s.center)
+
+
+def check_prefix(prefix: str) -> str:
+    """A store prefix: non-empty '/'-separated names, no '.' or '..' parts."""
+    parts = prefix.strip("/").split("/")
+    if not prefix.strip("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInput(f"shards.prefix {prefix!r} is not an index prefix")
+    return prefix
+
+
+def decode_queries(data: bytes, index: Index, what: str = "queries") -> QuerySet:
+    """Decode a serialised query set and check it fits the index (mode and sketch widths)."""
+    try:
+        qs = queryset_from_bytes(data)
+    except RiseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a payload missing tensors is a bad payload
+        raise InvalidInput(f"malformed {what}: {type(e).__name__}: {e}") from None
+    n = len(qs)
+    if tuple(qs.norms.shape) != (n, 2):
+        raise InvalidInput(f"malformed {what}: norms have shape {tuple(qs.norms.shape)} "
+                           f"for {n} ids")
+    config = index.config
+    if config.sketched:
+        if qs.rh is None or qs.gh is None:
+            raise Mismatch(f"{what} hold exact factors but the index is sketched")
+        for c, t in (("rh", qs.rh), ("gh", qs.gh)):
+            want = (n, config.channel_dim(c))
+            if tuple(t.shape) != want:
+                raise Mismatch(f"{what} {c} sketches have shape {tuple(t.shape)}, the "
+                               f"index's are {want[1]} wide (different sketch config?)")
+    else:
+        if qs.factors is None:
+            raise Mismatch(f"{what} are sketches but the index is {config.mode} mode")
+        hidden = index.manifest["model"].get("hidden")
+        for f in qs.factors:
+            if hidden is not None and (f.h.shape[-1] != hidden or f.g.shape[-1] != hidden):
+                raise Mismatch(f"{what} factors are {f.h.shape[-1]} wide; the model's hidden "
+                               f"size is {hidden}")
+    return qs
+
+
+def _mean_key(prefix: str, manifest: dict[str, Any]) -> tuple[str, str]:
+    """What the pool mean depends on: the shards (by content) and the tombstones."""
+    what = {"shards": [[s["key"], s["sha256"]] for s in manifest["shards"]],
+            "tombstones": sorted(manifest["tombstones"])}
+    return prefix, hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+class _Prefetch:
+    """A loader for an in-order sweep over ``entries``: keeps ``ahead`` loads in flight on
+    ``pool`` and hands them out in order (any other entry is loaded directly)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, load: Callable[[dict], ShardData],
+                 entries: Sequence[dict], ahead: int) -> None:
+        self._pool, self._load = pool, load
+        self._it = iter(entries)
+        self._pending: deque[tuple[dict, Future[ShardData]]] = deque()
+        for _ in range(max(1, ahead)):
+            self._submit()
+
+    def _submit(self) -> None:
+        e = next(self._it, None)
+        if e is not None:
+            self._pending.append((e, self._pool.submit(self._load, e)))
+
+    def __call__(self, entry: dict) -> ShardData:
+        if self._pending and self._pending[0][0] is entry:
+            _, fut = self._pending.popleft()
+            self._submit()
+            return fut.result()
+        return self._load(entry)
+
+    def cancel(self) -> None:
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+
+# ---------------------------------------------------------------------- the servicer
+
+
+class Scorer(pb_grpc.ScorerServiceServicer):
+    """rise.v1.ScorerService over a shard cache.
+
+    ``store_factory(prefix)`` opens the store of an index (default
+    ``rise.datasets.open_store`` with ``settings``); ``cache`` may be shared or injected
+    (default: one of ``settings.scorer_cache_bytes``).  Methods are wrapped with
+    ``rise.grpcutil.rpc("scorer")``, which counts and times them on ``self.metrics``.
+    """
+
+    def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None, *,
+                 store_factory: StoreFactory | None = None, cache: ShardCache | None = None,
+                 threads: int | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.metrics = metrics if metrics is not None else for_service("scorer")
+        factory = store_factory or default_store_factory(self.settings)
+        self.cache = cache or ShardCache(factory, self.settings.scorer_cache_bytes,
+                                         self.metrics)
+        self.threads = max(1, threads if threads is not None else self.settings.scorer_threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rise-scorer")
+        self._means: OrderedDict[tuple[str, str], PoolMean] = OrderedDict()
+        self._means_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------ RPCs
+
+    @rpc("scorer")
+    def ScoreShards(self, request: pb.ScoreShardsRequest, context: Any) -> pb.ScoreShardsResponse:
+        prefix, index, entries = self._select(request.shards)
+        spec = spec_from_proto(request.scoring if request.HasField("scoring") else None)
+        qs = decode_queries(request.queries, index, "queries")
+        top = request.top or DEFAULT_TOP
+        mean = self._mean(prefix, index, spec, entries)
+        load = self.cache.loader(prefix, scan=True)
+        parts = self._map(
+            lambda group: api.score_candidates(index, qs, spec, top, entries=group, load=load,
+                                               mean=mean),
+            self._groups(entries))
+        resp = pb.ScoreShardsResponse(shards_scored=len(entries))
+        for q in range(len(qs)):
+            best = merge_topk((p[q] for p in parts), top)
+            resp.queries.add().candidates.extend(
+                pb.Candidate(id=rid, score=score) for rid, score in best)
+        return resp
+
+    @rpc("scorer")
+    def ValueShards(self, request: pb.ValueShardsRequest, context: Any) -> pb.ValueShardsResponse:
+        prefix, index, entries = self._select(request.shards)
+        spec = spec_from_proto(request.scoring if request.HasField("scoring") else None)
+        targets = decode_queries(request.targets, index, "targets")
+        if len(targets) == 0:
+            raise InvalidInput("the target set is empty")
+        mean = self._mean(prefix, index, spec, entries)
+        load = self.cache.loader(prefix, scan=True)
+        parts = self._map(
+            lambda group: api.value_candidates(index, targets, spec, entries=group, load=load,
+                                               mean=mean),
+            self._groups(entries))
+        ranked = rank_values(v for p in parts for v in p)
+        return pb.ValueShardsResponse(
+            values=[pb.Candidate(id=rid, score=v) for rid, v in ranked],
+            shards_scored=len(entries))
+
+    # --------------------------------------------------------------------- helpers
+
+    def _select(self, sel: pb.ShardSelector) -> tuple[str, Index, list[dict[str, Any]]]:
+        """(prefix, opened generation, this call's shard entries)."""
+        prefix = check_prefix(sel.prefix)
+        if sel.generation == 0:
+            raise InvalidInput("shards.generation is required (manifest generations start at 1)")
+        if sel.replicas == 0 and sel.replica != 0:
+            raise InvalidInput("shards.replica must be 0 when shards.replicas is 0 (all shards)")
+        store = self.cache.store(prefix)
+        manifest = read_manifest(store, sel.generation)
+        index = Index(store, manifest)
+        return prefix, index, api.replica_shards(manifest, sel.replica, sel.replicas)
+
+    def _groups(self, entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        k = min(len(entries), self.threads * GROUPS_PER_THREAD)
+        return [entries[i::k] for i in range(k)]
+
+    def _map(self, fn: Callable[[list[dict]], T], groups: list[list[dict]]) -> list[T]:
+        """``fn`` over the groups on the scoring pool (inline for a single group)."""
+        if len(groups) <= 1 or self.threads == 1:
+            return [fn(g) for g in groups]
+        futures = [self._pool.submit(fn, g) for g in groups]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _mean(self, prefix: str, index: Index, spec: ScoreSpec,
+              mine: list[dict[str, Any]]) -> PoolMean | None:
+        """The pool mean over every shard of the generation (None without centering),
+        computed once per generation content; shards of other replicas are read without
+        being cached."""
+        if not spec.center:
+            return None
+        key = _mean_key(prefix, index.manifest)
+        with self._means_lock:
+            if key in self._means:
+                self._means.move_to_end(key)
+                return self._means[key]
+        own = {e["key"] for e in mine}
+
+        def load(entry: dict) -> ShardData:
+            return self.cache.load(prefix, entry, keep=entry["key"] in own)
+
+        prefetch = _Prefetch(self._pool, load, index.manifest["shards"], self.threads)
+        try:
+            mean = api.index_mean(index, spec, load=prefetch)
+        finally:
+            prefetch.cancel()
+        with self._means_lock:
+            self._means[key] = mean
+            while len(self._means) > MAX_MEANS:
+                self._means.popitem(last=False)
+        return mean
+
+
+def add_to_server(scorer: Scorer, server: Any) -> None:
+    pb_grpc.add_ScorerServiceServicer_to_server(scorer, server)

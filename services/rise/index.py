@@ -183,6 +183,10 @@ class IngestPlan:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IngestPlan:
+        return cls(**d)
+
 
 @dataclass
 class IngestSummary:
@@ -265,14 +269,16 @@ def shard_entry(store: Store, key: str, generation: int, n: int) -> dict[str, An
             "sha256": sha256(data), "bytes": len(data)}
 
 
-def _ingest_entry(plan: IngestPlan, summary: IngestSummary) -> dict[str, Any]:
+def ingest_entry(plan: IngestPlan, truncated: int) -> dict[str, Any]:
+    """The manifest's ``ingests`` entry of a plan."""
     return {"generation": plan.generation, "dataset_uri": plan.dataset_uri,
             "dataset_sha256": plan.dataset_sha256, "fields": plan.fields,
-            "records": plan.n_records, "truncated": summary.truncated,
+            "records": plan.n_records, "truncated": truncated,
             "shard_size": plan.shard_size}
 
 
-def _model_entry(lm: LoadedModel) -> dict[str, Any]:
+def model_entry(lm: LoadedModel) -> dict[str, Any]:
+    """The manifest's ``model`` entry: identity plus the head's shape."""
     return dict(lm.identity.to_dict(), vocab=lm.head.vocab, hidden=lm.head.hidden)
 
 
@@ -314,7 +320,7 @@ def _prepare(lm: LoadedModel, data: str | os.PathLike, fields: FieldMap, config:
     plan = IngestPlan(
         generation=generation, dataset_uri=os.path.abspath(data),
         dataset_sha256=file_sha256(data), fields=fields.to_dict(), config=config.to_dict(),
-        model=_model_entry(lm), n_records=len(records), shard_size=shard_size,
+        model=model_entry(lm), n_records=len(records), shard_size=shard_size,
     )
     return plan, records, encoded, summary
 
@@ -341,7 +347,7 @@ def create_index(store: Store, lm: LoadedModel, data: str | os.PathLike, fields:
     shards = run_ingest(store, lm, plan, records, encoded, batch_size=batch_size,
                         progress=progress, cancel=cancel, summary=summary)
     write_manifest(store, new_manifest(1, model=plan.model, config=config,
-                                       ingests=[_ingest_entry(plan, summary)], shards=shards,
+                                       ingests=[ingest_entry(plan, summary.truncated)], shards=shards,
                                        tombstones=[]))
     return summary
 
@@ -372,7 +378,7 @@ def append(store: Store, lm: LoadedModel, data: str | os.PathLike, fields: Field
     m = idx.manifest
     write_manifest(store, new_manifest(
         gen, model=m["model"], config=idx.config,
-        ingests=m["ingests"] + [_ingest_entry(plan, summary)],
+        ingests=m["ingests"] + [ingest_entry(plan, summary.truncated)],
         shards=m["shards"] + shards, tombstones=m["tombstones"]))
     return summary
 

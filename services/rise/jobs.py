@@ -23,7 +23,7 @@ KINDS = ("CREATE_INDEX", "APPEND", "COMPACT")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _COUNTERS = ("shards_total", "shards_done", "examples_total", "examples_done", "tokens_done",
-             "generation")
+             "generation", "truncated", "tokens_total")
 _FLOATS = ("created_at", "started_at", "finished_at")
 
 # Move to a state unless the job is already terminal; returns 1 if moved.
@@ -129,6 +129,19 @@ class JobStore:
         if tokens:
             pipe.hincrby(key, "tokens_done", tokens)
         pipe.execute()
+
+    def mark_shard_done(self, job_id: str, n: int, ttl_seconds: int = 30 * 86400) -> bool:
+        """Count shard ``n`` of the job once, however often its task runs; True the first
+        time.  A redelivered or retried shard task must not push shards_done past
+        shards_total, so done shards are a set beside the job hash."""
+        key = f"{self._job(job_id)}:shards"
+        pipe = self.r.pipeline()
+        pipe.sadd(key, n)
+        pipe.expire(key, ttl_seconds)
+        added, _ = pipe.execute()
+        if added:
+            self.add_progress(job_id, shards=1)
+        return bool(added)
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.r.hget(self._job(job_id), "state") == CANCELLED

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     """How long the gateway waits for query sketches from a worker."""
     task_time_limit_seconds: int = 3600
     """Hard limit of one shard task; the broker's visibility timeout is set above it."""
+    dataset_roots: list[str] = Field(default_factory=list)
+    """Local folders (shared volumes) the workers may read datasets from; a path outside
+    them is refused.  Empty: datasets must be s3:// URIs."""
+    dataset_buckets: list[str] = Field(default_factory=list)
+    """Buckets besides the deployment's that datasets may come from (read with the
+    deployment's credentials).  In the deployment's bucket a tenant reads only its own
+    area, tenants/<tenant>/."""
+    index_lock_seconds: int = 7 * 86400
+    """Lifetime of an index's writer lock; jobs release it when they end, the expiry only
+    frees an index whose worker vanished for good."""
     cache_dir: str = ""
     """Local cache of datasets and converted models; empty: ~/.cache/rise."""
 

@@ -93,22 +93,34 @@ class _Base:
 
     def _lock(self, tenant: str, name: str, job_id: str) -> None:
         holder = self.d.jobs.lock_index(tenant, name, job_id,
-                                        self.d.settings.task_time_limit_seconds * 4)
+                                        self.d.settings.index_lock_seconds)
         if holder is not None:
             raise Mismatch(f"index {name!r} is busy with job {holder}; wait for it or cancel it")
 
     def _check_dataset(self, tenant: str, uri: str) -> None:
+        """Datasets come from the tenant's own area of the deployment bucket, an allowed
+        bucket, or an allowed shared folder: workers read with the deployment's rights,
+        so anything else would let one tenant index another's (or the host's) files."""
+        s = self.d.settings
         if not uri:
             raise InvalidInput("dataset_uri is required")
         if uri.startswith("s3://"):
             bucket, _, key = uri[5:].partition("/")
-            if not key:
-                raise InvalidInput(f"dataset_uri {uri!r} has no key")
-            if bucket == self.d.settings.s3_bucket and key.startswith("tenants/") and \
-                    not key.startswith(f"tenants/{tenant}/"):
-                raise PermissionDenied(f"dataset_uri {uri!r} is in another tenant's area")
-        elif "://" in uri:
+            if not key or key.endswith("/"):
+                raise InvalidInput(f"dataset_uri {uri!r} names no object")
+            if bucket == s.s3_bucket:
+                if not key.startswith(f"tenants/{tenant}/"):
+                    raise PermissionDenied(f"dataset_uri {uri!r} is outside this tenant's "
+                                           f"area s3://{s.s3_bucket}/tenants/{tenant}/")
+            elif bucket not in s.dataset_buckets:
+                raise PermissionDenied(f"dataset_uri {uri!r}: bucket {bucket!r} is not allowed")
+            return
+        if "://" in uri:
             raise InvalidInput(f"dataset_uri {uri!r}: use s3://bucket/key or a path")
+        real = os.path.realpath(uri)
+        roots = [os.path.realpath(r) for r in s.dataset_roots]
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
+            raise PermissionDenied(f"dataset path {uri!r} is outside the allowed dataset roots")
 
 
 class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):

@@ -1,0 +1,161 @@
+"""Where the services' bytes live: the index store of a prefix, and dataset files.
+
+``open_store(settings, prefix)`` is the one place a service turns settings into a Store:
+S3/MinIO normally, or a local folder when ``RISE_S3_ENDPOINT`` is ``file:///abs/path``
+(tests and the embedded case; the folder plays the bucket, so the prefix is a sub-folder).
+
+``materialize(uri, settings)`` turns a dataset URI into a local file the data layer reads:
+``s3://bucket/key`` is downloaded once into the cache (named by the sha256 of the URI and
+the object's ETag, so a changed object is fetched again), a local path is used in place.
+
+Neither function imports torch, so the gateway can use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from rise.errors import InvalidInput, NotFound, StorageError
+
+if TYPE_CHECKING:
+    from rise.settings import Settings
+    from rise.store import Store
+
+FILE_SCHEME = "file://"
+# Longest suffix first: ".jsonl.gz" must not be read as ".gz" (same list as rise.data).
+DATASET_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+
+
+def local_root(settings: Settings) -> Path | None:
+    """The folder of a ``file:///abs/path`` endpoint, or None for a real S3 endpoint."""
+    endpoint = settings.s3_endpoint
+    if not endpoint.startswith(FILE_SCHEME):
+        return None
+    path = unquote(urlsplit(endpoint).path)
+    if not path.startswith("/") or urlsplit(endpoint).netloc not in ("", "localhost"):
+        raise InvalidInput(f"RISE_S3_ENDPOINT {endpoint!r}: a file endpoint is file:///abs/path")
+    return Path(path)
+
+
+def open_store(settings: Settings, prefix: str) -> Store:
+    """The store holding the objects under ``prefix`` (an index's folder in the bucket)."""
+    root = local_root(settings)
+    if root is not None:
+        from rise.store import LocalStore
+
+        return LocalStore(root / prefix.strip("/")) if prefix.strip("/") else LocalStore(root)
+    from rise.s3store import S3Store
+
+    return S3Store.from_url(
+        settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
+        settings.s3_bucket, prefix=prefix, secure=settings.s3_secure, region=settings.s3_region,
+    )
+
+
+def cache_root(settings: Settings) -> Path:
+    """``settings.cache_dir``, else ~/.cache/rise (the same default as rise.model)."""
+    return Path(settings.cache_dir) if settings.cache_dir else Path.home() / ".cache" / "rise"
+
+
+def dataset_suffix(name: str) -> str:
+    """The data-format suffix of a file or key name, or InvalidInput."""
+    lower = name.lower()
+    for suffix in DATASET_SUFFIXES:
+        if lower.endswith(suffix):
+            return suffix
+    raise InvalidInput(
+        f"{name}: unknown data file extension (use {', '.join(DATASET_SUFFIXES)})")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of ``s3://bucket/key``; InvalidInput when either part is missing."""
+    parts = urlsplit(uri)
+    bucket, key = parts.netloc, parts.path.lstrip("/")
+    if parts.scheme != "s3" or not bucket or not key or key.endswith("/") \
+            or parts.query or parts.fragment:
+        raise InvalidInput(f"dataset URI {uri!r} must be s3://bucket/key")
+    return bucket, key
+
+
+def materialize(uri: str, settings: Settings) -> Path:
+    """A local file with the bytes of dataset ``uri``.
+
+    ``s3://bucket/key`` is downloaded into ``<cache>/datasets/<sha256(uri + etag)><ext>``
+    (to a temp file, then renamed, so concurrent workers never read a partial file; skipped
+    when already there).  A local path (or ``file:///abs/path``) is returned as is.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidInput("dataset URI is empty")
+    if uri.startswith("s3://"):
+        return _materialize_s3(uri, settings)
+    if uri.startswith(FILE_SCHEME):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise InvalidInput(f"dataset URI {uri!r}: a file URI is file:///abs/path")
+        path = Path(unquote(parts.path))
+    elif "://" in uri:
+        raise InvalidInput(f"dataset URI {uri!r}: use s3://bucket/key or a local path")
+    else:
+        path = Path(uri)
+    if not path.is_file():
+        raise NotFound(f"dataset {uri} not found")
+    return path
+
+
+def _materialize_s3(uri: str, settings: Settings) -> Path:
+    bucket, key = parse_s3_uri(uri)
+    suffix = dataset_suffix(key)
+    root = local_root(settings)
+    if root is not None:
+        # A file endpoint is one bucket: s3://<settings.s3_bucket>/key is <root>/key.
+        if bucket != settings.s3_bucket:
+            raise NotFound(f"dataset {uri} not found (bucket {bucket!r} is not "
+                           f"{settings.s3_bucket!r})")
+        path = root / key
+        if not path.is_file():
+            raise NotFound(f"dataset {uri} not found")
+        return path
+
+    import urllib3
+    from minio.error import MinioException, S3Error
+
+    from rise.s3store import S3Store
+
+    # The store's client: same endpoint parsing (host:port or URL) and no urllib3 retries.
+    client = S3Store.from_url(settings.s3_endpoint, settings.s3_access_key or None,
+                              settings.s3_secret_key or None, bucket,
+                              secure=settings.s3_secure, region=settings.s3_region).client
+    tmp = ""
+    try:
+        stat = client.stat_object(bucket, key)
+        name = hashlib.sha256(f"{uri}\n{stat.etag}".encode()).hexdigest()
+        target = cache_root(settings) / "datasets" / f"{name}{suffix}"
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = str(target.parent / f".{name}.{secrets.token_hex(6)}.tmp")
+        client.fget_object(bucket, key, tmp, tmp_file_path=tmp + ".part")
+        os.replace(tmp, target)
+        tmp = ""
+        return target
+    except S3Error as e:
+        if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"):
+            raise NotFound(f"dataset {uri} not found") from None
+        if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise InvalidInput(f"dataset {uri}: access denied ({e.code})") from None
+        raise StorageError(f"cannot download dataset {uri}: {e.code}") from None
+    except MinioException as e:  # ServerError, InvalidResponseError: retryable
+        raise StorageError(f"cannot download dataset {uri}: {type(e).__name__}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:  # unreachable endpoint, local disk
+        raise StorageError(f"cannot download dataset {uri}: {type(e).__name__}: {e}") from None
+    finally:
+        if tmp:
+            for leftover in (tmp, tmp + ".part"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)

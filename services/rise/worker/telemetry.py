@@ -1,0 +1,117 @@
+"""Worker metrics: the ``worker`` catalogue of rise.metrics, in prometheus-client's
+multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (Celery's prefork children each
+write their own files; the main process serves the sum on ``settings.metrics_port``).
+
+Signal handlers: ``worker_init`` (main process) starts /metrics; ``worker_process_shutdown``
+(each child, as it exits) marks the child dead for the live gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import signals
+
+from rise import errors
+
+log = logging.getLogger("rise.worker")
+
+TASK_NAMES = ("rise.ingest.plan", "rise.ingest.shard", "rise.ingest.commit",
+              "rise.index.compact", "rise.queries.sketch")
+OUTCOMES = ("ok", "skipped", "retry", "error")
+SERVICE = "worker"
+
+_lock = threading.Lock()
+_metrics = None
+
+
+def _error_codes() -> list[str]:
+    codes = {"INTERNAL"}
+    todo = [errors.RiseError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.grpc_code)
+        todo.extend(cls.__subclasses__())
+    return sorted(codes)
+
+
+def metrics():
+    """The worker's metrics, created once per process on prometheus' default registry."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            from prometheus_client import REGISTRY
+
+            from rise.metrics import for_service
+
+            _metrics = for_service(SERVICE, registry=REGISTRY)
+    return _metrics
+
+
+def touch_labels() -> None:
+    """Create every label set the worker uses, at zero, so each name is exported (and
+    rate() works) before its first event; in multiprocess mode an untouched labelled
+    metric writes nothing and would be missing from /metrics."""
+    m = metrics()
+    for task in TASK_NAMES:
+        m.task_duration_seconds.labels(task=task)
+        for outcome in OUTCOMES:
+            m.tasks_total.labels(task=task, outcome=outcome)
+    m.storage_bytes_written_total.labels(service=SERVICE)
+    m.storage_bytes_read_total.labels(service=SERVICE)
+    for code in _error_codes():
+        m.errors_total.labels(service=SERVICE, code=code)
+
+
+def record_outcome(task: str, outcome: str, seconds: float | None = None) -> None:
+    m = metrics()
+    m.tasks_total.labels(task=task, outcome=outcome).inc()
+    if seconds is not None:
+        m.task_duration_seconds.labels(task=task).observe(seconds)
+
+
+def record_error(code: str) -> None:
+    metrics().errors_total.labels(service=SERVICE, code=code).inc()
+
+
+def bytes_read(n: int) -> None:
+    metrics().storage_bytes_read_total.labels(service=SERVICE).inc(n)
+
+
+def bytes_written(n: int) -> None:
+    metrics().storage_bytes_written_total.labels(service=SERVICE).inc(n)
+
+
+def sketched(examples: int, tokens: int) -> None:
+    m = metrics()
+    m.examples_sketched_total.inc(examples)
+    m.tokens_sketched_total.inc(tokens)
+
+
+def model_loaded(seconds: float) -> None:
+    metrics().model_load_seconds.observe(seconds)
+
+
+@signals.worker_init.connect
+def _serve_metrics(sender=None, **_kw) -> None:
+    """Main process: create the metrics, then serve /metrics for all the processes."""
+    from rise.metrics import serve
+    from rise.settings import Settings
+
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "rise_settings", None) or Settings()
+    touch_labels()
+    try:
+        serve(settings.metrics_port)
+    except OSError as e:  # a second worker on the same host and port: run without /metrics
+        log.warning("cannot serve /metrics on port %s: %s", settings.metrics_port, e)
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(pid=None, **_kw) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())

@@ -12,7 +12,13 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee
+.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee protos
+
+# gRPC stubs of protos/rise/v1 into services/rise/v1 (checked in; a test proves they are
+# current).
+protos: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --grpc_python_out=services \
+		--pyi_out=services protos/rise/v1/*.proto
 
 # The Lee news corpus and its queries only (from the gensim wheel; no Debian packages).
 assets-lee: install

@@ -12,7 +12,15 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee protos
+.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee protos up down
+
+# The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
+# processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
+up: install assets-model
+	$(PY) deploy/local/stack.py up
+
+down:
+	$(PY) deploy/local/stack.py down
 
 # gRPC stubs of protos/rise/v1 into services/rise/v1 (checked in; a test proves they are
 # current).

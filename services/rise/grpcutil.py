@@ -97,6 +97,20 @@ def _is_abort(e: BaseException) -> bool:
         type(e) is Exception and not e.args)
 
 
+def touch_rpc_metrics(metrics: Any, service: str, servicers: Iterable[Any]) -> None:
+    """Create the label sets of every RPC of ``servicers`` at zero, so each metric name is
+    exported (and rate() works) before the first call."""
+    for servicer in servicers:
+        for name in dir(servicer):
+            fn = getattr(servicer, name)
+            if name[:1].isupper() and callable(fn):
+                metrics.grpc_requests_total.labels(service, name, "OK")
+                metrics.grpc_request_duration_seconds.labels(service, name)
+    for code in grpc.StatusCode:
+        if code != grpc.StatusCode.OK:
+            metrics.errors_total.labels(service, code.name)
+
+
 def make_server(max_message_bytes: int, threads: int = 16,
                 interceptors: Iterable[grpc.ServerInterceptor] = ()) -> grpc.Server:
     opts = [("grpc.max_receive_message_length", max_message_bytes),

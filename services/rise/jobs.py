@@ -134,7 +134,7 @@ class JobStore:
         """Count shard ``n`` of the job once, however often its task runs; True the first
         time.  A redelivered or retried shard task must not push shards_done past
         shards_total, so done shards are a set beside the job hash."""
-        key = f"{self._job(job_id)}:shards"
+        key = f"{self.ns}:jobshards:{job_id}"  # not under job:*, which holds hashes only
         pipe = self.r.pipeline()
         pipe.sadd(key, n)
         pipe.expire(key, ttl_seconds)
@@ -149,7 +149,7 @@ class JobStore:
     def state_counts(self) -> dict[str, int]:
         """Jobs by state over all tenants (for the rise_jobs gauge)."""
         counts = dict.fromkeys(STATES, 0)
-        for key in self.r.scan_iter(f"{self.ns}:job:*", count=1000):
+        for key in self.r.scan_iter(f"{self.ns}:job:*", count=1000, _type="HASH"):
             s = self.r.hget(key, "state")
             if s in counts:
                 counts[s] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -143,3 +144,34 @@ class LocalStore:
             except OSError:
                 break
             parent = parent.parent
+
+
+class CountingStore:
+    """A Store that reports the bytes it reads and writes (for the services' metrics)."""
+
+    def __init__(self, inner: Store, on_read: Callable[[int], None] | None = None,
+                 on_write: Callable[[int], None] | None = None) -> None:
+        self.inner, self.on_read, self.on_write = inner, on_read, on_write
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        self.inner.put(key, data, create_only=create_only)
+        if self.on_write is not None:
+            self.on_write(len(data))
+
+    def get(self, key: str) -> bytes:
+        data = self.inner.get(key)
+        if self.on_read is not None:
+            self.on_read(len(data))
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def describe(self) -> str:
+        return self.inner.describe()

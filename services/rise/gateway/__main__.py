@@ -9,7 +9,7 @@ import threading
 import grpc
 
 from rise.gateway.service import Auth, Deps, IndexService, JobService, ScoringService
-from rise.grpcutil import add_health_and_reflection, make_server
+from rise.grpcutil import add_health_and_reflection, make_server, touch_rpc_metrics
 from rise.jobs import STATES, JobStore
 from rise.metrics import for_service, serve
 from rise.settings import Settings
@@ -25,7 +25,11 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps]:
     from rise.datasets import materialize, open_store
     from rise.worker.app import make_app
 
+    from rise.store import CountingStore
+
     metrics = for_service("gateway")
+    read = metrics.storage_bytes_read_total.labels("gateway")
+    written = metrics.storage_bytes_written_total.labels("gateway")
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     channels = [grpc.insecure_channel(a.strip(), options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -33,14 +37,16 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps]:
         for a in settings.scorer_addresses.split(",") if a.strip()]
     deps = Deps(
         settings=settings, jobs=JobStore(r), send_task=make_app(settings).send_task,
-        store=lambda prefix: open_store(settings, prefix),
+        store=lambda prefix: CountingStore(open_store(settings, prefix), read.inc, written.inc),
         scorers=[scorer_pb2_grpc.ScorerServiceStub(c) for c in channels],
         materialize=lambda uri: str(materialize(uri, settings)), metrics=metrics)
     auth = Auth(settings)
     server = make_server(settings.max_message_bytes)
-    rise_pb2_grpc.add_IndexServiceServicer_to_server(IndexService(deps, auth), server)
-    rise_pb2_grpc.add_JobServiceServicer_to_server(JobService(deps, auth), server)
-    rise_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(deps, auth), server)
+    servicers = [IndexService(deps, auth), JobService(deps, auth), ScoringService(deps, auth)]
+    rise_pb2_grpc.add_IndexServiceServicer_to_server(servicers[0], server)
+    rise_pb2_grpc.add_JobServiceServicer_to_server(servicers[1], server)
+    rise_pb2_grpc.add_ScoringServiceServicer_to_server(servicers[2], server)
+    touch_rpc_metrics(metrics, "gateway", servicers)
     add_health_and_reflection(server, SERVICES)
     return server, deps
 

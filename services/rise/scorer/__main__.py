@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None, *, store_factory: StoreFactory | Non
     torch_threads = _share_cores(settings.scorer_threads)
     metrics = for_service("scorer")
     scorer = Scorer(settings, metrics, store_factory=store_factory)
+    grpcutil.touch_rpc_metrics(metrics, "scorer", [scorer])
     server = grpcutil.make_server(settings.max_message_bytes)
     add_to_server(scorer, server)
     health = grpcutil.add_health_and_reflection(server, [SERVICE_NAME])

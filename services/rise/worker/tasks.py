@@ -34,6 +34,7 @@ from rise.data import records_from_dicts
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
 from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL
 from rise.settings import Settings
+from rise.store import CountingStore
 from rise.worker import telemetry, work
 
 log = logging.getLogger("rise.worker")
@@ -146,7 +147,7 @@ def _job_task(task: RiseTask, job_id: str, body) -> str:
 def _store(settings: Settings, prefix: str):
     from rise.datasets import open_store
 
-    return work.CountingStore(open_store(settings, prefix), telemetry.bytes_read,
+    return CountingStore(open_store(settings, prefix), telemetry.bytes_read,
                               telemetry.bytes_written)
 
 
@@ -275,9 +276,11 @@ def compact(self: RiseTask, job_id: str) -> str:
         js.set_state(job_id, RUNNING)
         store = _store(settings, work.Request.of(job).prefix)
         gen = compact_index(store)
-        if gen is None:
-            gen = open_index(store).generation
-        js.set_state(job_id, SUCCEEDED, generation=gen)
+        m = open_index(store).manifest
+        n = len(m["shards"])
+        js.update(job_id, shards_total=n, shards_done=n, examples_total=m["live_count"],
+                  examples_done=m["live_count"])
+        js.set_state(job_id, SUCCEEDED, generation=gen or m["generation"])
         _unlock(js, job)
         return "ok"
 

@@ -82,36 +82,6 @@ class CancelPoll:
 # ------------------------------------------------------------------------------ store
 
 
-class CountingStore:
-    """A Store that counts the bytes it reads and writes into the worker's metrics."""
-
-    def __init__(self, inner, on_read=None, on_write=None) -> None:
-        self.inner, self.on_read, self.on_write = inner, on_read, on_write
-
-    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
-        self.inner.put(key, data, create_only=create_only)
-        if self.on_write is not None:
-            self.on_write(len(data))
-
-    def get(self, key: str) -> bytes:
-        data = self.inner.get(key)
-        if self.on_read is not None:
-            self.on_read(len(data))
-        return data
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def list(self, prefix: str = "") -> list[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def describe(self) -> str:
-        return self.inner.describe()
-
-
 # ------------------------------------------------------------------------------ models
 
 

@@ -1,0 +1,251 @@
+"""A small typed Python client of the RISE gateway (rise.v1 Index, Job and Scoring services).
+
+    from rise.client import RiseClient
+    with RiseClient("127.0.0.1:50051", token) as c:
+        job = c.wait(c.create_index("docs", "s3://rise/tenants/a/data/c.jsonl", "smollm2").id)
+        for qid, hits in c.attribute("docs", ["Which example taught this?"], top=5):
+            ...
+
+Every call sends ``authorization: Bearer <token>``; a failed call raises the rise.errors
+class of its status code (``translate``), with the server's message, so callers handle
+remote and embedded errors alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from rise import errors
+from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc
+
+CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.RiseError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.Mismatch,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.BudgetExceeded,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.DATA_LOSS: errors.Corrupt,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+}
+TERMINAL = frozenset({rise_pb2.JOB_STATE_SUCCEEDED, rise_pb2.JOB_STATE_FAILED,
+                      rise_pb2.JOB_STATE_CANCELLED})
+
+Hit = tuple[str, float, "dict[str, Any] | None"]
+
+
+def translate(e: grpc.RpcError) -> errors.RiseError:
+    """The rise.errors exception of a failed call; ``.code`` keeps the grpc.StatusCode."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    message = (e.details() if hasattr(e, "details") else None) or str(code.name)
+    cls = CODE_TO_ERROR.get(code, errors.RiseError)
+    err = cls(message)
+    if cls is errors.RiseError:
+        err.grpc_code = code.name
+    err.code = code  # type: ignore[attr-defined]
+    return err
+
+
+def error_of_job(job: rise_pb2.Job) -> errors.RiseError:
+    """The exception a FAILED or CANCELLED job stands for."""
+    if job.state == rise_pb2.JOB_STATE_CANCELLED:
+        return errors.Cancelled(f"job {job.id} was cancelled")
+    code = getattr(grpc.StatusCode, job.error_code or "INTERNAL", grpc.StatusCode.INTERNAL)
+    cls = CODE_TO_ERROR.get(code, errors.RiseError)
+    return cls(f"job {job.id} failed: {job.error_code or 'INTERNAL'}: {job.error_message}")
+
+
+def state_name(job: rise_pb2.Job) -> str:
+    """'QUEUED', 'RUNNING', 'SUCCEEDED', ..."""
+    return rise_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+
+
+def _fields(fields: Any) -> common_pb2.FieldMap | None:
+    """A FieldMap message from a rise.data.FieldMap, a dict of its fields, or a message."""
+    if fields is None or isinstance(fields, common_pb2.FieldMap):
+        return fields
+    d = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+    return common_pb2.FieldMap(**{k: v for k, v in d.items() if v is not None})
+
+
+def _records(items: Sequence[str | Mapping[str, Any]]) -> tuple[list[common_pb2.Record], bool]:
+    """Record messages from strings (plain text) or dicts with id/text/prompt/response;
+    True when they are prompt/response records."""
+    out, pr = [], None
+    for i, q in enumerate(items):
+        if isinstance(q, str):
+            q = {"text": q}
+        if not isinstance(q, Mapping):
+            raise errors.InvalidInput(f"record {i}: expected a string or a dict")
+        is_pr = "prompt" in q or "response" in q
+        if pr is not None and is_pr != pr:
+            raise errors.InvalidInput("mix of plain-text and prompt/response records")
+        pr = is_pr
+        out.append(common_pb2.Record(id=str(q.get("id") or ""), text=q.get("text") or "",
+                                     prompt=q.get("prompt") or "",
+                                     response=q.get("response") or ""))
+    return out, bool(pr)
+
+
+def _scoring(channel: str, score: str, lam: float | None, center: bool) -> common_pb2.Scoring:
+    s = common_pb2.Scoring(channel=channel, score=score, center=center)
+    if lam is not None:
+        setattr(s, "lambda", lam)
+    return s
+
+
+class RiseClient:
+    """One channel to a gateway; every method is one RPC (``watch_job`` a stream)."""
+
+    def __init__(self, address: str, token: str, *, timeout: float = 60, secure: bool = False,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = 64 * 1024**2) -> None:
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        self.address, self.timeout = address, timeout
+        self.channel = (grpc.secure_channel(address, credentials or grpc.ssl_channel_credentials(),
+                                            options=opts)
+                        if secure else grpc.insecure_channel(address, options=opts))
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._index = rise_pb2_grpc.IndexServiceStub(self.channel)
+        self._jobs = rise_pb2_grpc.JobServiceStub(self.channel)
+        self._scoring = rise_pb2_grpc.ScoringServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RiseClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise translate(e) from None
+
+    # ---------------------------------------------------------------- indexes
+
+    def create_index(self, index: str, dataset_uri: str, pool: str, *, fields: Any = None,
+                     config: Mapping[str, Any] | common_pb2.SketchConfig | None = None,
+                     shard_size: int = 0) -> rise_pb2.Job:
+        """Start sketching a dataset into a new index; ``config`` takes SketchConfig fields."""
+        if config is not None and not isinstance(config, common_pb2.SketchConfig):
+            config = common_pb2.SketchConfig(**dict(config))
+        return self._call(self._index.CreateIndex, rise_pb2.CreateIndexRequest(
+            index=index, dataset_uri=dataset_uri, pool=pool, fields=_fields(fields),
+            config=config, shard_size=shard_size))
+
+    def append(self, index: str, dataset_uri: str, *, fields: Any = None) -> rise_pb2.Job:
+        return self._call(self._index.AppendToIndex, rise_pb2.AppendToIndexRequest(
+            index=index, dataset_uri=dataset_uri, fields=_fields(fields)))
+
+    def delete_examples(self, index: str, ids: Sequence[str]) -> rise_pb2.Index:
+        return self._call(self._index.DeleteExamples,
+                          rise_pb2.DeleteExamplesRequest(index=index, ids=list(ids)))
+
+    def compact(self, index: str) -> rise_pb2.Job:
+        return self._call(self._index.CompactIndex, rise_pb2.CompactIndexRequest(index=index))
+
+    def delete_index(self, index: str) -> int:
+        """Delete an index; returns the number of objects removed."""
+        return self._call(self._index.DeleteIndex,
+                          rise_pb2.DeleteIndexRequest(index=index)).objects_deleted
+
+    def list_indexes(self) -> list[rise_pb2.Index]:
+        return list(self._call(self._index.ListIndexes, rise_pb2.ListIndexesRequest()).indexes)
+
+    def get_index(self, index: str) -> rise_pb2.Index:
+        return self._call(self._index.GetIndex, rise_pb2.GetIndexRequest(index=index))
+
+    # ------------------------------------------------------------------- jobs
+
+    def get_job(self, job_id: str) -> rise_pb2.Job:
+        return self._call(self._jobs.GetJob, rise_pb2.GetJobRequest(id=job_id))
+
+    def list_jobs(self, index: str = "", limit: int = 0) -> list[rise_pb2.Job]:
+        return list(self._call(self._jobs.ListJobs,
+                               rise_pb2.ListJobsRequest(index=index, limit=limit)).jobs)
+
+    def watch_job(self, job_id: str, interval: float = 1.0,
+                  timeout: float | None = None) -> Iterator[rise_pb2.Job]:
+        """Progress updates until the job ends (the last one is terminal)."""
+        stream = self._jobs.WatchJob(
+            rise_pb2.WatchJobRequest(id=job_id, interval_seconds=interval),
+            metadata=self.metadata, timeout=timeout)
+        try:
+            yield from stream
+        except grpc.RpcError as e:
+            raise translate(e) from None
+        finally:
+            stream.cancel()
+
+    def cancel_job(self, job_id: str) -> rise_pb2.Job:
+        return self._call(self._jobs.CancelJob, rise_pb2.CancelJobRequest(id=job_id))
+
+    def wait(self, job_id: str, timeout: float | None = None, interval: float = 0.5
+             ) -> rise_pb2.Job:
+        """Watch a job to its end and return the final Job (whatever its state);
+        Unavailable when it is still running after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = None
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                state = state_name(job) if job is not None else "unknown"
+                raise errors.Unavailable(f"job {job_id} still {state} after {timeout:g}s")
+            try:
+                for job in self.watch_job(job_id, interval, timeout=left):
+                    if job.state in TERMINAL:
+                        return job
+            except errors.RiseError as e:
+                if getattr(e, "code", None) != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+
+    # ---------------------------------------------------------------- scoring
+
+    def attribute(self, index: str, queries: Sequence[str | Mapping[str, Any]], top: int = 10,
+                  channel: str = "both", score: str = "cosine", lam: float | None = None,
+                  center: bool = False, return_texts: bool = False,
+                  chat_template: bool = False) -> list[tuple[str, list[Hit]]]:
+        """(query id, [(id, score, record or None)]) per query, best first, ties by id."""
+        recs, pr = _records(queries)
+        resp = self._call(self._scoring.Attribute, rise_pb2.AttributeRequest(
+            index=index, queries=recs, fields=_record_fields(pr, chat_template), top=top,
+            scoring=_scoring(channel, score, lam, center), return_texts=return_texts))
+        return [(r.query_id, [(h.id, h.score, _json(h.record_json)) for h in r.hits])
+                for r in resp.results]
+
+    def value(self, index: str, targets: Sequence[str | Mapping[str, Any]], *, top: int = 0,
+              channel: str = "both", score: str = "cosine", lam: float | None = None,
+              center: bool = False, select_fraction: float = 0, selection_uri: str = "",
+              chat_template: bool = False) -> tuple[list[tuple[str, float]], int]:
+        """([(id, value)] best first, records written to selection_uri)."""
+        recs, pr = _records(targets)
+        resp = self._call(self._scoring.Value, rise_pb2.ValueRequest(
+            index=index, targets=recs, fields=_record_fields(pr, chat_template),
+            scoring=_scoring(channel, score, lam, center), top=top,
+            select_fraction=select_fraction, selection_uri=selection_uri))
+        return [(h.id, h.score) for h in resp.values], resp.selected
+
+
+def _record_fields(prompt_response: bool, chat_template: bool) -> common_pb2.FieldMap:
+    """The field map of Record messages: only the kind of record matters."""
+    if prompt_response:
+        return common_pb2.FieldMap(prompt_field="prompt", response_field="response",
+                                   chat_template=chat_template)
+    return common_pb2.FieldMap()
+
+
+def _json(s: str) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(s) if s else None

@@ -1,0 +1,371 @@
+"""``rise remote ...``: the platform's gateway from the command line, over rise.client.
+
+    rise remote --gateway HOST:PORT --token TOKEN list
+    rise remote index docs --data s3://rise/tenants/a/data/c.jsonl --pool smollm2 --wait
+    rise remote attribute docs --queries q.jsonl --output hits.jsonl --top 5
+
+``--gateway`` defaults to $RISE_GATEWAY (else 127.0.0.1:50051) and ``--token`` to
+$RISE_TOKEN; both, and ``--json``, may stand before or after the sub-verb.  ``attribute``
+and ``value`` read records with the local CLI's field flags and write its JSONL formats.
+Errors are one line ``rise: error: ...`` with the exit code of the error class
+(rise.cli.main prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from rise import constants
+from rise.errors import InvalidInput, Unauthenticated
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, naming the full verb
+        print(f"rise: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _connection_args(p: argparse.ArgumentParser, group: bool) -> None:
+    """--gateway/--token/--json/--timeout: defaults on the ``remote`` group; on sub-verbs
+    they only override what the group parsed (SUPPRESS leaves it in place)."""
+
+    def d(value: Any) -> dict[str, Any]:
+        return {"default": value if group else argparse.SUPPRESS}
+
+    p.add_argument("--gateway", metavar="HOST:PORT",
+                   help=f"gateway address (default: $RISE_GATEWAY or {DEFAULT_GATEWAY})",
+                   **d(os.environ.get("RISE_GATEWAY") or DEFAULT_GATEWAY))
+    p.add_argument("--token", help="bearer token of the tenant (default: $RISE_TOKEN)",
+                   **d(os.environ.get("RISE_TOKEN", "")))
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout",
+                   **d(False))
+    p.add_argument("--timeout", type=float, help="seconds per call (default: 120)",
+                   **d(120.0))
+
+
+def _client(a: argparse.Namespace):
+    from rise.client import RiseClient
+
+    if not a.token:
+        raise Unauthenticated("no token: pass --token or set RISE_TOKEN")
+    return RiseClient(a.gateway, a.token, timeout=a.timeout)
+
+
+def _name(a: argparse.Namespace) -> str:
+    if a.name and a.index_opt and a.name != a.index_opt:
+        raise InvalidInput(f"two index names given: {a.name!r} and {a.index_opt!r}")
+    name = a.name or a.index_opt
+    if not name:
+        raise InvalidInput("the index name is required")
+    return name
+
+
+def to_dict(msg: Any) -> Any:
+    """A message as JSON-able plain values: enums by short name, 64-bit ints as numbers."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == F.LABEL_REPEATED
+        if f.type == F.TYPE_MESSAGE:
+            if repeated:
+                out[f.name] = [to_dict(x) for x in v]
+            elif msg.HasField(f.name):
+                out[f.name] = to_dict(v)
+        elif f.type == F.TYPE_ENUM:
+            name = f.enum_type.values_by_number[v].name
+            out[f.name] = name.split("_STATE_")[-1].split("_KIND_")[-1]
+        else:
+            out[f.name] = list(v) if repeated else v
+    return out
+
+
+def _emit(a: argparse.Namespace, summary: Any, text: str) -> None:
+    print(json.dumps(summary, sort_keys=True) if a.json else text)
+
+
+def _job_line(j: Any) -> str:
+    from rise.client import state_name
+
+    line = (f"job {j.id} {state_name(j)} {j.index}: {j.shards_done}/{j.shards_total} shards, "
+            f"{j.examples_done}/{j.examples_total} examples")
+    if j.error_code:
+        line += f" ({j.error_code}: {j.error_message})"
+    return line
+
+
+def _eta(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def watch(client: Any, job: Any, desc: str = "job", interval: float = 1.0) -> Any:
+    """Follow a job with a progress bar on stderr (shards, examples/s, ETA); raise the
+    job's error unless it SUCCEEDED; return the final Job."""
+    from tqdm import tqdm
+
+    from rise.client import TERMINAL, error_of_job, state_name
+
+    bar = tqdm(total=job.shards_total or None, desc=desc, unit="shard", dynamic_ncols=True,
+               disable=None, file=sys.stderr)
+    try:
+        for job in client.watch_job(job.id, interval):
+            if job.shards_total and bar.total != job.shards_total:
+                bar.total = job.shards_total
+            unknown = job.eta_seconds <= 0 and job.state not in TERMINAL
+            eta = "?" if unknown else _eta(job.eta_seconds)
+            bar.set_postfix_str(f"{job.examples_done}/{job.examples_total} ex, "
+                                f"{job.examples_per_second:,.1f} ex/s, ETA {eta}", refresh=False)
+            bar.update(max(job.shards_done - bar.n, 0))
+            if job.state in TERMINAL:
+                break
+    finally:
+        bar.close()
+    if state_name(job) != "SUCCEEDED":
+        raise error_of_job(job)
+    return job
+
+
+def _job_out(a: argparse.Namespace, c: Any, job: Any, desc: str) -> None:
+    if getattr(a, "wait", False):
+        job = watch(c, job, desc)
+    _emit(a, to_dict(job), _job_line(job))
+
+
+def cmd_index(a: argparse.Namespace) -> None:
+    from rise.config import make_config, parse_dims
+
+    cfg = make_config(no_sketch=a.no_sketch, topk=a.topk, temperature=a.temperature,
+                      dims=parse_dims(a.dims) if a.dims else None, seed=a.seed,
+                      weighting=a.weighting, max_length=a.max_length).to_dict()
+    kr, kh, kg = cfg["dims"]
+    config = {"mode": cfg["mode"], "topk": cfg["topk"] or 0, "topk_all": cfg["topk"] is None,
+              "temperature": cfg["temperature"], "kr": kr, "kh": kh, "kg": kg,
+              "seed": cfg["seed"], "weighting": cfg["weighting"], "max_length": cfg["max_length"]}
+    with _client(a) as c:
+        job = c.create_index(_name(a), a.data, a.pool, fields=_fields(a), config=config,
+                             shard_size=a.shard_size)
+        _job_out(a, c, job, "index")
+
+
+def cmd_append(a: argparse.Namespace) -> None:
+    given = a.text_field != "text" or a.id_field != "id" or a.prompt_field or a.chat_template
+    with _client(a) as c:
+        _job_out(a, c, c.append(_name(a), a.data, fields=_fields(a) if given else None), "append")
+
+
+def cmd_delete(a: argparse.Namespace) -> None:
+    from rise.cli import _read_ids
+
+    ids = list(a.id or []) + (_read_ids(a.ids) if a.ids else [])
+    if not ids:
+        raise InvalidInput("no ids: pass --ids FILE or --id ID")
+    with _client(a) as c:
+        idx = c.delete_examples(_name(a), ids)
+    _emit(a, dict(to_dict(idx), deleted=len(ids)),
+          f"tombstoned {len(ids)} ids in generation {idx.generation} of {idx.name} "
+          "(run rise remote compact to erase them)")
+
+
+def cmd_compact(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        _job_out(a, c, c.compact(_name(a)), "compact")
+
+
+def cmd_drop(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        n = c.delete_index(_name(a))
+    _emit(a, {"index": _name(a), "objects_deleted": n}, f"deleted {_name(a)} ({n} objects)")
+
+
+def _index_line(i: Any) -> str:
+    return (f"{i.name}\tpool={i.pool}\tgeneration={i.generation}\tlive={i.live_count}\t"
+            f"tombstones={i.tombstones}\tshards={i.shards}\tbytes={i.bytes}")
+
+
+def cmd_list(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        idxs = c.list_indexes()
+    _emit(a, {"indexes": [to_dict(i) for i in idxs]},
+          "\n".join(_index_line(i) for i in idxs) or "no indexes")
+
+
+def cmd_show(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        i = c.get_index(_name(a))
+    cf, m = i.config, i.model
+    _emit(a, to_dict(i), "\n".join([
+        _index_line(i),
+        f"model {m.name} (head {m.head_sha256[:12]})",
+        f"config mode={cf.mode} topk={'all' if cf.topk_all else cf.topk} tau={cf.temperature} "
+        f"dims={[cf.kr, cf.kh, cf.kg]} seed={cf.seed} weighting={cf.weighting} "
+        f"max_length={cf.max_length}",
+    ] + [f"ingest {g.generation}: {g.records} records from {g.dataset_uri}" for g in i.ingests]))
+
+
+def cmd_jobs(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        jobs = c.list_jobs(a.index_opt or "", a.limit)
+    _emit(a, {"jobs": [to_dict(j) for j in jobs]},
+          "\n".join(_job_line(j) for j in jobs) or "no jobs")
+
+
+def cmd_job(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        j = c.get_job(a.job_id)
+    _emit(a, to_dict(j), _job_line(j))
+
+
+def cmd_watch(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        j = watch(c, c.get_job(a.job_id), "job", a.interval)
+    _emit(a, to_dict(j), _job_line(j))
+
+
+def cmd_cancel(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        j = c.cancel_job(a.job_id)
+    _emit(a, to_dict(j), _job_line(j))
+
+
+def _fields(a: argparse.Namespace):
+    from rise.cli import _fields as local_fields
+
+    return local_fields(a)
+
+
+def _read(a: argparse.Namespace, path: str) -> list[dict[str, Any]]:
+    """Records of a data file, validated and id-resolved exactly as the local CLI does."""
+    from rise.data import read_records
+
+    fields = _fields(a)
+    out = []
+    for r in read_records(path, fields):
+        out.append({"id": r.id, "prompt": r.prompt, "response": r.response}
+                   if fields.is_prompt_response else {"id": r.id, "text": r.text})
+    return out
+
+
+def _scoring(a: argparse.Namespace) -> dict[str, Any]:
+    return {"channel": a.channel, "score": a.score, "lam": a.lam, "center": a.center,
+            "chat_template": a.chat_template}
+
+
+def cmd_attribute(a: argparse.Namespace) -> None:
+    from rise.cli import _write_jsonl
+
+    queries = _read(a, a.queries)
+    with _client(a) as c:
+        res = c.attribute(_name(a), queries, top=a.top, return_texts=a.return_texts,
+                          **_scoring(a))
+    rows = [{"query_id": q, "results": [
+        {"id": i, "score": s, **({"record": rec} if a.return_texts else {})}
+        for i, s, rec in hits]} for q, hits in res]
+    _write_jsonl(a.output, rows)
+    _emit(a, {"queries": len(rows), "output": a.output, "top": a.top},
+          f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
+
+
+def cmd_value(a: argparse.Namespace) -> None:
+    from rise.cli import _write_jsonl
+
+    if (a.select_fraction is None) != (a.select_output is None):
+        raise InvalidInput("--select-fraction and --select-output go together")
+    targets = _read(a, a.target)
+    with _client(a) as c:
+        values, selected = c.value(_name(a), targets, top=a.top,
+                                   select_fraction=a.select_fraction or 0,
+                                   selection_uri=a.select_output or "", **_scoring(a))
+    _write_jsonl(a.output, [{"id": i, "value": v} for i, v in values])
+    out: dict[str, Any] = {"examples": len(values), "output": a.output}
+    if a.select_fraction is not None:
+        out.update(selected=selected, select_output=a.select_output)
+    _emit(a, out, f"valued {len(values)} examples against {len(targets)} targets -> {a.output}"
+                  + (f"; selected {selected} -> {a.select_output}" if "selected" in out else ""))
+
+
+def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``rise remote`` and its sub-verbs to the CLI's subparsers."""
+    from rise.cli import _add_fields, _add_scoring
+
+    rp = sub.add_parser("remote", help="talk to a RISE gateway (indexes, jobs, scoring)",
+                        description=__doc__.split("\n\n")[0])
+    _connection_args(rp, group=True)
+    vs = rp.add_subparsers(dest="remote_verb", required=True, parser_class=_Parser)
+
+    def verb(name: str, fn: Callable, help: str, index: str | None = "required"
+             ) -> argparse.ArgumentParser:
+        sp = vs.add_parser(name, help=help, description=help)
+        _connection_args(sp, group=False)
+        sp.set_defaults(fn=fn)
+        if index == "required":
+            sp.add_argument("name", nargs="?", metavar="INDEX", help="index name")
+        if index is not None:
+            sp.add_argument("--index", dest="index_opt", metavar="INDEX",
+                            help="index name (instead of the positional one)")
+        return sp
+
+    sp = verb("index", cmd_index, "start a job that sketches a dataset into a new index")
+    sp.add_argument("--data", required=True, help="s3://bucket/key (or a path the workers read)")
+    sp.add_argument("--pool", required=True, help="worker pool (model) that sketches")
+    _add_fields(sp)
+    sp.add_argument("--shard-size", type=int, default=0, help="records per shard (default: 1024)")
+    sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
+    sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
+    sp.add_argument("--temperature", type=float, help="softmax temperature (default: 1.0)")
+    sp.add_argument("--dims", help="sketch widths KR,KH,KG")
+    sp.add_argument("--seed", type=int, help="CountSketch seed (default: 0)")
+    sp.add_argument("--weighting", choices=["mean", "sum"], default="mean")
+    sp.add_argument("--no-sketch", action="store_true", help="store per-token factors")
+    sp.add_argument("--wait", action="store_true", help="follow the job to its end")
+
+    sp = verb("append", cmd_append, "start a job that adds a dataset to an index")
+    sp.add_argument("--data", required=True)
+    _add_fields(sp)
+    sp.add_argument("--wait", action="store_true", help="follow the job to its end")
+
+    sp = verb("delete", cmd_delete, "tombstone ids (one per line, or JSONL with id)")
+    sp.add_argument("--ids", help="file of ids")
+    sp.add_argument("--id", action="append", help="an id (repeatable)")
+
+    sp = verb("compact", cmd_compact, "start a job that erases deleted examples")
+    sp.add_argument("--wait", action="store_true", help="follow the job to its end")
+    verb("drop", cmd_drop, "delete an index and all its objects")
+    verb("list", cmd_list, "the tenant's indexes", index=None)
+    verb("show", cmd_show, "one index: generation, size, model, configuration")
+    sp = verb("jobs", cmd_jobs, "the tenant's jobs, newest first", index="optional")
+    sp.add_argument("--limit", type=int, default=0, help="at most this many (default: 100)")
+    for name, fn, help in (("job", cmd_job, "one job's state and progress"),
+                           ("watch", cmd_watch, "follow a job to its end"),
+                           ("cancel", cmd_cancel, "ask a job to stop")):
+        sp = verb(name, fn, help, index=None)
+        sp.add_argument("job_id", metavar="JOB")
+        if name == "watch":
+            sp.add_argument("--interval", type=float, default=1.0, help="seconds per update")
+
+    sp = verb("attribute", cmd_attribute, "top training examples for each query")
+    sp.add_argument("--queries", required=True, help="JSONL or Parquet records")
+    sp.add_argument("--output", required=True, help="JSONL, one line per query")
+    sp.add_argument("--top", type=int, default=10)
+    sp.add_argument("--return-texts", action="store_true",
+                    help="add each hit's original record to the output")
+    _add_fields(sp)
+    _add_scoring(sp)
+
+    sp = verb("value", cmd_value, "value every live example of an index for a target set")
+    sp.add_argument("--target", required=True, help="JSONL or Parquet records")
+    sp.add_argument("--output", required=True, help="JSONL, one line per live example")
+    sp.add_argument("--top", type=int, default=0, help="only the best N (default: all)")
+    sp.add_argument("--select-fraction", type=float, help="fraction of the pool to select")
+    sp.add_argument("--select-output", help="s3://<bucket>/tenants/<tenant>/....jsonl")
+    _add_fields(sp)
+    _add_scoring(sp)
+    return rp

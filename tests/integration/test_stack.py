@@ -1,0 +1,362 @@
+"""The whole platform as deployed locally (deploy/local/stack.py): real Redis, real S3
+(SeaweedFS), the gateway, one Celery worker and the scorer as separate processes, driven
+over real gRPC with rise.client and the ``rise remote`` CLI.
+
+One stack per module (a tiny random Llama as the pool's model, two tenants); answers must
+equal the embedded path (rise.index + rise.api on a LocalStore) on the same data and
+configuration; tenants must not see each other; every service's /metrics serves its
+catalogue; ``stack.py down`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import TEXTS, save_tiny_model, write_jsonl
+from rise import errors
+from rise.client import RiseClient, state_name
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENS = {"a": "tok-a-7f3c9e", "b": "tok-b-1d2e4a"}
+POOL = "tiny"
+ROWS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS + [
+    "The dog sleeps while the fox runs.",
+    "Influence functions approximate leave-one-out retraining.",
+    "Object stores keep immutable blobs under keys.",
+    "Celery workers take shard tasks from a queue.",
+])]
+QUERIES = [{"id": "q-fox", "text": "A fox jumped over a dog."},
+           {"id": "q-shard", "text": "Shards and manifests are immutable."},
+           {"text": "Workers read blobs from the store."}]  # no id: takes its position
+SPECS = [dict(), dict(channel="rh", score="raw"), dict(lam=0.25, center=True)]
+
+
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("rise_local_stack",
+                                                  REPO / "deploy" / "local" / "stack.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    S = _stack_module()
+    root = tmp_path_factory.mktemp("stack")
+    model = save_tiny_model("llama", root / "tiny-llama")
+    corpus = write_jsonl(root / "c.jsonl", ROWS)
+    queries = write_jsonl(root / "q.jsonl", QUERIES)
+    t0 = time.monotonic()
+    stack = S.Stack.up(root / "stack", pools={POOL: str(model)}, tokens=TOKENS,
+                       gateway_port="auto", scorer_port="auto", metrics_port="auto",
+                       die_with_parent=True)
+    up_s = time.monotonic() - t0
+    try:
+        s3 = S.minio_client(stack.s3["endpoint"], stack.s3["access_key"], stack.s3["secret_key"])
+        data = corpus.read_bytes()
+        for tenant in ("a", "b"):
+            s3.put_object("rise", f"tenants/{tenant}/data/c.jsonl", io.BytesIO(data), len(data))
+        yield SimpleNamespace(S=S, stack=stack, root=root, model=model, corpus=corpus,
+                              queries=queries, s3=s3, gateway=stack.endpoints["gateway"],
+                              up_s=up_s)
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="module")
+def a(env):
+    with RiseClient(env.gateway, TOKENS["a"], timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def b(env):
+    with RiseClient(env.gateway, TOKENS["b"], timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def built(env, a):
+    """Tenant a's index "c" (shard size 4: 3 shards), watched to the end."""
+    job = a.create_index("c", "s3://rise/tenants/a/data/c.jsonl", POOL, shard_size=4)
+    assert state_name(job) == "QUEUED" and job.index == "c"
+    updates = list(a.watch_job(job.id, interval=0.1))
+    return SimpleNamespace(job=job, updates=updates)
+
+
+@pytest.fixture(scope="module")
+def embedded(env):
+    """The same corpus and configuration through the embedded path."""
+    from rise.config import make_config
+    from rise.data import FieldMap
+    from rise.index import create_index, open_index
+    from rise.model import load_model
+    from rise.store import LocalStore
+
+    lm = load_model(str(env.model), dtype="float32")
+    folder = env.root / "local-index"
+    create_index(LocalStore(folder), lm, env.corpus, FieldMap(), make_config(), shard_size=4)
+    return SimpleNamespace(lm=lm, folder=folder, index=open_index(LocalStore(folder)))
+
+
+def test_create_index_job_progress(built, a):
+    done = [j.shards_done for j in built.updates]
+    states = [state_name(j) for j in built.updates]
+    assert states[-1] == "SUCCEEDED", built.updates[-1]
+    assert all(s not in ("SUCCEEDED", "FAILED", "CANCELLED") for s in states[:-1])
+    assert done == sorted(done) and done[-1] == built.updates[-1].shards_total == 3
+    assert len(set(done)) >= 2  # progress seen before the end, not just the end
+    last = built.updates[-1]
+    assert (last.examples_done, last.examples_total, last.generation) == (12, 12, 1)
+    assert a.wait(built.job.id, timeout=5).state == last.state
+    idx = a.get_index("c")
+    assert (idx.generation, idx.live_count, idx.shards, idx.tombstones) == (1, 12, 3, 0)
+    assert [i.dataset_uri for i in idx.ingests] == ["s3://rise/tenants/a/data/c.jsonl"]
+    assert [j.id for j in a.list_jobs(index="c")] == [built.job.id]
+
+
+def test_index_matches_embedded(built, a, embedded):
+    from rise.gateway.convert import config_to
+
+    idx = a.get_index("c")
+    m = embedded.index.manifest
+    assert idx.config == config_to(m["config"])
+    assert idx.model.head_sha256 == m["model"]["head_sha256"]
+    assert idx.model.tokenizer_sha256 == m["model"]["tokenizer_sha256"]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["default", "rh-raw", "lam-center"])
+def test_attribute_and_value_equal_embedded(built, a, env, embedded, spec):
+    from rise import api
+    from rise.score import ScoreSpec
+
+    local_spec = ScoreSpec(**spec)
+    want = api.attribute(embedded.index, embedded.lm, env.queries, spec=local_spec, top=5)
+    got = a.attribute("c", QUERIES, top=5, **spec)
+    assert [q for q, _ in got] == [q for q, _ in want] == ["q-fox", "q-shard", "2"]
+    for (_, hits), (_, local) in zip(got, want, strict=True):
+        assert [h[0] for h in hits] == [h.id for h in local]
+        assert [h[1] for h in hits] == pytest.approx([h.score for h in local], abs=1e-6)
+        assert all(h[2] is None for h in hits)
+
+    want_v = api.value(embedded.index, embedded.lm, env.queries, spec=local_spec)
+    values, selected = a.value("c", QUERIES, **spec)
+    assert selected == 0 and len(values) == 12
+    assert [i for i, _ in values] == [h.id for h in want_v]
+    assert [v for _, v in values] == pytest.approx([h.score for h in want_v], abs=1e-6)
+    top3, _ = a.value("c", QUERIES, top=3, **spec)
+    assert top3 == values[:3]
+
+
+def test_return_texts_returns_the_records(built, a):
+    by_id = {r["id"]: r for r in ROWS}
+    for _, hits in a.attribute("c", QUERIES[:2], top=4, return_texts=True):
+        assert [rec for _, _, rec in hits] == [by_id[i] for i, _, _ in hits]
+
+
+def test_value_writes_the_selection(built, a, env):
+    uri = "s3://rise/tenants/a/sel.jsonl"
+    values, selected = a.value("c", QUERIES, select_fraction=0.25, selection_uri=uri)
+    assert selected == math.ceil(0.25 * 12) == 3
+    obj = env.s3.get_object("rise", "tenants/a/sel.jsonl")
+    try:
+        rows = [json.loads(line) for line in obj.data.decode().splitlines()]
+    finally:
+        obj.close()
+        obj.release_conn()
+    by_id = {r["id"]: r for r in ROWS}
+    assert rows == [by_id[i] for i, _ in values[:3]]
+
+
+def test_bearer_token_is_required(env):
+    for token in ("", "not-a-token"):
+        with RiseClient(env.gateway, token, timeout=30) as c:
+            with pytest.raises(errors.Unauthenticated):
+                c.list_indexes()
+            with pytest.raises(errors.Unauthenticated):
+                c.get_index("c")
+
+
+def test_tenants_are_isolated(built, a, b):
+    assert [i.name for i in a.list_indexes()] == ["c"]
+    assert b.list_indexes() == []
+    assert b.list_jobs() == []
+    not_found = [
+        lambda: b.get_index("c"),
+        lambda: b.attribute("c", ["a fox"]),
+        lambda: b.value("c", ["a fox"]),
+        lambda: b.append("c", "s3://rise/tenants/b/data/c.jsonl"),
+        lambda: b.delete_examples("c", ["doc-1"]),
+        lambda: b.compact("c"),
+        lambda: b.delete_index("c"),
+        lambda: b.get_job(built.job.id),
+        lambda: b.cancel_job(built.job.id),
+        lambda: list(b.watch_job(built.job.id)),
+    ]
+    for call in not_found:
+        with pytest.raises(errors.NotFound):
+            call()
+    with pytest.raises(errors.PermissionDenied):
+        b.create_index("stolen", "s3://rise/tenants/a/data/c.jsonl", POOL)
+    with pytest.raises(errors.PermissionDenied):
+        b.value("c", ["a fox"], select_fraction=0.5, selection_uri="s3://rise/tenants/a/x.jsonl")
+    assert [i.name for i in a.list_indexes()] == ["c"]  # nothing of a's changed
+    assert a.get_index("c").live_count == 12
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from rise.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(x) for x in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_remote_cli(built, env, embedded, b, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RISE_GATEWAY", env.gateway)
+    monkeypatch.setenv("RISE_TOKEN", TOKENS["a"])
+    code, out, err = run_cli(capsys, "remote", "list", "--json")
+    assert code == 0, err
+    listed = json.loads(out)["indexes"]
+    assert [(i["name"], i["live_count"], i["generation"]) for i in listed] == [("c", 12, 1)]
+
+    remote_out, local_out = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
+    code, _, err = run_cli(capsys, "remote", "attribute", "c", "--queries", env.queries,
+                           "--output", remote_out, "--top", "4")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "attribute", "--index", embedded.folder, "--model",
+                           env.model, "--queries", env.queries, "--output", local_out,
+                           "--top", "4")
+    assert code == 0, err
+    _same_jsonl(remote_out, local_out, "results")
+
+    code, _, err = run_cli(capsys, "remote", "value", "--index", "c", "--target", env.queries,
+                           "--output", remote_out)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "value", "--index", embedded.folder, "--model", env.model,
+                           "--target", env.queries, "--output", local_out)
+    assert code == 0, err
+    _same_jsonl(remote_out, local_out, None)
+
+    # Tenant b builds its own index from the CLI and follows the job to the end.
+    code, out, err = run_cli(capsys, "remote", "--token", TOKENS["b"], "index", "mine",
+                             "--data", "s3://rise/tenants/b/data/c.jsonl", "--pool", POOL,
+                             "--shard-size", "6", "--wait", "--json")
+    assert code == 0, err
+    job = json.loads(out)
+    assert (job["state"], job["shards_done"], job["shards_total"]) == ("SUCCEEDED", 2, 2)
+    code, out, _ = run_cli(capsys, "remote", "--token", TOKENS["b"], "jobs", "--json")
+    assert [j["id"] for j in json.loads(out)["jobs"]] == [job["id"]]
+    code, out, err = run_cli(capsys, "remote", "--token", TOKENS["b"], "drop", "mine", "--json")
+    assert code == 0 and json.loads(out)["objects_deleted"] >= 3, err  # manifest + 2 shards
+    assert b.list_indexes() == []
+    assert not list(env.s3.list_objects("rise", prefix="tenants/b/indexes/", recursive=True))
+
+    code, out, err = run_cli(capsys, "remote", "show", "c", "--token", TOKENS["b"])
+    assert (code, out) == (3, "")
+    assert err.strip() == "rise: error: index 'c' not found"
+    code, _, err = run_cli(capsys, "remote", "show", "c", "--token", "wrong")
+    assert code == 10 and err.startswith("rise: error: ") and len(err.splitlines()) == 1
+
+
+def _same_jsonl(got: Path, want: Path, nested: str | None) -> None:
+    """Same lines; scores equal to 1e-6 (byte-identical in practice)."""
+    g = [json.loads(x) for x in got.read_text().splitlines()]
+    w = [json.loads(x) for x in want.read_text().splitlines()]
+    assert len(g) == len(w)
+    for x, y in zip(g, w, strict=True):
+        if nested:
+            assert x["query_id"] == y["query_id"]
+            x, y = x[nested], y[nested]
+        else:
+            x, y = [x], [y]
+        assert [r["id"] for r in x] == [r["id"] for r in y]
+        key = "score" if "score" in x[0] else "value"
+        assert [r[key] for r in x] == pytest.approx([r[key] for r in y], abs=1e-6)
+
+
+def test_deleted_examples_are_never_returned(built, a):
+    values, _ = a.value("c", QUERIES)
+    gone = [values[0][0], values[5][0]]
+    idx = a.delete_examples("c", gone)
+    assert (idx.live_count, idx.tombstones) == (10, 2)
+    for _, hits in a.attribute("c", QUERIES, top=12):
+        assert len(hits) == 10 and not set(gone) & {h[0] for h in hits}
+    values, _ = a.value("c", QUERIES)
+    assert len(values) == 10 and not set(gone) & {i for i, _ in values}
+    with pytest.raises(errors.InvalidInput):
+        a.delete_examples("c", [])
+
+
+def test_metrics_endpoints_serve_the_catalogue(built, env):
+    from rise.metrics import CATALOGUE, names_for
+
+    for name, url in env.stack.endpoints["metrics"].items():
+        service = name.split("-")[0]  # worker-<pool> -> worker
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                    if line and not line.startswith("#")}
+        missing = []
+        for metric in names_for(service):
+            kind = CATALOGUE[metric][0]
+            want = metric + "_bucket" if kind == "histogram" else metric
+            if want not in exported:
+                missing.append(want)
+        assert not missing, f"{name} ({url}) does not serve {missing}"
+
+
+def test_gateway_job_gauges_follow_the_job_store(built, env, a, b):
+    """rise_jobs{state} is refreshed from Redis every 5 s: it must count the jobs that
+    succeeded (a's index, and b's from test_remote_cli when it ran)."""
+    want = len([j for c in (a, b) for j in c.list_jobs() if state_name(j) == "SUCCEEDED"])
+    url = env.stack.endpoints["metrics"]["gateway"]
+    seen = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('rise_jobs{state="SUCCEEDED"}'):
+                    seen = float(line.split()[-1])
+        if seen == want:
+            break
+        time.sleep(1)
+    assert seen == want, f"rise_jobs{{state=SUCCEEDED}} is {seen}, the job store has {want}"
+
+
+def test_stack_down_leaves_no_process(env):
+    S, stack = env.S, env.stack
+    pids = sorted({pid for p in stack.procs for pid in p.members()})
+    assert len(pids) >= 6  # redis, weed, gateway, celery main + child, scorer
+    status = subprocess.run([sys.executable, str(REPO / "deploy/local/stack.py"), "status",
+                             "--dir", stack.dir, "--json"], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert all(r["running"] for r in json.loads(status.stdout)["processes"].values())
+    down = subprocess.run([sys.executable, str(REPO / "deploy/local/stack.py"), "down",
+                           "--dir", stack.dir], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    for p in stack.procs:  # reap our children so that none lingers as a zombie
+        if p.popen is not None:
+            p.popen.wait(10)
+    left = [pid for pid in pids if S._running(pid)]
+    assert not left, f"still running after down: {left}"
+    assert not Path(stack.dir, "stack.json").exists()

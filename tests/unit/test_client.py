@@ -1,0 +1,198 @@
+"""rise.client over a real in-process gRPC server: status codes become rise.errors classes
+with the server's message, the bearer token travels as metadata, requests and answers
+are translated both ways, and ``rise remote`` prints one error line with the right code."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+import pytest
+
+from rise import errors
+from rise.client import CODE_TO_ERROR, RiseClient, state_name
+from rise.v1 import rise_pb2, rise_pb2_grpc
+
+CASES = [(code, cls) for code, cls in CODE_TO_ERROR.items()] + [
+    (grpc.StatusCode.INTERNAL, errors.RiseError),
+    (grpc.StatusCode.UNIMPLEMENTED, errors.RiseError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, errors.RiseError),
+]
+SEEN: list[tuple[str, object]] = []
+
+
+def _status(context: grpc.ServicerContext, name: str) -> None:
+    """Abort with the status code named by the index name, e.g. 'not-found'."""
+    code = grpc.StatusCode[name.upper().replace("-", "_")]
+    context.abort(code, f"server says {code.name} for {name}")
+
+
+class FakeIndex(rise_pb2_grpc.IndexServiceServicer):
+    def GetIndex(self, req, context):
+        SEEN.append(("auth", dict(context.invocation_metadata()).get("authorization")))
+        if req.index == "ok":
+            return rise_pb2.Index(name="ok", pool="p", generation=3, live_count=12)
+        _status(context, req.index)
+
+    def CreateIndex(self, req, context):
+        SEEN.append(("create", req))
+        return rise_pb2.Job(id="j1", state=rise_pb2.JOB_STATE_QUEUED, index=req.index)
+
+    def ListIndexes(self, req, context):
+        return rise_pb2.ListIndexesResponse(indexes=[rise_pb2.Index(name="a")])
+
+
+class FakeJobs(rise_pb2_grpc.JobServiceServicer):
+    def WatchJob(self, req, context):
+        if req.id == "bad":
+            _status(context, "not-found")
+        for done in range(3):
+            yield rise_pb2.Job(id=req.id, state=rise_pb2.JOB_STATE_RUNNING, shards_total=3,
+                               shards_done=done)
+        yield rise_pb2.Job(id=req.id, state=rise_pb2.JOB_STATE_SUCCEEDED, shards_total=3,
+                           shards_done=3)
+
+
+class FakeScoring(rise_pb2_grpc.ScoringServiceServicer):
+    def Attribute(self, req, context):
+        SEEN.append(("attribute", req))
+        return rise_pb2.AttributeResponse(results=[
+            rise_pb2.QueryResult(query_id=q.id or str(i), hits=[
+                rise_pb2.Hit(id="d1", score=0.5, record_json='{"id": "d1", "text": "x"}'),
+                rise_pb2.Hit(id="d0", score=0.25)]) for i, q in enumerate(req.queries)])
+
+    def Value(self, req, context):
+        SEEN.append(("value", req))
+        return rise_pb2.ValueResponse(values=[rise_pb2.Hit(id="d1", score=2.0)], examples=1,
+                                      selected=1)
+
+
+@pytest.fixture(scope="module")
+def address():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    rise_pb2_grpc.add_IndexServiceServicer_to_server(FakeIndex(), server)
+    rise_pb2_grpc.add_JobServiceServicer_to_server(FakeJobs(), server)
+    rise_pb2_grpc.add_ScoringServiceServicer_to_server(FakeScoring(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def client(address):
+    SEEN.clear()
+    with RiseClient(address, "tok-1", timeout=10) as c:
+        yield c
+
+
+@pytest.mark.parametrize("code,cls", CASES, ids=[c.name for c, _ in CASES])
+def test_status_codes_become_rise_errors(client, code, cls):
+    name = code.name.lower().replace("_", "-")
+    with pytest.raises(errors.RiseError) as info:
+        client.get_index(name)
+    assert type(info.value) is cls
+    assert str(info.value) == f"server says {code.name} for {name}"
+    assert info.value.code == code
+    if cls is errors.RiseError:  # unmapped codes keep their name for the CLI and logs
+        assert info.value.grpc_code == code.name
+
+
+def test_bearer_token_is_sent(client, address):
+    assert client.get_index("ok").live_count == 12
+    assert SEEN[-1] == ("auth", "Bearer tok-1")
+    with RiseClient(address, "") as anonymous:
+        anonymous.get_index("ok")
+    assert SEEN[-1] == ("auth", None)
+
+
+def test_unreachable_gateway_is_unavailable():
+    with RiseClient("127.0.0.1:1", "t", timeout=2) as c, pytest.raises(errors.Unavailable):
+        c.list_indexes()
+
+
+def test_watch_and_wait(client):
+    seen = [j.shards_done for j in client.watch_job("j", interval=0.05)]
+    assert seen == [0, 1, 2, 3]
+    final = client.wait("j", timeout=10)
+    assert state_name(final) == "SUCCEEDED" and final.shards_done == 3
+    with pytest.raises(errors.NotFound, match="server says NOT_FOUND"):
+        list(client.watch_job("bad"))
+
+
+def test_requests_are_built_from_python_values(client):
+    from rise.data import FieldMap
+
+    job = client.create_index("docs", "s3://rise/tenants/a/d.jsonl", "pool", shard_size=4,
+                              fields=FieldMap(prompt_field="p", response_field="r"),
+                              config={"topk": 16, "seed": 3})
+    assert job.id == "j1" and state_name(job) == "QUEUED"
+    req = SEEN[-1][1]
+    assert (req.fields.prompt_field, req.fields.response_field) == ("p", "r")
+    assert (req.config.topk, req.config.seed, req.shard_size) == (16, 3, 4)
+
+    out = client.attribute("docs", ["plain", {"id": "q1", "text": "t"}], top=2, lam=0.25,
+                           return_texts=True)
+    assert out == [("0", [("d1", 0.5, {"id": "d1", "text": "x"}), ("d0", 0.25, None)]),
+                   ("q1", [("d1", 0.5, {"id": "d1", "text": "x"}), ("d0", 0.25, None)])]
+    req = SEEN[-1][1]
+    assert req.scoring.HasField("lambda") and getattr(req.scoring, "lambda") == 0.25
+    assert not req.fields.prompt_field
+
+    client.attribute("docs", [{"prompt": "p", "response": "r"}], chat_template=True)
+    req = SEEN[-1][1]
+    assert (req.fields.prompt_field, req.fields.response_field) == ("prompt", "response")
+    assert req.fields.chat_template and not req.scoring.HasField("lambda")
+    with pytest.raises(errors.InvalidInput, match="mix"):
+        client.attribute("docs", ["a", {"prompt": "p", "response": "r"}])
+
+    values, selected = client.value("docs", ["t"], select_fraction=0.5,
+                                    selection_uri="s3://rise/tenants/a/s.jsonl")
+    assert values == [("d1", 2.0)] and selected == 1
+    assert SEEN[-1][1].select_fraction == 0.5
+
+
+def test_remote_cli_errors_are_one_line_with_the_class_exit_code(address, capsys, tmp_path):
+    from rise.cli import main
+
+    capsys.readouterr()
+    assert main(["remote", "--gateway", address, "--token", "t", "show", "not-found"]) == 3
+    out, err = capsys.readouterr()
+    assert err.strip() == "rise: error: server says NOT_FOUND for not-found" and not out
+    assert main(["remote", "show", "permission-denied", "--gateway", address,
+                 "--token", "t"]) == 11
+    assert main(["remote", "--gateway", address, "--token", "t", "show", "ok", "--json"]) == 0
+    out, _ = capsys.readouterr()
+    assert json.loads(out)["live_count"] == 12
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"qid": "a", "body": "hello"}\n')
+    out_path = tmp_path / "out.jsonl"
+    assert main(["remote", "--gateway", address, "--token", "t", "attribute", "docs",
+                 "--queries", str(queries), "--output", str(out_path), "--id-field", "qid",
+                 "--text-field", "body", "--top", "2"]) == 0
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert rows == [{"query_id": "a", "results": [{"id": "d1", "score": 0.5},
+                                                   {"id": "d0", "score": 0.25}]}]
+    assert main(["remote", "--gateway", address, "--token", "", "list"]) == 10
+
+
+REMOTE_VERBS = ["index", "append", "delete", "compact", "drop", "list", "show", "jobs", "job",
+                "watch", "cancel", "attribute", "value"]
+
+
+def test_remote_help(capsys):
+    from rise.cli import main
+
+    for verb in REMOTE_VERBS:
+        with pytest.raises(SystemExit) as info:
+            main(["remote", verb, "--help"])
+        out = capsys.readouterr().out
+        assert info.value.code == 0
+        assert f"rise remote {verb}" in out and "--json" in out and "--gateway" in out
+    with pytest.raises(SystemExit) as info:
+        main(["remote", "attribute", "c"])  # missing --queries/--output: one line, code 2
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "see rise remote attribute --help" in err

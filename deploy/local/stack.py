@@ -128,8 +128,14 @@ def group_members(pgid: int) -> list[int]:
     return sorted(out)
 
 
+class ServerExited(RuntimeError):
+    """The process died while starting (with automatic ports: typically one taken
+    meanwhile, so a retry on fresh ports can succeed)."""
+
+
 def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if its parent dies (tests; Linux only)."""
+    """preexec_fn: the child gets SIGKILL if its parent dies (tests; Linux only), where
+    there is no setpriv (which needs no preexec_fn, unsafe in a threaded parent)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -192,15 +198,19 @@ def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
           ports: dict[str, int] | None = None, settings: dict[str, str] | None = None,
           die_with_parent: bool = False, stop_signal: str = "SIGTERM") -> Proc:
     """Start ``argv`` in a new session (own process group), output appended to
-    ``<workdir>/<name>.log``."""
+    ``<workdir>/<name>.log``.  ``die_with_parent``: SIGKILL when the thread that started
+    it dies (``setpriv --pdeathsig``, which execs ``argv`` in place, else a preexec_fn)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
+    setpriv = shutil.which("setpriv") if die_with_parent else None
+    run = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
-        p = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
+        p = subprocess.Popen(run, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
                              stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                             preexec_fn=_die_with_parent if die_with_parent else None)
+                             preexec_fn=_die_with_parent if die_with_parent and not setpriv
+                             else None)
     st = _stat(p.pid)
     return Proc(name=name, pid=p.pid, pgid=p.pid, start_time=st[3] if st else 0, argv=argv,
                 log=str(log), ports=dict(ports or {}), env=dict(settings or {}),
@@ -239,7 +249,7 @@ def wait_ready(proc: Proc, ready, what: str, timeout: float = START_TIMEOUT_S) -
     while True:
         if not proc.alive():
             code = proc.popen.poll() if proc.popen is not None else None
-            raise RuntimeError(f"{what} exited (code {code}); {proc.log}:\n{proc.log_tail()}")
+            raise ServerExited(f"{what} exited (code {code}); {proc.log}:\n{proc.log_tail()}")
         try:
             if ready():
                 return time.monotonic() - t0

@@ -62,6 +62,14 @@ demo: install assets-model assets-lee
 	$(PY) tests/show_attributions.py $(CACHE)/corpus/lee-queries.jsonl \
 		$(DEMO)/attributions.jsonl $(CACHE)/corpus/lee.jsonl
 
+# Speed and storage figures, each a ratio measured side by side in one run (never in CI):
+# the engine against a bare forward pass, the scorer against a plain matrix product, and
+# the stack against the embedded CLI.  Reports go to tests/benchmarks/reports/.
+bench: install assets-model assets-lee
+	$(PY) tests/benchmarks/bench_engine.py
+	$(PY) tests/benchmarks/bench_scorer.py
+	$(PY) tests/benchmarks/bench_stack.py
+
 lint: install
 	$(PY) -m ruff check services tests
 

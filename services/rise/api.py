@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rise import constants
-from rise.data import FieldMap, Record, file_sha256, read_records, write_records, iter_records
+from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.index import (
@@ -35,7 +35,6 @@ from rise.index import (
     verify,
 )
 from rise.model import LoadedModel, load_model
-from rise.shard import ShardData
 from rise.score import (
     PoolMean,
     QuerySet,
@@ -48,6 +47,7 @@ from rise.score import (
     topk_candidates,
     value_scores,
 )
+from rise.shard import ShardData
 
 __all__ = [
     "load", "create", "append", "delete", "compact", "verify", "open_index",

@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
     sp.add_argument("--temperature", type=float, help="softmax temperature (default: 1.0)")
-    sp.add_argument("--dims", help="sketch widths KR,KH,KG (default: %s)"
-                    % ",".join(map(str, constants.DEFAULT_DIMS)))
+    sp.add_argument("--dims", help="sketch widths KR,KH,KG (default: "
+                    f"{','.join(map(str, constants.DEFAULT_DIMS))})")
     sp.add_argument("--seed", type=int, help="CountSketch seed (default: 0)")
     sp.add_argument("--weighting", choices=["mean", "sum"], default="mean")
     mode = sp.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rise import constants
 from rise.config import SketchConfig
 from rise.data import Encoded
 from rise.errors import Cancelled
@@ -23,7 +24,6 @@ from rise.readout import (
     supervised_positions,
 )
 from rise.sketch import make_sketcher
-from rise import constants
 
 ProgressFn = Callable[[int, int], None]
 """Called after each batch with (examples done in this call, tokens done in this call)."""

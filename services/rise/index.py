@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from rise import __version__, constants, exact
 from rise.config import SketchConfig
-from rise.data import Encoded, FieldMap, Record, encode_record, file_sha256, check_unique_ids
+from rise.data import Encoded, FieldMap, Record, check_unique_ids, encode_record, file_sha256
 from rise.errors import (
     AlreadyExists,
     BudgetExceeded,
@@ -39,7 +38,6 @@ from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.model import LoadedModel
 from rise.shard import ShardData, build_shard, parse_shard, read_meta, sha256
 from rise.store import Store
-
 
 # ----------------------------------------------------------------------------- manifests
 

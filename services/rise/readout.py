@@ -88,8 +88,8 @@ def readout(
     h: torch.Tensor, y: torch.Tensor, head: Head, topk: int | None, temperature: float
 ) -> TokenReadout:
     """Residual and projected error for one chunk: h (n, d), y (n,) int64."""
-    l, deriv = head.logits(h)
-    p = torch.softmax(l / temperature if temperature != 1.0 else l, dim=-1)
+    logits, deriv = head.logits(h)
+    p = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     n, vocab = p.shape
     rows = torch.arange(n, device=h.device)
     if topk is None or topk >= vocab:

@@ -117,7 +117,8 @@ def watch(client: Any, job: Any, desc: str = "job", interval: float = 1.0) -> An
     bar = tqdm(total=job.shards_total or None, desc=desc, unit="shard", dynamic_ncols=True,
                disable=None, file=sys.stderr)
     try:
-        for job in client.watch_job(job.id, interval):
+        for update in client.watch_job(job.id, interval):
+            job = update
             if job.shards_total and bar.total != job.shards_total:
                 bar.total = job.shards_total
             unknown = job.eta_seconds <= 0 and job.state not in TERMINAL

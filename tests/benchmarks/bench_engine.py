@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from rise import exact
 from rise.config import SketchConfig
 from rise.data import Encoded, FieldMap, Record, read_records

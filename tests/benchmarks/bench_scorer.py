@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from rise.api import score_candidates
 from rise.featurize import Features
 from rise.index import Index
@@ -109,7 +108,7 @@ def main() -> None:
             parse_shard(data)
 
     t_miss = median_time(miss, args.repeats)
-    del blobs
+    blobs = {}  # drop the serialised copies; the parsed shards stay
     gc.collect()
 
     manifest = {"model": {"vocab": 1}, "tombstones": [], "shards": entries}

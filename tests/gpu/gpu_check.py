@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from rise.config import SketchConfig
 from rise.data import Encoded
 from rise.featurize import Features, featurize
 from rise.model import LoadedModel, ModelIdentity, _head_of
 from rise.plan import load_config, plan_model, sketch_bytes_per_example
+from torch import nn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 GPU_MEMORY = "141GiB"
@@ -241,7 +240,7 @@ def run_model(name: str, device: str, dtype: torch.dtype, batch: int, length: in
     log("  " + json.dumps({k: row[k] for k in ("forward_tokens_per_s", "featurize_tokens_per_s",
                                                "featurize_over_forward", "device_used_bytes",
                                                "plan_peak_bytes", "check_head")}))
-    del lm, ids, mask, feats
+    lm = ids = mask = feats = None  # free the device memory before the next model
     if split:
         sb, sl = (2, 128) if device.startswith("cuda") else (batch, length)
         row["split"] = split_check(model, name, device, records(vocab, sb, sl, seed=3),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rise import api
 from rise.config import make_config
 from rise.data import FieldMap, read_records

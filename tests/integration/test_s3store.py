@@ -16,10 +16,9 @@ import uuid
 
 import pytest
 import urllib3
+from conftest import TEXTS, write_jsonl
 from minio import Minio
 from minio.error import ServerError
-
-from conftest import TEXTS, write_jsonl
 from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageError
 from rise.s3store import PART_SIZE, S3Store
 from rise.store import LocalStore, Store

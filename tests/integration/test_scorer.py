@@ -29,7 +29,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from conftest import TEXTS, write_jsonl
 from rise import api
 from rise import index as I
@@ -359,8 +358,8 @@ def test_bad_requests_map_to_status_codes(scorer, corpus):
         return lambda: stub.ValueShards(req, timeout=30)
 
     # A valid safetensors payload without the gh sketches.
-    from safetensors.torch import save
     from rise.shard import encode_ids
+    from safetensors.torch import save
 
     ids, off = encode_ids(["x"])
     no_gh = save({"ids_utf8": ids, "ids_offsets": off,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import redis
-
 from servers import redis_server  # noqa: F401
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import TEXTS, save_tiny_model, write_jsonl
 from rise import errors
 from rise.client import RiseClient, state_name

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TEXTS, save_tiny_model, write_jsonl
 from rise import api, constants
 from rise import index as I

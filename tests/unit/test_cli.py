@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TEXTS, write_jsonl
 from rise import errors
 from rise.cli import main

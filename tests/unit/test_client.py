@@ -9,7 +9,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-
 from rise import errors
 from rise.client import CODE_TO_ERROR, RiseClient, state_name
 from rise.v1 import rise_pb2, rise_pb2_grpc

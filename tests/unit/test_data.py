@@ -15,9 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
-
 from rise.data import (
     Encoded,
     FieldMap,
@@ -30,6 +27,8 @@ from rise.data import (
     write_records,
 )
 from rise.errors import InvalidInput, NotFound
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 WORDS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"w{i}" for i in range(50)]
 SPECIALS = ["<unk>", "<s>", "</s>", "<user>", "<asst>"]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rise.plan import sketch_bytes_per_example
 
 ROOT = Path(__file__).resolve().parents[2]

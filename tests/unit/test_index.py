@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEXTS, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import TEXTS, write_jsonl
 from rise import api
 from rise import index as I
 from rise.config import SketchConfig, make_config

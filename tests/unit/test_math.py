@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import TEXTS, save_tiny_model
 from rise import exact
 from rise.config import SketchConfig, make_config
@@ -107,9 +106,8 @@ def test_exact_gh_matches_dense_gh(models64):
 
 def test_softcapped_logits_stay_exact(tmp_path):
     """Gemma-2 soft-caps logits: the cap's Jacobian is folded into r_t."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
     from conftest import VOCAB, byte_tokenizer
+    from transformers import AutoModelForCausalLM, Gemma2Config
 
     cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

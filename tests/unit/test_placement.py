@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import torch
-
 from conftest import TEXTS
 from rise.config import make_config
 from rise.data import Record, encode_record

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from rise import plan as P
 from rise.errors import InvalidInput, NotFound, UnsupportedModel
 

@@ -23,9 +23,8 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps]:
     import redis
 
     from rise.datasets import materialize, open_store
-    from rise.worker.app import make_app
-
     from rise.store import CountingStore
+    from rise.worker.app import make_app
 
     metrics = for_service("gateway")
     read = metrics.storage_bytes_read_total.labels("gateway")

@@ -31,7 +31,7 @@ from rise.errors import (
 from rise.gateway import convert
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index
-from rise.jobs import JobStore, TERMINAL, check_name, index_prefix
+from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
 from rise.score import merge_topk, rank_values
 from rise.settings import Settings
 from rise.store import Store

@@ -35,13 +35,12 @@ from rise.score import (
     queryset_from_bytes,
     rank_values,
 )
+from rise.scorer.cache import ShardCache, StoreFactory
 from rise.settings import Settings
 from rise.shard import ShardData
 from rise.v1 import scorer_pb2 as pb
 from rise.v1 import scorer_pb2_grpc as pb_grpc
 from rise.v1.common_pb2 import Scoring
-
-from rise.scorer.cache import ShardCache, StoreFactory
 
 log = logging.getLogger("rise.scorer")
 

@@ -275,12 +275,12 @@ class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
 class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
     def _prepare(self, tenant: str, name: str, records: Any, fields_msg: Any, has_fields: bool,
                  what: str) -> tuple[Index, str, str]:
-        entry, store = self._index(tenant, name)
         if not records:
             raise InvalidInput(f"no {what}")
         if len(records) > self.d.settings.max_queries_per_call:
             raise_exhausted(f"{len(records)} {what} in one call; the limit is "
                             f"{self.d.settings.max_queries_per_call}")
+        entry, store = self._index(tenant, name)
         fields = convert.fields_from(fields_msg if has_fields else None)
         rows = convert.record_dicts(records, fields)
         records_from_dicts(rows, fields)  # validate here: INVALID_ARGUMENT before any work

@@ -109,8 +109,9 @@ def test_sketch_bytes_per_example_formula() -> None:
 
 def test_storage_ratio_and_dense_gradient(plan_4x80: P.Plan) -> None:
     p = plan_4x80
-    assert p.sketch_bytes_per_example == 6160 and p.rapidin_bytes_per_example == 131072
-    assert p.storage_ratio == pytest.approx(131072 / 6160) and p.storage_ratio > 1
+    # default dims (128, 64, 64): (8192 + 4096) float16 values + 16 bytes of scalars
+    assert p.sketch_bytes_per_example == 24592 and p.rapidin_bytes_per_example == 131072
+    assert p.storage_ratio == pytest.approx(131072 / 24592) and p.storage_ratio > 1
     assert p.dense_gradient_bytes == p.n_params * 4 > 80 * GiB
     assert f"{p.storage_ratio:.1f}x" in P.format_plan_table(p)
     assert p.tokens_per_s is None
@@ -181,13 +182,13 @@ def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
 def test_table_and_dict(plan_4x80: P.Plan) -> None:
     table = P.format_plan_table(plan_4x80)
     for needle in ("32,234,279,936", "60.04 GiB", "olmo2", "cuda:0", "cuda:3", "+head",
-                   "fits      yes", "6,160", "131,072", "21.3x", "80.00 GiB", "unknown",
+                   "fits      yes", "24,592", "131,072", "5.3x", "80.00 GiB", "unknown",
                    "SDPA"):
         assert needle in table, needle
     assert len(table.splitlines()) == 3 + 2 + 4 + 5 + len(plan_4x80.notes)
     d = plan_4x80.to_dict()
     json.dumps(d)
     assert d["devices"][0]["n_layers"] == plan_4x80.devices[0].n_layers
-    assert d["dims"] == [64, 32, 32] and d["fits"] is True
+    assert d["dims"] == [128, 64, 64] and d["fits"] is True
     failing = P.format_plan_table(P.plan_model(OLMO_32B, 2, "24GiB"))
     assert "NO: " in failing and "unplaced" in failing

@@ -2,12 +2,13 @@
 
     .venv/bin/python tests/benchmarks/bench_scorer.py [--examples 32768] [--shard-size 4096]
 
-Builds random float16 unit sketches (default dims 64x32x32: 3072 values, 6 KiB per
+Builds random float16 unit sketches (dims 64x32x32 unless --dims: 3072 values, 6 KiB per
 example) in real shard bytes (``rise.shard.build_shard``), parses them as the scorer's
 cache holds them, and times with ``torch.set_num_threads(1)``, median of 3:
 
 * ``rise.api.score_candidates`` (both channels, cosine; and centered), 1 and 16 queries,
-  on float16 shards, and on float64 ones (``ShardCache(widen=True)``);
+  on float16 shards (whose float64 unit rows are derived once per load, as the
+  scorer's cache keeps them), and on shards stored as float64 for comparison;
 * ``q @ X.T`` on a preloaded float32 X of the same sketches (the floor of a float32 scan);
 * ``q @ X.T`` on preloaded float64 shards (the scorer's arithmetic, conversion excluded);
 * float16 -> float64 unit rows per shard (``stored_unit``), then ``q @ X.T`` (the
@@ -114,7 +115,7 @@ def main() -> None:
     manifest = {"model": {"vocab": 1}, "tombstones": [], "shards": entries}
     index = Index(store=None, manifest=manifest)  # type: ignore[arg-type] - never read
     load = lambda e: shards[e["key"]]  # noqa: E731 - the cache's hit path
-    # What ShardCache(widen=True) holds: the same sketches as float64 (same scores).
+    # The same sketches stored as float64 (same scores): a comparison point.
     wide = {k: ShardData(meta=sd.meta, ids=sd.ids, ingest=sd.ingest, record=sd.record,
                          token_count=sd.token_count, norms=sd.norms, rh=sd.rh.double(),
                          gh=sd.gh.double(), rh_sum=sd.rh_sum, gh_sum=sd.gh_sum)

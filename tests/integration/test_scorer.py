@@ -507,7 +507,14 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
     src = open_store(corpus.settings, PREFIX)
     store = CountingStore(src)
     entries = corpus.index2.manifest["shards"]
-    size = max(e["bytes"] for e in entries)
+
+    def held(entry):  # bytes a cache holds for one shard (stored + derived unit rows)
+        one = ShardCache(lambda prefix: src, 1 << 40)
+        one.load(PREFIX, entry)
+        return one.nbytes
+
+    size = max(held(e) for e in entries)
+    assert size > max(e["bytes"] for e in entries)  # derived rows are counted
     metrics = for_service("scorer")
     cache = ShardCache(lambda prefix: store, 2 * size, metrics)
     a, b, c = entries[:3]
@@ -560,11 +567,13 @@ def test_cache_reads_each_shard_once_under_concurrency(corpus):
         t.join()
     assert not errors
     assert store.gets == len(entries)
-    assert cache.nbytes == sum(e["bytes"] for e in entries)
+    # every shard counted once: stored bytes plus its float64 unit rows (4x the float16
+    # sketches: (kr*kh + kg*kh) values of 8 bytes per example)
+    derived = sum(8 * (DIMS[0] + DIMS[2]) * DIMS[1] * e["count"] for e in entries)
+    assert cache.nbytes == sum(e["bytes"] for e in entries) + derived
 
 
-@pytest.mark.parametrize("widen", [False, True], ids=["float16-cache", "float64-cache"])
-def test_in_process_scorer_with_store_factory(corpus, widen):
+def test_in_process_scorer_with_store_factory(corpus):
     """The servicer with an injected store factory and one thread, on an in-process
     server: the same exact answers (what the gateway's tests can embed), also with a
     cache that holds float64 sketches."""
@@ -579,7 +588,7 @@ def test_in_process_scorer_with_store_factory(corpus, widen):
         return LocalStore(corpus.root / prefix)
 
     metrics = for_service("scorer")
-    cache = ShardCache(factory, 1 << 30, metrics, widen=widen)
+    cache = ShardCache(factory, 1 << 30, metrics)
     scorer = Scorer(Settings(scorer_threads=1), metrics, store_factory=factory, cache=cache)
     server = make_server(16 * 1024**2, threads=4)
     add_to_server(scorer, server)

@@ -12,7 +12,7 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench lint clean deploy-tools assets-lee protos up down
+.PHONY: install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down
 
 # The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
 # processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
@@ -69,6 +69,17 @@ bench: install assets-model assets-lee
 	$(PY) tests/benchmarks/bench_engine.py
 	$(PY) tests/benchmarks/bench_scorer.py
 	$(PY) tests/benchmarks/bench_stack.py
+
+# The evaluation harness (tests/benchmarks/eval/README.md): three real miniature tasks,
+# RISE configurations, ceilings, a full-gradient reference and baselines; resumable and
+# cached per (task, method) in $(CACHE)/eval.  Hours on 2 cores; never in CI.
+eval: install assets-model
+	$(PY) tests/assets.py --cache $(CACHE) corpus
+	nice -n 10 $(PY) tests/benchmarks/eval/run.py --keep-going
+
+# Under a minute: tiny tasks on a tiny random model (CI runs it as a unit test).
+eval-smoke: install
+	$(PY) tests/benchmarks/eval/run.py --smoke --out $(CACHE)/eval-smoke
 
 lint: install
 	$(PY) -m ruff check services tests

@@ -11,7 +11,7 @@ model load and one measured forward pass for all methods of a run) and also retu
 Names: ``rise-k{K}-d{kr}x{kh}x{kg}-{channel}[lambda][-c][-sum][-skip{m}]``; ``-c`` = pool-
 mean centering (ScoreSpec(center=True)), ``-sum`` = token weighting "sum", ``-skip{m}`` =
 the first m supervised targets of text records dropped (experimental, not a product
-option).  The product default is ``rise-k128-d64x32x32-both``.
+option).  The product default (``DEFAULT``) follows rise.constants.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 from common import HERE, RISE_CORE, code_version
+from rise import constants as _c  # noqa: E402 - the product default, wherever it moves
 
-DEFAULT = "rise-k128-d64x32x32-both"
+DEFAULT = "rise-k{}-d{}-both".format(_c.DEFAULT_TOPK, "x".join(map(str, _c.DEFAULT_DIMS)))
 
 
 @dataclass

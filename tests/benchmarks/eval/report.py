@@ -27,7 +27,9 @@ from metrics import PRIMARY, task_metrics  # noqa: E402
 
 TASKS = ("backdoor", "domain", "quality")
 SECONDARY = {"backdoor": "recall@10", "domain": "auc", "quality": "auc_clean"}
-DEFAULT = "rise-k128-d64x32x32-both"
+from rise import constants as _c  # noqa: E402 - the product default, wherever it moves
+
+DEFAULT = "rise-k{}-d{}-both".format(_c.DEFAULT_TOPK, "x".join(map(str, _c.DEFAULT_DIMS)))
 KEY_RISE = [
     DEFAULT, "rise-k128-d64x32x32-both-c", "rise-k128-d64x32x32-rh", "rise-k128-d64x32x32-gh",
     "rise-k128-d64x32x32-gh-c", "rise-k16-d64x32x32-both", "rise-k16-d64x32x32-both-c",

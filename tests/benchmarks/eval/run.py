@@ -40,7 +40,8 @@ from common import (  # noqa: E402
 )
 
 TASKS = ("backdoor", "domain", "quality")
-DEFAULT_LOOP = ("rise-k128-d64x32x32-both", "rise-k16-d64x32x32-gh-c", "tfidf", "bm25",
+DEFAULT_LOOP = ("rise-k128-d64x32x32-both", "rise-k128-d128x64x64-both", "rise-k16-d64x32x32-gh-c",
+                "tfidf", "bm25",
                 "hidden-cos", "rise-exact-both", "grad-kron16x16")
 
 

@@ -184,6 +184,7 @@ def full_registry() -> list[Method]:
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, seed=seed))
             ms.append(rise_method(16, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
+            ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=2.0, seed=seed))
     ms.append(grad_method())
     return ms
 

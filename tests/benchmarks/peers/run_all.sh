@@ -39,7 +39,7 @@ targets() {
   case $1 in
     kronfluence) echo "kronfluence-ekfac|" ;;
     bergson)     echo "bergson|" ;;
-    traker)      echo "trak-p256|--proj-dim 256" ;;
+    traker)      echo "trak-p256|--proj-dim 256"; echo "trak-p256-ridge0.1|--proj-dim 256 --lambda-rel 0.1" ;;
     dattri)      echo "dattri-tracin|--variant tracin --train-batch 32" ;;
     logix)       echo "logix-logra|" ;;
     captum)      echo "captum-tracincp|" ;;

@@ -7,8 +7,9 @@ dattri's recipe for GPT-2/WikiText (experiments/gpt2_wikitext/score_TRAK.py, met
 "TracIn", "Grad-Dot", "Grad-Cos"): an `AttributionTask` whose loss is a torch.func
 functional call of the HF model, `TracInAttributor(task, weight_list, normalized_grad,
 projector_kwargs, layer_name)`, `attribute(train_loader, test_loader)`. Per-example gradients
-come from dattri's vmap(grad(loss)) restricted to `layer_name` parameters and are projected by
-dattri's random projector (CPU: block-wise Gaussian) to proj_dim. With the single checkpoint
+come from dattri's vmap(grad(loss)) over the tracked MLP weights (every other parameter frozen,
+which AttributionTask honours; its `layer_name` path is far slower, see README) and are
+projected by dattri's random projector (CPU: block-wise Gaussian) to proj_dim. With the single checkpoint
 we have (the task model), TracIn = one gradient dot product (weight 1); `gradcos` sets
 normalized_grad=True (dattri's Grad-Cos).
 

@@ -133,9 +133,9 @@ def run(args, task: C.Task) -> None:
         p.requires_grad_(nme in wanted)
     proj_dim = args.proj_dim
     lam = args.lambda_reg
-    if proj_dim > n and lam == 0:
-        raise SystemExit(f"proj_dim {proj_dim} > n_pool {n} with lambda_reg 0: TRAK is degenerate; "
-                         f"lower --proj-dim or set --lambda-reg")
+    if proj_dim > n and lam == 0 and not args.lambda_rel:
+        raise ValueError(f"proj_dim {proj_dim} > n_pool {n} with lambda_reg 0: TRAK is degenerate; "
+                         f"lower --proj-dim or set --lambda-reg/--lambda-rel")
     mo, gc = build(model, modules)
     save = args.work_dir
     shutil.rmtree(save, ignore_errors=True)  # a partial store from a killed run is not trusted
@@ -152,6 +152,12 @@ def run(args, task: C.Task) -> None:
         traker.featurize(batch=(b["input_ids"], b["attention_mask"], b["labels"]),
                          num_samples=b["input_ids"].shape[0])
         print(f"[{PEER}] featurized {min(s + bs, n)}/{n} ({t():.0f}s)", flush=True)
+    if args.lambda_rel:
+        # ridge relative to the Gram matrix's scale: lambda = rel * trace(X^T X) / proj_dim
+        g = torch.as_tensor(np.asarray(traker.saver.current_store["grads"]), dtype=torch.float32)
+        lam = float(args.lambda_rel * (g * g).sum() / g.shape[1])
+        traker.score_computer.lambda_reg = lam
+        print(f"[{PEER}] lambda_reg = {args.lambda_rel} x mean diag(X^T X) = {lam:.4g}", flush=True)
     traker.finalize_features(del_grads=True)
     index_s = t()
     nbytes = C.dir_bytes(save)
@@ -177,6 +183,7 @@ def run(args, task: C.Task) -> None:
 
     n_params = sum(dict(model.named_parameters())[w].numel() for w in wanted)
     cfg = {"proj_dim": proj_dim, "projector": "BasicProjector (normal, CPU)", "lambda_reg": lam,
+           "lambda_rel": args.lambda_rel,
            "tracked_modules": modules, "n_tracked_params": n_params, "checkpoints": 1,
            "model_output": "sum_t log(p_t/(1-p_t)) over supervised tokens",
            "out_to_loss": "mean_t (1 - p_t)", "dtype": "float32", "max_length": task.max_length}
@@ -199,6 +206,8 @@ def main() -> int:
     ap = C.base_parser(PEER, "trak")
     ap.add_argument("--proj-dim", type=int, default=512)
     ap.add_argument("--lambda-reg", type=float, default=0.0)
+    ap.add_argument("--lambda-rel", type=float, default=0.0,
+                    help="if > 0: lambda_reg = this x mean diagonal of X^T X (overrides --lambda-reg)")
     ap.add_argument("--layers", type=int, default=1, help="track the MLPs of the last N layers")
     ap.add_argument("--parts", default="gate_proj,up_proj,down_proj")
     ap.add_argument("--proj-batch", type=int, default=32, help="examples per featurize/score call")

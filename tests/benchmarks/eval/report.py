@@ -32,9 +32,12 @@ from rise import constants as _c  # noqa: E402 - the product default, wherever i
 DEFAULT = "rise-k{}-d{}-both".format(_c.DEFAULT_TOPK, "x".join(map(str, _c.DEFAULT_DIMS)))
 KEY_RISE = [
     DEFAULT, "rise-k128-d64x32x32-both-c", "rise-k128-d64x32x32-rh", "rise-k128-d64x32x32-gh",
-    "rise-k128-d64x32x32-gh-c", "rise-k16-d64x32x32-both", "rise-k16-d64x32x32-both-c",
-    "rise-k16-d64x32x32-gh-c", "rise-k16-d64x32x32-rh-c", "rise-k16-d16x16x16-gh-c",
-    "rise-k16-d128x64x64-gh-c", "rise-k128-d16x16x16-both",
+    "rise-k128-d64x32x32-gh-c", "rise-k16-d64x32x32-both-c", "rise-k16-d64x32x32-gh-c",
+    "rise-k128-d64x32x32-both-t2", "rise-k128-d64x32x32-both-c-t2",
+    "rise-k128-d64x32x32-gh-c-t2", "rise-k128-d64x32x32-both-c-t4",
+    "rise-k16-d64x32x32-both-c-t4", "rise-k16-d32x16x16-both-c-t2",
+    "rise-k16-d128x64x64-both-c-t2", "rise-k128-d128x64x64-both-c-t4",
+    "rise-k16-d16x16x16-gh-c", "rise-k16-d128x64x64-gh-c",
 ]
 
 
@@ -375,6 +378,29 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
             w(f"| {i + 1} | {r['method']}{' **(default)**' if r['method'] == DEFAULT else ''} | "
               + " | ".join(_fmt(r[t]) for t in tasks)
               + f" | {_fmt(r['mean'])} | {_fmt(r['worst_gap'])} |")
+        w("")
+
+    # ---- sketch-seed robustness
+    seeded = sorted({n.rsplit("-s", 1)[0] for t in tasks for n in res[t]
+                     if n.rsplit("-s", 1)[-1] in ("1", "2") and n.startswith("rise-")})
+    if seeded:
+        w("## Sketch-seed robustness (seeds 0, 1, 2 of the CountSketch hashes)\n")
+        w("| config | " + " | ".join(f"{t} {PRIMARY[t]} mean ± sd (min)" for t in tasks) + " |")
+        w("|---|" + "---|" * len(tasks))
+        seed_rows = {}
+        for base in seeded:
+            cells, rec = [], {}
+            for t in tasks:
+                vals = [res[t][n]["_metrics"][PRIMARY[t]] for n in (base, base + "-s1",
+                                                                    base + "-s2")
+                        if n in res[t] and "_metrics" in res[t][n]]
+                rec[t] = vals
+                cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f} ({min(vals):.3f}), "
+                             f"n={len(vals)}" if vals else "–")
+            seed_rows[base] = rec
+            w(f"| {base}{' **(default)**' if base == DEFAULT else ''} | " + " | ".join(cells)
+              + " |")
+        figs["seed_robustness"] = seed_rows
         w("")
 
     # ---- loop

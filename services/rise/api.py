@@ -52,7 +52,7 @@ from rise.shard import ShardData
 __all__ = [
     "load", "create", "append", "delete", "compact", "verify", "open_index",
     "sketch_queries", "attribute", "attribute_sketched", "value", "value_sketched",
-    "score_candidates", "value_candidates", "replica_shards", "index_mean",
+    "score_candidates", "value_candidates", "replica_shards", "index_mean", "centres",
     "select_top_fraction", "fetch_records", "inspect", "read_records", "Hit", "ScoreSpec",
     "FieldMap",
 ]
@@ -95,10 +95,20 @@ def replica_shards(manifest: dict[str, Any], replica: int = 0, replicas: int = 0
     return [e for i, e in enumerate(shards) if i % replicas == replica]
 
 
+def centres(index: Index, spec: ScoreSpec) -> bool:
+    """Whether ``spec`` centres this index's scores.  By default (``center=None``) cosine
+    scores of a sketched index with live examples; an explicit ``center=True`` on an index
+    without a pool mean is an error raised by ``pool_mean``."""
+    if spec.center is None and index.live_count == 0:
+        return False
+    return spec.centers(index.config.sketched)
+
+
 def index_mean(index: Index, spec: ScoreSpec, load: ShardLoader | None = None
                ) -> PoolMean | None:
-    """Pool mean over every shard of the index (all replicas agree on it)."""
-    if not spec.center:
+    """Pool mean over every shard of the index (all replicas agree on it); None when
+    ``spec`` does not centre this index's scores."""
+    if not centres(index, spec):
         return None
     load = load or index.shard
     return pool_mean((load(e) for e in index.manifest["shards"]), index.tombstones)

@@ -89,8 +89,10 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score", choices=["raw", "cosine"], default="cosine")
     g.add_argument("--lambda", dest="lam", type=float, default=constants.DEFAULT_LAMBDA,
                    help="weight of RH in the combined cosine score (default: 0.5)")
-    g.add_argument("--center", action="store_true",
-                   help="center sketches by the pool mean before cosine")
+    g.add_argument("--center", action=argparse.BooleanOptionalAction, default=None,
+                   help="center sketches by the pool mean before cosine (default: on for "
+                        "cosine scores of a sketched index, off for raw scores and "
+                        "exact/no-sketch indexes)")
 
 
 def _load(a: argparse.Namespace):
@@ -339,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(sp)
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
-    sp.add_argument("--temperature", type=float, help="softmax temperature (default: 1.0)")
+    sp.add_argument("--temperature", type=float,
+                    help=f"softmax temperature (default: {constants.DEFAULT_TEMPERATURE:g})")
     sp.add_argument("--dims", help="sketch widths KR,KH,KG (default: "
                     f"{','.join(map(str, constants.DEFAULT_DIMS))})")
     sp.add_argument("--seed", type=int, help="CountSketch seed (default: 0)")

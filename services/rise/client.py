@@ -93,8 +93,11 @@ def _records(items: Sequence[str | Mapping[str, Any]]) -> tuple[list[common_pb2.
     return out, bool(pr)
 
 
-def _scoring(channel: str, score: str, lam: float | None, center: bool) -> common_pb2.Scoring:
-    s = common_pb2.Scoring(channel=channel, score=score, center=center)
+def _scoring(channel: str, score: str, lam: float | None, center: bool | None
+             ) -> common_pb2.Scoring:
+    s = common_pb2.Scoring(channel=channel, score=score)
+    if center is not None:  # unset: the server's default (see Scoring.center)
+        s.center = center
     if lam is not None:
         setattr(s, "lambda", lam)
     return s
@@ -214,7 +217,7 @@ class RiseClient:
 
     def attribute(self, index: str, queries: Sequence[str | Mapping[str, Any]], top: int = 10,
                   channel: str = "both", score: str = "cosine", lam: float | None = None,
-                  center: bool = False, return_texts: bool = False,
+                  center: bool | None = None, return_texts: bool = False,
                   chat_template: bool = False) -> list[tuple[str, list[Hit]]]:
         """(query id, [(id, score, record or None)]) per query, best first, ties by id."""
         recs, pr = _records(queries)
@@ -226,7 +229,7 @@ class RiseClient:
 
     def value(self, index: str, targets: Sequence[str | Mapping[str, Any]], *, top: int = 0,
               channel: str = "both", score: str = "cosine", lam: float | None = None,
-              center: bool = False, select_fraction: float = 0, selection_uri: str = "",
+              center: bool | None = None, select_fraction: float = 0, selection_uri: str = "",
               chat_template: bool = False) -> tuple[list[tuple[str, float]], int]:
         """([(id, value)] best first, records written to selection_uri)."""
         recs, pr = _records(targets)

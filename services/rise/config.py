@@ -42,6 +42,15 @@ class SketchConfig(BaseModel):
     storage_dtype: Literal["float16", "float32"] = "float16"
     """Dtype of stored unit sketches (norms are always float32)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_temperature(cls, data: object) -> object:
+        """An unspecified temperature is the product default, except in exact mode, which
+        fixes tau = 1 (so ``SketchConfig(mode="exact")`` is valid on its own)."""
+        if isinstance(data, dict) and "temperature" not in data and data.get("mode") == "exact":
+            return {**data, "temperature": 1.0}
+        return data
+
     @field_validator("topk")
     @classmethod
     def _topk(cls, v: int | None) -> int | None:

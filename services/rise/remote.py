@@ -321,7 +321,8 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--shard-size", type=int, default=0, help="records per shard (default: 1024)")
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
-    sp.add_argument("--temperature", type=float, help="softmax temperature (default: 1.0)")
+    sp.add_argument("--temperature", type=float,
+                    help=f"softmax temperature (default: {constants.DEFAULT_TEMPERATURE:g})")
     sp.add_argument("--dims", help="sketch widths KR,KH,KG")
     sp.add_argument("--seed", type=int, help="CountSketch seed (default: 0)")
     sp.add_argument("--weighting", choices=["mean", "sum"], default="mean")

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from rise import exact
+from rise import constants, exact
 from rise.config import SketchConfig
 from rise.errors import InvalidInput
 from rise.featurize import Factors, Features
@@ -33,12 +33,19 @@ ScoreKind = Literal["raw", "cosine"]
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """How to score: channel(s), raw or cosine, lambda, optional pool-mean centering."""
+    """How to score: channel(s), raw or cosine, lambda, pool-mean centering.
+
+    ``center``: ``None`` (the default) centres cosine scores of a sketched index by the
+    pool mean and leaves raw scores and exact / no-sketch indexes as they are (exact mode
+    stays the plain head-gradient ground truth); ``True`` forces centering (an error where
+    it cannot apply), ``False`` turns it off.  The default was chosen by measurement:
+    ``tests/benchmarks/reports/eval/``.
+    """
 
     channel: Channel = "both"
     score: ScoreKind = "cosine"
-    lam: float = 0.5
-    center: bool = False
+    lam: float = constants.DEFAULT_LAMBDA
+    center: bool | None = None
 
     def __post_init__(self) -> None:
         if self.channel not in ("rh", "gh", "both"):
@@ -54,6 +61,12 @@ class ScoreSpec:
             raise InvalidInput(f"lambda must be in [0, 1], got {self.lam}")
         if self.center and self.score == "raw":
             raise InvalidInput("pool-mean centering applies to cosine scores only")
+
+    def centers(self, sketched: bool) -> bool:
+        """Whether scores of an index (sketched or not) are centred by the pool mean."""
+        if self.center is None:
+            return sketched and self.score == "cosine"
+        return self.center
 
     @property
     def weights(self) -> tuple[float, float]:

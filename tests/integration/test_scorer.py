@@ -62,10 +62,12 @@ QUERIES = [
 SPECS = [
     ScoreSpec(channel="both", score="cosine"),
     ScoreSpec(channel="both", score="cosine", center=True),
+    ScoreSpec(channel="both", score="cosine", center=False),
     ScoreSpec(channel="both", score="cosine", lam=0.3),
     ScoreSpec(channel="both", score="cosine", lam=0.8, center=True),
     ScoreSpec(channel="rh", score="cosine"),
     ScoreSpec(channel="rh", score="cosine", center=True),
+    ScoreSpec(channel="rh", score="cosine", center=False),
     ScoreSpec(channel="gh", score="cosine"),
     ScoreSpec(channel="gh", score="cosine", center=True),
     ScoreSpec(channel="rh", score="raw"),
@@ -74,7 +76,7 @@ SPECS = [
 
 
 def spec_id(s: ScoreSpec) -> str:
-    return f"{s.channel}-{s.score}-l{s.lam}" + ("-center" if s.center else "")
+    return f"{s.channel}-{s.score}-l{s.lam}" + {None: "", True: "-center", False: "-nocenter"}[s.center]
 
 
 def scoring_of(s: ScoreSpec) -> common_pb2.Scoring:

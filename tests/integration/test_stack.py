@@ -40,7 +40,7 @@ ROWS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS + [
 QUERIES = [{"id": "q-fox", "text": "A fox jumped over a dog."},
            {"id": "q-shard", "text": "Shards and manifests are immutable."},
            {"text": "Workers read blobs from the store."}]  # no id: takes its position
-SPECS = [dict(), dict(channel="rh", score="raw"), dict(lam=0.25, center=True)]
+SPECS = [dict(), dict(channel="rh", score="raw"), dict(lam=0.25, center=True), dict(center=False)]
 
 
 def _stack_module():
@@ -138,7 +138,7 @@ def test_index_matches_embedded(built, a, embedded):
     assert idx.model.tokenizer_sha256 == m["model"]["tokenizer_sha256"]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["default", "rh-raw", "lam-center"])
+@pytest.mark.parametrize("spec", SPECS, ids=["default", "rh-raw", "lam-center", "no-center"])
 def test_attribute_and_value_equal_embedded(built, a, env, embedded, spec):
     from rise import api
     from rise.score import ScoreSpec

@@ -361,7 +361,7 @@ def test_attribute_output(capsys, tmp_path, tiny_model, built, data_dir):
 
 def test_attribute_channels(capsys, tmp_path, tiny_model, built, data_dir):
     for extra in (["--channel", "rh", "--score", "raw"], ["--channel", "gh"],
-                  ["--center", "--lambda", "0.3"]):
+                  ["--center", "--lambda", "0.3"], ["--no-center"]):
         out = tmp_path / "o.jsonl"
         code, _, err = run(capsys, "attribute", "--index", built, "--model", tiny_model,
                            "--queries", data_dir / "queries.jsonl", "--output", out, "--top", "2",
@@ -493,3 +493,17 @@ def test_top_level_help_lists_verbs(capsys):
     assert code == 0
     for verb in VERBS:
         assert verb in out
+
+
+def test_default_scoring_is_centred_and_no_center_turns_it_off(capsys, tmp_path, tiny_model, built,
+                                                               data_dir):
+    outs = {}
+    for name, extra in (("default", []), ("center", ["--center"]), ("plain", ["--no-center"])):
+        out = tmp_path / f"{name}.jsonl"
+        code, _, err = run(capsys, "attribute", "--index", built, "--model", tiny_model,
+                           "--queries", data_dir / "queries.jsonl", "--output", out, "--top", "5",
+                           *extra)
+        assert code == 0, err
+        outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert outs["default"] == outs["center"]
+    assert outs["default"] != outs["plain"]

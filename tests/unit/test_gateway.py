@@ -137,3 +137,28 @@ def test_raw_scores_of_both_channels_are_refused(gateway):
                                     scoring=common_pb2.Scoring(score="raw", channel="both"))
     code, msg = call(scoring.Attribute, req)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "different units" in msg
+
+
+def test_unset_centering_reaches_the_scorer_as_the_default():
+    """`optional bool center`: unset = the library default (None), set = forced on or off,
+    in both places that decode a Scoring message."""
+    from rise.gateway.convert import spec_from
+    from rise.scorer.server import spec_from_proto
+
+    for decode in (spec_from, spec_from_proto):
+        assert decode(common_pb2.Scoring()).center is None
+        assert decode(common_pb2.Scoring(center=False)).center is False
+        assert decode(common_pb2.Scoring(center=True)).center is True
+        assert decode(None).center is None
+    wire = common_pb2.Scoring.FromString(common_pb2.Scoring(center=False).SerializeToString())
+    assert wire.HasField("center") and wire.center is False
+
+
+def test_unset_sketch_settings_take_the_product_defaults():
+    from rise import constants
+    from rise.gateway.convert import config_from
+
+    cfg = config_from(common_pb2.SketchConfig())
+    assert cfg.temperature == constants.DEFAULT_TEMPERATURE
+    assert cfg.topk == constants.DEFAULT_TOPK and cfg.dims == constants.DEFAULT_DIMS
+    assert config_from(common_pb2.SketchConfig(temperature=1.0)).temperature == 1.0

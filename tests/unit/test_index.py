@@ -669,3 +669,83 @@ def test_sharded_scan_equals_unsharded(case):
         assert got_single[q] == expect
         assert len(got_single[q]) == min(top, len(live))
         assert not {i for i, _ in got_single[q]} & dead
+
+
+# ------------------------------------------------------------------ pool-mean centering
+
+
+def test_centering_default_applies_to_sketched_cosine_only():
+    assert ScoreSpec().center is None
+    assert ScoreSpec().centers(sketched=True) is True
+    assert ScoreSpec().centers(sketched=False) is False  # exact / no-sketch stay plain
+    assert ScoreSpec(channel="rh", score="raw").centers(sketched=True) is False
+    assert ScoreSpec(center=False).centers(sketched=True) is False
+    assert ScoreSpec(center=True).centers(sketched=False) is True  # forced: pool_mean refuses
+    with pytest.raises(InvalidInput, match="cosine scores only"):
+        ScoreSpec(channel="gh", score="raw", center=True)
+
+
+def test_default_scores_are_pool_mean_centred_cosines(lm, gen2, queries):
+    """Default scores = lambda-weighted cosines of (q - mu) and (x - mu) per channel, mu the
+    mean of the live stored rows; computed here directly in float64."""
+    store = gen2
+    I.delete(store, [IDS[3]])
+    idx = I.open_index(store)
+    recs = api.read_records(queries, FieldMap())
+    qs = api.sketch_queries(idx, lm, recs, FieldMap())
+    n = idx.live_count
+    got = {q: {h.id: h.score for h in hits}
+           for q, hits in zip(qs.ids, api.attribute_sketched(idx, qs, ScoreSpec(), n), strict=True)}
+    forced = api.attribute_sketched(idx, qs, ScoreSpec(center=True), n)
+    plain = api.attribute_sketched(idx, qs, ScoreSpec(center=False), n)
+    assert [[(h.id, h.score) for h in hs] for hs in forced] == \
+        [sorted(got[q].items(), key=lambda kv: (-kv[1], kv[0])) for q in qs.ids]
+
+    ids, rh, gh, _, _ = _all_rows(idx)
+    live = torch.tensor([i != IDS[3] for i in ids])
+    want = torch.zeros(len(qs), len(ids), dtype=torch.float64)
+    for q, x in ((qs.rh, rh), (qs.gh, gh)):
+        x = x.double()
+        mu = x[live].mean(0)  # the stored rows' mean, as the shards' sums give it
+        xu = x / x.norm(dim=1, keepdim=True)  # stored rows renormalised
+        qc, xc = q - mu, xu - mu
+        want += 0.5 * (qc @ xc.T) / (qc.norm(dim=1)[:, None] * xc.norm(dim=1)[None, :])
+    diff = 0.0
+    for qi, q in enumerate(qs.ids):
+        assert set(got[q]) == {i for i, ok in zip(ids, live.tolist(), strict=True) if ok}
+        for j, rid in enumerate(ids):
+            if live[j]:
+                assert got[q][rid] == pytest.approx(float(want[qi, j]), abs=2e-6)
+                diff = max(diff, abs(got[q][rid] - {h.id: h.score for h in plain[qi]}[rid]))
+    assert diff > 1e-3  # centering changed the scores (the check above can fail)
+
+
+def test_default_does_not_centre_an_exact_index(tmp_path, lm, corpus8, queries):
+    store = LocalStore(tmp_path / "exact")
+    I.create_index(store, lm, corpus8, FieldMap(), make_config(exact=True), shard_size=3)
+    idx = I.open_index(store)
+    default = api.attribute(idx, lm, queries, top=8)
+    assert default == api.attribute(idx, lm, queries, top=8, spec=ScoreSpec(center=False))
+    with pytest.raises(InvalidInput, match="sketched index"):
+        api.attribute(idx, lm, queries, top=8, spec=ScoreSpec(center=True))
+
+
+def test_default_on_an_index_with_no_live_examples(lm, idx8, queries):
+    I.delete(idx8, [f"doc-{i}" for i in range(len(TEXTS))])
+    idx = I.open_index(idx8)
+    assert all(hits == [] for _, hits in api.attribute(idx, lm, queries, top=5))
+    assert api.value(idx, lm, queries) == []
+    with pytest.raises(InvalidInput, match="no live examples"):
+        api.attribute(idx, lm, queries, top=5, spec=ScoreSpec(center=True))
+
+
+def test_temperature_default_and_exact_mode():
+    from rise import constants
+
+    assert SketchConfig().temperature == constants.DEFAULT_TEMPERATURE
+    assert SketchConfig(mode="nosketch").temperature == constants.DEFAULT_TEMPERATURE
+    assert SketchConfig(mode="exact", topk=None).temperature == 1.0  # exact fixes tau = 1
+    assert make_config(exact=True).temperature == 1.0
+    assert make_config().temperature == constants.DEFAULT_TEMPERATURE
+    with pytest.raises(ValueError, match="tau = 1"):
+        SketchConfig(mode="exact", topk=None, temperature=2.0)

@@ -27,7 +27,7 @@ def config_from(msg: common_pb2.SketchConfig) -> SketchConfig:
         raise InvalidInput("exact mode is for validation with the embedded CLI; use sketch")
     kw: dict[str, Any] = {"mode": mode, "seed": msg.seed, "weighting": msg.weighting or "mean",
                           "max_length": msg.max_length or constants.DEFAULT_MAX_LENGTH,
-                          "temperature": msg.temperature or 1.0}
+                          "temperature": msg.temperature or constants.DEFAULT_TEMPERATURE}
     if msg.topk_all:
         kw["topk"] = None
     elif msg.topk:
@@ -55,7 +55,7 @@ def spec_from(msg: common_pb2.Scoring | None) -> ScoreSpec:
         return ScoreSpec()
     lam = msg.__getattribute__("lambda") if msg.HasField("lambda") else constants.DEFAULT_LAMBDA
     return ScoreSpec(channel=msg.channel or "both", score=msg.score or "cosine", lam=lam,
-                     center=msg.center)
+                     center=msg.center if msg.HasField("center") else None)
 
 
 def record_dicts(records: Any, fields: FieldMap) -> list[dict[str, Any]]:

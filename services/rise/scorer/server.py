@@ -70,13 +70,13 @@ def default_store_factory(settings: Settings) -> StoreFactory:
 
 
 def spec_from_proto(s: Scoring | None) -> ScoreSpec:
-    """The ScoreSpec of a Scoring message; unset fields take the defaults
-    (both channels, cosine, lambda 0.5, no centering).  InvalidInput on bad combinations."""
+    """The ScoreSpec of a Scoring message; unset fields take the defaults (both channels,
+    cosine, lambda 0.5, ScoreSpec's centering default).  InvalidInput on bad combinations."""
     if s is None:
         return ScoreSpec()
     lam = getattr(s, "lambda") if s.HasField("lambda") else constants.DEFAULT_LAMBDA
     return ScoreSpec(channel=s.channel or "both", score=s.score or "cosine", lam=lam,
-                     center=s.center)
+                     center=s.center if s.HasField("center") else None)
 
 
 def check_prefix(prefix: str) -> str:
@@ -257,7 +257,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         """The pool mean over every shard of the generation (None without centering),
         computed once per generation content; shards of other replicas are read without
         being cached."""
-        if not spec.center:
+        if not api.centres(index, spec):
             return None
         key = _mean_key(prefix, index.manifest)
         with self._means_lock:

@@ -155,6 +155,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def product_default() -> str:
+    """Method name of what `rise index` + `rise attribute` do with no flags (read from the
+    library, so the harness follows the product's defaults wherever they move)."""
+    from rise import constants as c
+    from rise.score import ScoreSpec
+
+    name = f"rise-k{c.DEFAULT_TOPK}-d{'x'.join(map(str, c.DEFAULT_DIMS))}-both"
+    if ScoreSpec().centers(sketched=True):
+        name += "-c"
+    if c.DEFAULT_TEMPERATURE != 1.0:
+        name += f"-t{c.DEFAULT_TEMPERATURE:g}"
+    return name
+
+
+# The design's settings before the evaluation moved the defaults: K 128, tau 1, uncentred
+# cosine (at the default dims).
+DESIGN_SETTINGS = "rise-k128-d128x64x64-both"
+
+
 def stamp() -> dict[str, Any]:
     import torch
 

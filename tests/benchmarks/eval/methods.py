@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE, RISE_CORE, code_version
-from rise import constants as _c  # noqa: E402 - the product default, wherever it moves
+from common import HERE, RISE_CORE, code_version, product_default
 
-DEFAULT = "rise-k{}-d{}-both".format(_c.DEFAULT_TOPK, "x".join(map(str, _c.DEFAULT_DIMS)))
+DEFAULT = product_default()
 
 
 @dataclass
@@ -169,6 +168,11 @@ def full_registry() -> list[Method]:
                 ms.append(rise_method(16, dims, c, center=cen, temp=temp))
     for c, cen in specs:
         ms.append(rise_method(128, (128, 64, 64), c, center=cen, temp=4.0))
+        ms.append(rise_method(128, (128, 64, 64), c, center=cen, temp=2.0))
+    # the size sweep at the product's settings (K 128, tau 2, centred)
+    for dims in ((16, 16, 16), (32, 16, 16)):
+        for c in ("both", "rh", "gh"):
+            ms.append(rise_method(128, dims, c, center=True, temp=2.0))
     for k in (1, 4, 64, 512):
         for c, cen in (("gh", True), ("both", True), ("both", False), ("rh", True)):
             ms.append(rise_method(k, (64, 32, 32), c, center=cen))
@@ -185,6 +189,10 @@ def full_registry() -> list[Method]:
             ms.append(rise_method(16, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=2.0, seed=seed))
+        # the default dims: spec settings and the candidate default (centred, tau 2)
+        ms.append(rise_method(128, (128, 64, 64), "both", seed=seed))
+        ms.append(rise_method(128, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
+        ms.append(rise_method(16, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
     ms.append(grad_method())
     return ms
 

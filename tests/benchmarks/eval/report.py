@@ -22,22 +22,46 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import EVAL_CACHE, HERE, REPO, load_task, stamp, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DESIGN_SETTINGS,
+    EVAL_CACHE,
+    HERE,
+    REPO,
+    load_task,
+    product_default,
+    stamp,
+    write_json,
+)
 from metrics import PRIMARY, task_metrics  # noqa: E402
 
 TASKS = ("backdoor", "domain", "quality")
+# the peer targets of tests/benchmarks/peers/run_all.sh
+PEER_METHODS = ["bergson", "kronfluence-ekfac", "trak-p256", "trak-p256-ridge0.1", "dattri-tracin",
+                "logix-logra", "captum-tracincp"]
 SECONDARY = {"backdoor": "recall@10", "domain": "auc", "quality": "auc_clean"}
-from rise import constants as _c  # noqa: E402 - the product default, wherever it moves
+DEFAULT = product_default()
 
-DEFAULT = "rise-k{}-d{}-both".format(_c.DEFAULT_TOPK, "x".join(map(str, _c.DEFAULT_DIMS)))
+
+def mark(name: str) -> str:
+    """The name with its role in the product, for tables."""
+    if name == DEFAULT:
+        return f"{name} **(default)**"
+    if name == DESIGN_SETTINGS:
+        return f"{name} (design settings)"
+    return name
+
+
 KEY_RISE = [
-    DEFAULT, "rise-k128-d64x32x32-both-c", "rise-k128-d64x32x32-rh", "rise-k128-d64x32x32-gh",
-    "rise-k128-d64x32x32-gh-c", "rise-k16-d64x32x32-both-c", "rise-k16-d64x32x32-gh-c",
-    "rise-k128-d64x32x32-both-t2", "rise-k128-d64x32x32-both-c-t2",
-    "rise-k128-d64x32x32-gh-c-t2", "rise-k128-d64x32x32-both-c-t4",
-    "rise-k16-d64x32x32-both-c-t4", "rise-k16-d32x16x16-both-c-t2",
-    "rise-k16-d128x64x64-both-c-t2", "rise-k128-d128x64x64-both-c-t4",
-    "rise-k16-d16x16x16-gh-c", "rise-k16-d128x64x64-gh-c",
+    # the default and what each of its changes does alone
+    DEFAULT, DESIGN_SETTINGS, "rise-k128-d128x64x64-both-c", "rise-k128-d128x64x64-both-t2",
+    # channels at the default settings
+    "rise-k128-d128x64x64-rh-c-t2", "rise-k128-d128x64x64-gh-c-t2",
+    # sizes at the default settings
+    "rise-k128-d64x32x32-both-c-t2", "rise-k128-d32x16x16-both-c-t2",
+    "rise-k128-d16x16x16-both-c-t2",
+    # K and tau around the default
+    "rise-k16-d128x64x64-both-c-t2", "rise-k16-d128x64x64-both-c",
+    "rise-k128-d128x64x64-both-c-t4",
 ]
 
 
@@ -329,7 +353,7 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
     w("|" + "---|" * len(hdr))
     table = []
     for n in keys:
-        row = [n + (" **(default)**" if n == DEFAULT else "")]
+        row = [mark(n)]
         rec = {"method": n}
         for t in tasks:
             j = res[t].get(n, {})
@@ -375,7 +399,7 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
         w("| rank | method | " + " | ".join(tasks) + " | mean | worst gap to best |")
         w("|---|---|" + "---|" * (len(tasks) + 2))
         for i, r in enumerate(ct[:40]):
-            w(f"| {i + 1} | {r['method']}{' **(default)**' if r['method'] == DEFAULT else ''} | "
+            w(f"| {i + 1} | {mark(r['method'])} | "
               + " | ".join(_fmt(r[t]) for t in tasks)
               + f" | {_fmt(r['mean'])} | {_fmt(r['worst_gap'])} |")
         w("")
@@ -398,7 +422,7 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
                 cells.append(f"{np.mean(vals):.3f} ± {np.std(vals):.3f} ({min(vals):.3f}), "
                              f"n={len(vals)}" if vals else "–")
             seed_rows[base] = rec
-            w(f"| {base}{' **(default)**' if base == DEFAULT else ''} | " + " | ".join(cells)
+            w(f"| {mark(base)} | " + " | ".join(cells)
               + " |")
         figs["seed_robustness"] = seed_rows
         w("")
@@ -439,6 +463,22 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
                 "query_seconds": j.get("query_seconds"), "family": j.get("family"),
                 "config": j.get("config")} for n, j in res[t].items()}
     peers = sorted({n for t in tasks for n, j in res[t].items() if j.get("_peer")})
+    # ---- coverage: the expensive references and the peers, per task
+    expected = ["rise-exact-both", "grad-kron16x16", *PEER_METHODS]
+    w("## Coverage: references and peers per task\n")
+    w("| method | " + " | ".join(tasks) + " |")
+    w("|---|" + "---|" * len(tasks))
+    cov = {}
+    for n in expected + sorted(set(peers) - set(expected)):
+        cells = []
+        for t in tasks:
+            j = res[t].get(n)
+            cells.append("ran" if j and "_metrics" in j else
+                         f"failed: {str(j['_error'])[:80]}" if j and "_error" in j else "not run")
+        cov[n] = dict(zip(tasks, cells, strict=True))
+        w(f"| {n} | " + " | ".join(cells) + " |")
+    figs["coverage"] = cov
+    w("\n(Why a cell is 'not run' is said under Findings.)\n")
     w("## Peers\n")
     w(("Peer results found: " + ", ".join(peers) + ".") if peers else
       "No peer results were found in the results folders at report time (see FORMAT.md).")

@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
+    DESIGN_SETTINGS,
     EVAL_CACHE,
     REPO,
     log,
+    product_default,
     quiet_transformers,
     set_threads,
     sha256_bytes,
@@ -40,9 +42,9 @@ from common import (  # noqa: E402
 )
 
 TASKS = ("backdoor", "domain", "quality")
-DEFAULT_LOOP = ("rise-k128-d64x32x32-both", "rise-k128-d128x64x64-both", "rise-k16-d64x32x32-gh-c",
-                "tfidf", "bm25",
-                "hidden-cos", "rise-exact-both", "grad-kron16x16")
+DEFAULT_LOOP = (product_default(), DESIGN_SETTINGS, "rise-k128-d128x64x64-both-c",
+                "rise-k128-d64x32x32-both-c-t2", "rise-exact-both", "grad-kron16x16",
+                "tfidf", "bm25", "hidden-cos", "hidden-cos-c")
 
 
 def result_paths(cache: Path, task: str, method: str) -> tuple[Path, Path]:
@@ -122,6 +124,9 @@ def run_quality_loop(ctx, cache: Path, names: list[str]) -> None:
     sels: dict[str, np.ndarray] = {"full": np.arange(n)}
     for seed in (0, 1):
         sels[f"random-s{seed}"] = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    # the reference a perfect valuation reaches: k of the clean examples, chosen at random
+    clean = np.flatnonzero([bool(r["clean"]) for r in ctx.task.pool])
+    sels["oracle-clean"] = np.sort(np.random.default_rng(0).permutation(clean)[:k])
     for name in names:
         jp, npy = result_paths(cache, ctx.task.dir.name, name)
         if not (jp.exists() and npy.exists()):

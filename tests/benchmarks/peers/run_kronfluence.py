@@ -167,7 +167,7 @@ def run(args, task: C.Task) -> None:
              f"{qdesc}")
     notes += (f". EKFAC factors (covariances, eigenbases, eigenvalue correction) fitted on the first "
               f"{args.fit_examples or len(idx)} pool records (covariance_max_examples/lambda_max_examples)")
-    notes += (". Factors fitted on the pool itself. bytes_per_example = EKFAC factor files / n_pool "
+    notes += (". bytes_per_example = EKFAC factor files / n_pool "
               "(kronfluence stores no per-example features; query_seconds include recomputing pool "
               "gradients, i.e. a forward+backward over the pool).")
     C.write_result(args.out_dir, args.method, task, scores, config=cfg, index_seconds=index_s,

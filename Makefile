@@ -12,7 +12,7 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down
+.PHONY: eval-peers install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down
 
 # The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
 # processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
@@ -76,6 +76,12 @@ bench: install assets-model assets-lee
 eval: install assets-model
 	$(PY) tests/assets.py --cache $(CACHE) corpus
 	nice -n 10 $(PY) tests/benchmarks/eval/run.py --keep-going
+
+# The peer libraries on the same tasks, each in its own venv under $(CACHE)/peers (hours;
+# never in CI; tests/benchmarks/peers/README.md), then the report again with their results.
+eval-peers: install
+	tests/benchmarks/peers/run_all.sh
+	$(PY) tests/benchmarks/eval/report.py
 
 # Under a minute: tiny tasks on a tiny random model (CI runs it as a unit test).
 eval-smoke: install

@@ -182,6 +182,7 @@ def full_registry() -> list[Method]:
             ms.append(exact_method(topk, c))
     for c in ("both", "rh", "gh"):
         ms.append(exact_method(16, c, temp=4.0))
+        ms.append(exact_method(128, c, temp=2.0))  # the sketch's ceiling at the default
     # sketch-seed repeats of the default and of the candidate defaults (hash noise)
     for seed in (1, 2):
         for c, cen in specs:

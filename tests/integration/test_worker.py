@@ -127,17 +127,19 @@ class Env:
         self.s3().client.put_object(BUCKET, key, io.BytesIO(data), len(data))
         return f"s3://{BUCKET}/{key}"
 
-    def start_worker(self, name: str) -> Worker:
+    def start_worker(self, name: str, queues: str = QUEUES, extra: list[str] | None = None,
+                     **env_overrides: str) -> Worker:
         mdir = self.tmp / f"metrics-{name}"
         mdir.mkdir()
         port = free_port()
-        env = dict(self.env, PROMETHEUS_MULTIPROC_DIR=str(mdir), RISE_METRICS_PORT=str(port))
+        env = dict(self.env, PROMETHEUS_MULTIPROC_DIR=str(mdir), RISE_METRICS_PORT=str(port),
+                   **env_overrides)
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "rise.worker.app", "worker", "-Q", QUEUES,
+                [sys.executable, "-m", "celery", "-A", "rise.worker.app", "worker", "-Q", queues,
                  "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING",
-                 "-n", f"{name}@%h"],
+                 "-n", f"{name}@%h", *(extra or [])],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=self.tmp)
         return Worker(proc, log, port, name)
@@ -334,6 +336,47 @@ def test_unexpected_error_fails_job_and_is_recorded(env, worker, app):
     assert (job["state"], job["error_code"]) == (FAILED, "INTERNAL"), job
     assert "rise.ingest.shard" in job["error_message"]
     wait_unlocked(env, "broken", timeout=1.0)
+
+
+LIMITS_QUEUE = "rise.test.limits"
+HARD_LIMIT_S = 4  # soft limit 3 s (app.make_app)
+
+
+@pytest.fixture(scope="module")
+def limited_worker(env):
+    """A worker with a 4 s task time limit that also runs the overrunning test task."""
+    w = env.start_worker("limits", queues=LIMITS_QUEUE, extra=["-I", "stuck_tasks"],
+                         RISE_TASK_TIME_LIMIT_SECONDS=str(HARD_LIMIT_S),
+                         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                                     env.env.get("PYTHONPATH", "")]))
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("ignore_soft_limit", [False, True], ids=["soft-limit", "hard-kill"])
+def test_a_task_over_its_time_limit_fails_its_job_and_frees_the_index(
+        env, app, limited_worker, ignore_soft_limit):
+    """The soft limit raises inside the task; a task deaf to it is killed at the hard limit
+    by the worker's main process.  Either way the job ends FAILED (DEADLINE_EXCEEDED) and
+    the index is unlocked, not left RUNNING until the lock expires."""
+    limited_worker.wait_ready(app)
+    name = f"slow-{int(ignore_soft_limit)}"
+    job = env.js.create(TENANT, "CREATE_INDEX", name, request={"prefix": index_prefix(TENANT, name),
+                                                               "pool": POOL})
+    assert env.js.lock_index(TENANT, name, job["id"], 3600) is None
+    env.js.set_state(job["id"], "RUNNING")
+    started = time.monotonic()
+    app.send_task("rise.test.overrun", args=[job["id"], 60, ignore_soft_limit],
+                  queue=LIMITS_QUEUE)
+    done = wait_job(env, job["id"], [limited_worker], timeout=40)
+    assert (done["state"], done["error_code"]) == (FAILED, "DEADLINE_EXCEEDED"), done
+    assert "rise.test.overrun exceeded the task time limit (4 s)" in done["error_message"]
+    assert time.monotonic() - started < 30  # the limit ended it, not the 60 s sleep
+    wait_unlocked(env, name, timeout=5.0)
+    if ignore_soft_limit:
+        assert "Hard time limit" in limited_worker.tail(200)
 
 
 def test_retry_policy():

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from celery import Task, chord, shared_task, signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from rise.data import records_from_dicts
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
@@ -77,7 +78,12 @@ class RiseTask(Task):
         log.warning("%s retrying after %s: %s", self.name, type(exc).__name__, exc)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """Also runs, in the worker's main process, for a task killed at its hard time
+        limit (Celery >= 5.7 calls on_failure for hard timeouts), so no job is left
+        RUNNING with its index locked."""
+        timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded)
         code = exc.grpc_code if isinstance(exc, RiseError) else \
+            "DEADLINE_EXCEEDED" if timed_out else \
             "UNAVAILABLE" if isinstance(exc, RETRYABLE) else "INTERNAL"
         telemetry.record_outcome(self.name, "error")
         telemetry.record_error(code)
@@ -86,6 +92,10 @@ class RiseTask(Task):
             return
         if isinstance(exc, RiseError):
             message = str(exc)
+        elif timed_out:
+            limit = self.settings().task_time_limit_seconds
+            message = (f"{self.name} exceeded the task time limit ({limit} s); raise "
+                       "RISE_TASK_TIME_LIMIT_SECONDS or use smaller shards")
         elif code == "UNAVAILABLE":
             message = f"storage unavailable after {self.max_retries} retries: {type(exc).__name__}"
         else:

@@ -612,3 +612,52 @@ def test_in_process_scorer_with_store_factory(corpus):
     finally:
         server.stop(None)
         scorer.close()
+
+
+# ------------------------------------------------------------------------- cancellation
+
+
+class _Context:
+    """A servicer context that goes inactive (client gone) after ``active`` checks."""
+
+    def __init__(self, active: int) -> None:
+        self.active = active
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def is_active(self) -> bool:
+        self.active -= 1
+        return self.active >= 0
+
+    def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self.aborted = (code, message)
+        raise RuntimeError("aborted")
+
+
+@pytest.mark.parametrize("method", ["ScoreShards", "ValueShards"])
+def test_a_cancelled_call_stops_scanning(corpus, method):
+    """Once the call is no longer active the scan stops at the next shard: CANCELLED, and
+    the shards after it are never read."""
+    from rise.scorer.server import Scorer
+
+    scorer = Scorer(corpus.settings, threads=1, metrics=None)
+    loads: list[str] = []
+    real = scorer.cache.load
+    scorer.cache.load = lambda prefix, entry, **kw: (loads.append(entry["key"]),
+                                                     real(prefix, entry, **kw))[1]
+    spec = common_pb2.Scoring(center=False)
+    req = (scorer_pb2.ScoreShardsRequest(shards=selector(2), queries=corpus.qbytes, top=3,
+                                         scoring=spec) if method == "ScoreShards" else
+           scorer_pb2.ValueShardsRequest(shards=selector(2), targets=corpus.qbytes,
+                                         scoring=spec))
+    try:
+        full = getattr(scorer, method)(req, _Context(active=100))
+        assert full.shards_scored == 7 and len(loads) == 7
+        loads.clear()
+        ctx = _Context(active=2)
+        with pytest.raises(RuntimeError, match="aborted"):
+            getattr(scorer, method)(req, ctx)
+        assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.CANCELLED
+        assert "cancelled" in ctx.aborted[1]
+        assert len(loads) == 2  # two shards scanned, then the check stopped it
+    finally:
+        scorer.close()

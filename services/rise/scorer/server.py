@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from rise import api, constants
-from rise.errors import InvalidInput, Mismatch, RiseError
+from rise.errors import Cancelled, InvalidInput, Mismatch, RiseError
 from rise.grpcutil import rpc
 from rise.index import Index, read_manifest
 from rise.metrics import Metrics, for_service
@@ -156,6 +156,22 @@ class _Prefetch:
         self._pending.clear()
 
 
+def _while_active(context: Any, load: Callable[[dict[str, Any]], ShardData]
+                  ) -> Callable[[dict[str, Any]], ShardData]:
+    """``load`` that raises Cancelled once the call is over (the client cancelled or its
+    deadline passed), so an abandoned scan stops at the next shard instead of running on."""
+    is_active = getattr(context, "is_active", None)
+    if is_active is None:
+        return load
+
+    def checked(entry: dict[str, Any]) -> ShardData:
+        if not is_active():
+            raise Cancelled("the call was cancelled or its deadline passed; scan stopped")
+        return load(entry)
+
+    return checked
+
+
 # ---------------------------------------------------------------------- the servicer
 
 
@@ -193,7 +209,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         qs = decode_queries(request.queries, index, "queries")
         top = request.top or DEFAULT_TOP
         mean = self._mean(prefix, index, spec, entries)
-        load = self.cache.loader(prefix, scan=True)
+        load = _while_active(context, self.cache.loader(prefix, scan=True))
         parts = self._map(
             lambda group: api.score_candidates(index, qs, spec, top, entries=group, load=load,
                                                mean=mean),
@@ -213,7 +229,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         if len(targets) == 0:
             raise InvalidInput("the target set is empty")
         mean = self._mean(prefix, index, spec, entries)
-        load = self.cache.loader(prefix, scan=True)
+        load = _while_active(context, self.cache.loader(prefix, scan=True))
         parts = self._map(
             lambda group: api.value_candidates(index, targets, spec, entries=group, load=load,
                                                mean=mean),

@@ -235,11 +235,13 @@ def score_replicas(stub, generation: int, qbytes: bytes, spec: ScoreSpec | None,
 
 def value_replicas(stub, generation: int, tbytes: bytes, spec: ScoreSpec, replicas: int
                    ) -> tuple[list[tuple[str, float]], int]:
-    resps = [stub.ValueShards(scorer_pb2.ValueShardsRequest(
+    resps = [list(stub.ValueShards(scorer_pb2.ValueShardsRequest(
         shards=selector(generation, r, replicas), targets=tbytes, scoring=scoring_of(spec)),
-        timeout=60) for r in range(max(1, replicas))]
-    return (rank_values((v.id, v.score) for r in resps for v in r.values),
-            sum(r.shards_scored for r in resps))
+        timeout=60)) for r in range(max(1, replicas))]
+    for chunks in resps:
+        assert len({c.shards_scored for c in chunks}) == 1
+    return (rank_values((v.id, v.score) for chunks in resps for r in chunks for v in r.values),
+            sum(chunks[0].shards_scored for chunks in resps))
 
 
 def expected(index: I.Index, qs: QuerySet, spec: ScoreSpec, top: int
@@ -357,7 +359,7 @@ def test_bad_requests_map_to_status_codes(scorer, corpus):
         req = scorer_pb2.ValueShardsRequest(shards=sel or selector(2), targets=targets)
         if scoring is not None:
             req.scoring.CopyFrom(scoring)
-        return lambda: stub.ValueShards(req, timeout=30)
+        return lambda: list(stub.ValueShards(req, timeout=30))
 
     # A valid safetensors payload without the gh sketches.
     from rise.shard import encode_ids
@@ -650,14 +652,41 @@ def test_a_cancelled_call_stops_scanning(corpus, method):
            scorer_pb2.ValueShardsRequest(shards=selector(2), targets=corpus.qbytes,
                                          scoring=spec))
     try:
-        full = getattr(scorer, method)(req, _Context(active=100))
+        def call(ctx):
+            out = getattr(scorer, method)(req, ctx)
+            return out if method == "ScoreShards" else list(out)[-1]
+
+        full = call(_Context(active=100))
         assert full.shards_scored == 7 and len(loads) == 7
         loads.clear()
         ctx = _Context(active=2)
         with pytest.raises(RuntimeError, match="aborted"):
-            getattr(scorer, method)(req, ctx)
+            call(ctx)
         assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.CANCELLED
         assert "cancelled" in ctx.aborted[1]
         assert len(loads) == 2  # two shards scanned, then the check stopped it
     finally:
         scorer.close()
+
+
+def test_values_stream_in_bounded_messages(corpus):
+    """ValueShards sends at most value_chunk values per message; the messages together are
+    the single-process valuation, best first (an index of any size fits the stream)."""
+    from rise.scorer.server import Scorer
+
+    spec = ScoreSpec(channel="both", score="cosine")
+    want = [(h.id, h.score) for h in api.value_sketched(corpus.index2, corpus.queries, spec)]
+    req = scorer_pb2.ValueShardsRequest(shards=selector(2), targets=corpus.qbytes,
+                                        scoring=scoring_of(spec))
+    for chunk in (3, 1000):
+        scorer = Scorer(corpus.settings, threads=2, value_chunk=chunk)
+        try:
+            msgs = list(scorer.ValueShards(req, _Context(active=1000)))
+        finally:
+            scorer.close()
+        assert len(msgs) == -(-len(want) // chunk)
+        assert all(len(m.values) <= chunk for m in msgs)
+        assert all(m.shards_scored == 7 for m in msgs)
+        got = [(c.id, c.score) for m in msgs for c in m.values]
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert max(abs(a[1] - b[1]) for a, b in zip(got, want, strict=True)) < 1e-6

@@ -162,3 +162,18 @@ def test_unset_sketch_settings_take_the_product_defaults():
     assert cfg.temperature == constants.DEFAULT_TEMPERATURE
     assert cfg.topk == constants.DEFAULT_TOPK and cfg.dims == constants.DEFAULT_DIMS
     assert config_from(common_pb2.SketchConfig(temperature=1.0)).temperature == 1.0
+
+
+def test_values_that_cannot_fit_one_response_are_refused_with_advice():
+    from rise.errors import BudgetExceeded
+    from rise.gateway.service import check_values_fit
+    from rise.v1 import rise_pb2
+
+    values = [(f"example-{i:07d}", 0.5 - i * 1e-6) for i in range(40_000)]
+    wire = rise_pb2.ValueResponse(values=[rise_pb2.Hit(id=i, score=s) for i, s in values])
+    size = wire.ByteSize()
+    # the estimate is an upper bound (never lets a too-large response through) ...
+    with pytest.raises(BudgetExceeded, match="set top"):
+        check_values_fit(values, size + 1024**2 - 1)
+    # ... and not a loose one
+    check_values_fit(values, size + 1024**2 + size // 4)

@@ -363,12 +363,15 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                                           req.HasField("fields"), "targets")
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
         tbytes = base64.b64decode(payload)
-        replies = self._fan_out(lambda stub, i, n: stub.ValueShards(scorer_pb2.ValueShardsRequest(
-            shards=self._selector(tenant, req.index, index, i, n), targets=tbytes,
-            scoring=scoring), timeout=self.d.settings.query_timeout_seconds))
-        ranked = rank_values((c.id, c.score) for r in replies for c in r.values)
-        resp = rise_pb2.ValueResponse(examples=len(ranked), generation=index.generation)
+        replies = self._fan_out(lambda stub, i, n: list(stub.ValueShards(
+            scorer_pb2.ValueShardsRequest(shards=self._selector(tenant, req.index, index, i, n),
+                                          targets=tbytes, scoring=scoring),
+            timeout=self.d.settings.query_timeout_seconds)))
+        ranked = rank_values((c.id, c.score) for chunks in replies for r in chunks
+                             for c in r.values)
         shown = ranked[: req.top] if req.top else ranked
+        check_values_fit(shown, self.d.settings.max_message_bytes)
+        resp = rise_pb2.ValueResponse(examples=len(ranked), generation=index.generation)
         resp.values.extend(rise_pb2.Hit(id=i, score=s) for i, s in shown)
         if target_key is not None:
             import math
@@ -399,6 +402,17 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
             write_records(path, raws)
             with open(path, "rb") as f:
                 self.d.store("").put(key, f.read())
+
+
+def check_values_fit(values: Sequence[tuple[str, float]], max_message_bytes: int) -> None:
+    """RESOURCE_EXHAUSTED unless ``values`` fit in one response (1 MiB kept for the rest)."""
+    # A Hit on the wire: the id, a double and at most 16 bytes of tags and lengths.
+    size = sum(len(i.encode()) + 16 for i, _ in values)
+    if size > max_message_bytes - 1024**2:
+        raise_exhausted(
+            f"{len(values)} values (about {size / 2**20:.1f} MiB) exceed one response "
+            f"({max_message_bytes / 2**20:.0f} MiB); set top, and select_fraction with "
+            "selection_uri for a selection of any size")
 
 
 def raise_exhausted(msg: str) -> None:

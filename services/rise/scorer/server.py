@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -46,6 +46,9 @@ log = logging.getLogger("rise.scorer")
 
 SERVICE_NAME = "rise.v1.ScorerService"
 DEFAULT_TOP = 10
+# Values per ValueShards message: 65536 ids and doubles are ~2-3 MB, far below the 64 MiB
+# message limit whatever the index size.
+VALUE_CHUNK = 65536
 # Shard groups per scoring thread: more groups than threads balances cached and uncached
 # shards across threads; each group's candidates are merged afterwards.
 GROUPS_PER_THREAD = 4
@@ -186,13 +189,14 @@ class Scorer(pb_grpc.ScorerServiceServicer):
 
     def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None, *,
                  store_factory: StoreFactory | None = None, cache: ShardCache | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, value_chunk: int = VALUE_CHUNK) -> None:
         self.settings = settings if settings is not None else Settings()
         self.metrics = metrics if metrics is not None else for_service("scorer")
         factory = store_factory or default_store_factory(self.settings)
         self.cache = cache or ShardCache(factory, self.settings.scorer_cache_bytes,
                                          self.metrics)
         self.threads = max(1, threads if threads is not None else self.settings.scorer_threads)
+        self.value_chunk = max(1, value_chunk)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rise-scorer")
         self._means: OrderedDict[tuple[str, str], PoolMean] = OrderedDict()
         self._means_lock = threading.Lock()
@@ -222,7 +226,8 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         return resp
 
     @rpc("scorer")
-    def ValueShards(self, request: pb.ValueShardsRequest, context: Any) -> pb.ValueShardsResponse:
+    def ValueShards(self, request: pb.ValueShardsRequest, context: Any
+                    ) -> Iterator[pb.ValueShardsResponse]:
         prefix, index, entries = self._select(request.shards)
         spec = spec_from_proto(request.scoring if request.HasField("scoring") else None)
         targets = decode_queries(request.targets, index, "targets")
@@ -235,9 +240,10 @@ class Scorer(pb_grpc.ScorerServiceServicer):
                                                mean=mean),
             self._groups(entries))
         ranked = rank_values(v for p in parts for v in p)
-        return pb.ValueShardsResponse(
-            values=[pb.Candidate(id=rid, score=v) for rid, v in ranked],
-            shards_scored=len(entries))
+        for lo in range(0, max(len(ranked), 1), self.value_chunk):
+            yield pb.ValueShardsResponse(
+                values=[pb.Candidate(id=rid, score=v) for rid, v in ranked[lo:lo + self.value_chunk]],
+                shards_scored=len(entries))
 
     # --------------------------------------------------------------------- helpers
 

@@ -39,7 +39,7 @@ class ScorerServiceStub:
                 request_serializer=rise_dot_v1_dot_scorer__pb2.ScoreShardsRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_scorer__pb2.ScoreShardsResponse.FromString,
                 _registered_method=True)
-        self.ValueShards = channel.unary_unary(
+        self.ValueShards = channel.unary_stream(
                 '/rise.v1.ScorerService/ValueShards',
                 request_serializer=rise_dot_v1_dot_scorer__pb2.ValueShardsRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_scorer__pb2.ValueShardsResponse.FromString,
@@ -58,7 +58,8 @@ class ScorerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ValueShards(self, request, context):
-        """Values of every live example in this replica's shards for a target set.
+        """Values of every live example in this replica's shards for a target set, best first,
+        in messages of at most a bounded number of values (an index of any size fits).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,7 +73,7 @@ def add_ScorerServiceServicer_to_server(servicer, server):
                     request_deserializer=rise_dot_v1_dot_scorer__pb2.ScoreShardsRequest.FromString,
                     response_serializer=rise_dot_v1_dot_scorer__pb2.ScoreShardsResponse.SerializeToString,
             ),
-            'ValueShards': grpc.unary_unary_rpc_method_handler(
+            'ValueShards': grpc.unary_stream_rpc_method_handler(
                     servicer.ValueShards,
                     request_deserializer=rise_dot_v1_dot_scorer__pb2.ValueShardsRequest.FromString,
                     response_serializer=rise_dot_v1_dot_scorer__pb2.ValueShardsResponse.SerializeToString,
@@ -126,7 +127,7 @@ class ScorerService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/rise.v1.ScorerService/ValueShards',

@@ -194,8 +194,17 @@ def full_registry() -> list[Method]:
         ms.append(rise_method(128, (128, 64, 64), "both", seed=seed))
         ms.append(rise_method(128, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
         ms.append(rise_method(16, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
+    # channel weights at the default settings, over the three sketch seeds (score-time only:
+    # they reuse the seeds' indexes)
+    for seed in (0, 1, 2):
+        for c, lam in (("both", 0.25), ("both", 0.75), ("rh", 0.5), ("gh", 0.5)):
+            ms.append(rise_method(128, (128, 64, 64), c, lam=lam, center=True, temp=2.0,
+                                  seed=seed))
     ms.append(grad_method())
-    return ms
+    unique: dict[str, Method] = {}
+    for m in ms:  # sweeps overlap; one target per name
+        unique.setdefault(m.name, m)
+    return list(unique.values())
 
 
 def smoke_registry() -> list[Method]:

@@ -430,12 +430,16 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
     # ---- loop
     if loop:
         w("## Quality closed loop\n")
+        w("Each selection continues training the same last blocks from the same weights with "
+          "the same recipe; lower held-out NLL is better. `full` = the whole pool, "
+          "`random-s*` = random selections of the same size, `oracle-clean` = as many clean "
+          "examples at random (what a perfect valuation selects), `_base` = no training.\n")
         w("| selection | n | clean fraction | held-out token NLL | held-out example NLL | "
           "train seconds |")
         w("|---|---|---|---|---|---|")
         for n in sorted(loop, key=lambda n: loop[n]["heldout"]["token_nll"]):
             r = loop[n]
-            w(f"| {n} | {r.get('n_selected', '–')} | {_fmt(r.get('clean_fraction'))} | "
+            w(f"| {mark(n)} | {r.get('n_selected', '–')} | {_fmt(r.get('clean_fraction'))} | "
               f"{r['heldout']['token_nll']:.4f} | {r['heldout']['example_nll']:.4f} | "
               f"{_fmt(r.get('train', {}).get('seconds'))} |")
         w("")

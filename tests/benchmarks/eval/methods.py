@@ -194,6 +194,10 @@ def full_registry() -> list[Method]:
         ms.append(rise_method(128, (128, 64, 64), "both", seed=seed))
         ms.append(rise_method(128, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
         ms.append(rise_method(16, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
+    # the sketch size at the default settings, over the three sketch seeds
+    for seed in (1, 2):
+        for dims in ((32, 16, 16), (16, 16, 16)):
+            ms.append(rise_method(128, dims, "both", center=True, temp=2.0, seed=seed))
     # channel weights at the default settings, over the three sketch seeds (score-time only:
     # they reuse the seeds' indexes)
     for seed in (0, 1, 2):

@@ -130,9 +130,9 @@ assets-debian:
 		else echo "assets-debian: no apt-get; install fortunes fortunes-min dict-gcide" >&2; fi; \
 	fi
 
-# --- GPU check on a lent H200 (tests/gpu/README.md).  pydantic and what it needs travel as
-# CPython 3.12 wheels in the git-ignored .whl/ (the device image has no pydantic); this
-# target fetches them, runs the CPU smoke, and prints the exact device call.
+# --- GPU check on an H200 machine (tests/gpu/README.md).  pydantic and what it needs travel
+# as CPython 3.12 wheels in the git-ignored .whl/ (the GPU image has no pydantic); this
+# target fetches them, runs the CPU smoke, and prints the exact command to run there.
 GPU_WHEELS := pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing-extensions==4.16.0
 .PHONY: gpu-check
@@ -144,5 +144,5 @@ gpu-check: install
 		[ $$bytes -lt $$((16 * 1024 * 1024)) ] || { echo "gpu-check: over 16 MiB" >&2; exit 1; }
 	PYTHONPATH=services $(PY) tests/gpu/gpu_check.py --device cpu --models pythia-14m \
 		--tokens 2x32 --quick --out $(CACHE)/gpu-check-smoke
-	@echo 'gpu-check: device run: carry [".whl"], timeout_s 360, command:'
+	@echo 'gpu-check: on the GPU machine, from the repository root with .whl/, run (about 6 min at most):'
 	@echo 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONUNBUFFERED=1 PYTHONPATH=services:/tmp/site python3 tests/gpu/gpu_check.py'

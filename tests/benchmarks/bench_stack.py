@@ -790,6 +790,7 @@ def main() -> int:
         rep["stack_up_s"] = round(b.up_s, 2)
         rep["stack_start_seconds"] = b.stack.start_seconds
         rep["pool"] = b.pool.model_dump()
+        rep["pool"]["model"] = os.path.relpath(rep["pool"]["model"], REPO)  # no machine paths
         uri = b.upload(data)
         rep["dataset_uri"] = uri
         rep["index_jobs"] = b.part1(data, uri)

@@ -10,8 +10,8 @@ index bytes per example and the RapidIn storage ratio.  For the smallest model i
 dispatches the first half of the stack (embeddings first) to offload ("cpu" on a GPU
 run, "disk" on a CPU run) with accelerate and compares the sketches with the one-device run.
 
-On the lent H200 (tests/gpu/README.md; `make gpu-check` fetches pydantic and its needs as
-cp312 wheels into .whl/ and prints this call): carry [".whl"], timeout_s 360, command::
+On an H200 machine (tests/gpu/README.md; `make gpu-check` fetches pydantic and its needs as
+cp312 wheels into .whl/ and prints this command), from the repository root with .whl/::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     PYTHONUNBUFFERED=1 PYTHONPATH=services:/tmp/site python3 tests/gpu/gpu_check.py

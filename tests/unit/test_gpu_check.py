@@ -1,4 +1,4 @@
-"""tests/gpu/gpu_check.py in its CPU smoke mode, so the script made for the lent GPU machine
+"""tests/gpu/gpu_check.py in its CPU smoke mode, so the script made for a GPU machine
 keeps running on the code it measures."""
 
 from __future__ import annotations

@@ -73,6 +73,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp.replace(path)
 
 
+def repo_relative(obj: Any) -> Any:
+    """``obj`` with absolute paths inside the repository made relative to it (reports must
+    not carry this machine's paths)."""
+    if isinstance(obj, str) and obj.startswith(str(REPO) + os.sep):
+        return os.path.relpath(obj, REPO)
+    if isinstance(obj, dict):
+        return {k: repo_relative(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [repo_relative(v) for v in obj]
+    return obj
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)

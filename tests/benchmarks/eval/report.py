@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     REPO,
     load_task,
     product_default,
+    repo_relative,
     stamp,
     write_json,
 )
@@ -505,8 +506,8 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
         w(findings.read_text())
     md = out / "eval.md"
     md.write_text("\n".join(lines) + "\n")
-    write_json(out / "figures.json", {"stamp": st, "tasks": tasks, "figures": figs,
-                                      "pngs": pngs, "smoke": smoke})
+    write_json(out / "figures.json", repo_relative({"stamp": st, "tasks": tasks, "figures": figs,
+                                                   "pngs": pngs, "smoke": smoke}))
     return md
 
 

@@ -59,7 +59,9 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _pad(encs: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(encs: Sequence[Encoded], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask, sup_start) of a batch, as the model is run here."""
     t = max(len(e.input_ids) for e in encs)
     ids = torch.full((len(encs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encs), t), dtype=torch.long)
@@ -97,7 +99,7 @@ def featurize(
         if cancel is not None and cancel():
             raise Cancelled("cancelled")
         encs = [encoded[i] for i in rng]
-        ids, mask, sup = _pad(encs, pad_id)
+        ids, mask, sup = pad_batch(encs, pad_id)
         hidden = lm.hidden_states(ids, mask)
         with torch.inference_mode():
             pos = supervised_positions(hidden, ids, mask, sup, config.weighting, dt)

@@ -30,7 +30,7 @@ import torch
 from rise import exact
 from rise.config import SketchConfig
 from rise.data import Encoded, FieldMap, Record, read_records
-from rise.featurize import Factors, featurize
+from rise.featurize import Factors, featurize, pad_batch
 from rise.index import create_index, encode_all, open_index
 from rise.model import LoadedModel, load_model
 from rise.score import stored_unit
@@ -113,13 +113,8 @@ def stamp(threads: int) -> dict:
 
 
 def pad(encs: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding, as featurize does."""
-    t = max(len(e.input_ids) for e in encs)
-    ids = torch.full((len(encs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encs), t), dtype=torch.long)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, : len(e.input_ids)] = 1
+    """Right padding: featurize's own."""
+    ids, mask, _ = pad_batch(encs, pad_id)
     return ids, mask
 
 

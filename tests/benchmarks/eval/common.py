@@ -324,14 +324,10 @@ def encode_rows(task: TaskData, lm, rows: list[dict[str, Any]]):
 
 
 def pad_batch(encs, pad_id: int):
-    import torch
+    """(ids, mask) right-padded exactly as the product's featurize pads."""
+    from rise.featurize import pad_batch as product_pad
 
-    t = max(len(e.input_ids) for e in encs)
-    ids = torch.full((len(encs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encs), t), dtype=torch.long)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, : len(e.input_ids)] = 1
+    ids, mask, _ = product_pad(encs, pad_id)
     return ids, mask
 
 

@@ -174,6 +174,19 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
+def setup(args: argparse.Namespace, task: Task, peer: str):
+    """The model, pool and query datasets of a run, and the timed bare forward over the
+    whole pool (before --max-pool trims it): (model, tokenizer, pool, queries, seconds)."""
+    model, tok = load_model(task.model_dir)
+    pool = EncodedDataset(task.pool, tok, task.max_length)
+    queries = EncodedDataset(task.queries, tok, task.max_length)
+    fwd = time_forward(model, pool, args.batch_size)
+    print(f"[{peer}] bare forward over pool: {fwd:.1f}s", flush=True)
+    if args.max_pool:
+        pool.items = pool.items[: args.max_pool]
+    return model, tok, pool, queries, fwd
+
+
 def time_forward(model, ds: EncodedDataset, bs: int) -> float:
     """Wall time of one bare forward pass (no grad, full logits) over the dataset."""
     t = Timer()

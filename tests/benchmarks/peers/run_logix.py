@@ -46,13 +46,7 @@ def lib_versions():
 def run(args, task: C.Task) -> None:
     import logix
 
-    model, tok = C.load_model(task.model_dir)
-    pool = C.EncodedDataset(task.pool, tok, task.max_length)
-    queries = C.EncodedDataset(task.queries, tok, task.max_length)
-    fwd = C.time_forward(model, pool, args.batch_size)
-    print(f"[{PEER}] bare forward over pool: {fwd:.1f}s", flush=True)
-    if args.max_pool:
-        pool.items = pool.items[: args.max_pool]
+    model, tok, pool, queries, fwd = C.setup(args, task, PEER)
     n = len(pool)
 
     n_layers = model.config.num_hidden_layers

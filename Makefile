@@ -17,10 +17,10 @@ SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 # The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
 # processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
 up: install assets-model
-	$(PY) deploy/local/stack.py up
+	$(PY) -m rise.stack up
 
 down:
-	$(PY) deploy/local/stack.py down
+	$(PY) -m rise.stack down
 
 # gRPC stubs of protos/rise/v1 into services/rise/v1 (checked in; a test proves they are
 # current).

@@ -2,7 +2,7 @@
 
 Import the fixtures from conftest (``from servers import redis_server, s3_server``) or
 call ``start_redis`` / ``start_s3`` directly for a private instance.  The servers are
-started by ``deploy/local/stack.py`` (the local stack's own launcher): each runs in its
+started by ``rise.stack`` (the local stack's own launcher): each runs in its
 own process group and dies with the test process (``setpriv --pdeathsig``), so neither a
 failing test nor a killed pytest leaves one behind.  Redis runs without persistence; S3
 (``weed mini``) has one admin identity and no bucket.
@@ -11,30 +11,16 @@ failing test nor a killed pytest leaves one behind.  Redis runs without persiste
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rise import stack
 
-
-def _load_stack():
-    name = "rise_local_stack"  # the name tests/integration/test_stack.py loads it under
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "deploy" / "local" / "stack.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stack = _load_stack()
 free_port = stack.free_port
 START_ATTEMPTS = 3  # fresh ports after a start that died (a port taken meanwhile)
 

@@ -5,7 +5,7 @@ Run from the repository root::
 
     python tests/benchmarks/bench_stack.py [--quick] [--out tests/benchmarks/reports]
 
-Brings the local stack up in a temporary folder (``deploy/local/stack.py``: Redis,
+Brings the local stack up in a temporary folder (``rise.stack``: Redis,
 SeaweedFS S3, gateway, one Celery worker of pool ``smollm2`` with concurrency 1 on the
 CPU, one scorer), and always brings it down again.  Measures:
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -55,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from rise.stack import Stack, minio_client
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / ".cache/models/smollm2-135m-instruct"
@@ -72,15 +73,6 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def load_stack_module():
-    spec = importlib.util.spec_from_file_location("rise_local_stack",
-                                                  REPO / "deploy/local/stack.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------ stamp
@@ -242,10 +234,9 @@ def compare_values(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> di
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, tmp: Path, stackmod) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.a = args
         self.tmp = tmp
-        self.sm = stackmod
         self.stack = None
         self.client = None
         self.token = secrets.token_urlsafe(24)
@@ -264,7 +255,7 @@ class Bench:
                            ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE",
                             "TRANSFORMERS_OFFLINE")})
         t = time.perf_counter()
-        self.stack = self.sm.Stack.up(
+        self.stack = Stack.up(
             self.tmp / "stack", pools={POOL: str(MODEL)}, tokens={TENANT: self.token},
             gateway_port="auto", scorer_port="auto", metrics_port="auto",
             die_with_parent=True, log=log)
@@ -282,7 +273,7 @@ class Bench:
 
     def upload(self, data: Path) -> str:
         s3 = self.stack.s3
-        client = self.sm.minio_client(s3["endpoint"], s3["access_key"], s3["secret_key"])
+        client = minio_client(s3["endpoint"], s3["access_key"], s3["secret_key"])
         key = f"tenants/{TENANT}/data/{data.name}"
         client.fput_object(s3["bucket"], key, str(data), content_type="application/x-ndjson")
         return f"s3://{s3['bucket']}/{key}"
@@ -778,8 +769,7 @@ def main() -> int:
                                       "shard_size": SHARD_SIZE, "batch_size": BATCH, "top": TOP,
                                       "warmup_calls": WARMUP_CALLS, "tolerance": TOL}}
     tmp = Path(tempfile.mkdtemp(prefix="rise-bench-stack-"))
-    stackmod = load_stack_module()
-    b = Bench(a, tmp, stackmod)
+    b = Bench(a, tmp)
     try:
         lines = LEE.read_text().splitlines(keepends=True)[: a.docs]
         data = tmp / f"lee-{a.docs}.jsonl"

@@ -1,16 +1,15 @@
-"""The whole platform as deployed locally (deploy/local/stack.py): real Redis, real S3
+"""The whole platform as deployed locally (rise.stack): real Redis, real S3
 (SeaweedFS), the gateway, one Celery worker and the scorer as separate processes, driven
 over real gRPC with rise.client and the ``rise remote`` CLI.
 
 One stack per module (a tiny random Llama as the pool's model, two tenants); answers must
 equal the embedded path (rise.index + rise.api on a LocalStore) on the same data and
 configuration; tenants must not see each other; every service's /metrics serves its
-catalogue; ``stack.py down`` leaves no process behind.
+catalogue; ``python -m rise.stack down`` leaves no process behind.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -25,10 +24,10 @@ import pytest
 from conftest import TEXTS, save_tiny_model, write_jsonl
 from rise import errors
 from rise.client import RiseClient, state_name
+from rise.stack import Stack, minio_client, running
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TOKENS = {"a": "tok-a-7f3c9e", "b": "tok-b-1d2e4a"}
 POOL = "tiny"
 ROWS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS + [
@@ -43,33 +42,23 @@ QUERIES = [{"id": "q-fox", "text": "A fox jumped over a dog."},
 SPECS = [dict(), dict(channel="rh", score="raw"), dict(lam=0.25, center=True), dict(center=False)]
 
 
-def _stack_module():
-    spec = importlib.util.spec_from_file_location("rise_local_stack",
-                                                  REPO / "deploy" / "local" / "stack.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    S = _stack_module()
     root = tmp_path_factory.mktemp("stack")
     model = save_tiny_model("llama", root / "tiny-llama")
     corpus = write_jsonl(root / "c.jsonl", ROWS)
     queries = write_jsonl(root / "q.jsonl", QUERIES)
     t0 = time.monotonic()
-    stack = S.Stack.up(root / "stack", pools={POOL: str(model)}, tokens=TOKENS,
-                       gateway_port="auto", scorer_port="auto", metrics_port="auto",
-                       die_with_parent=True)
+    stack = Stack.up(root / "stack", pools={POOL: str(model)}, tokens=TOKENS,
+                     gateway_port="auto", scorer_port="auto", metrics_port="auto",
+                     die_with_parent=True)
     up_s = time.monotonic() - t0
     try:
-        s3 = S.minio_client(stack.s3["endpoint"], stack.s3["access_key"], stack.s3["secret_key"])
+        s3 = minio_client(stack.s3["endpoint"], stack.s3["access_key"], stack.s3["secret_key"])
         data = corpus.read_bytes()
         for tenant in ("a", "b"):
             s3.put_object("rise", f"tenants/{tenant}/data/c.jsonl", io.BytesIO(data), len(data))
-        yield SimpleNamespace(S=S, stack=stack, root=root, model=model, corpus=corpus,
+        yield SimpleNamespace(stack=stack, root=root, model=model, corpus=corpus,
                               queries=queries, s3=s3, gateway=stack.endpoints["gateway"],
                               up_s=up_s)
     finally:
@@ -342,20 +331,20 @@ def test_gateway_job_gauges_follow_the_job_store(built, env, a, b):
 
 
 def test_stack_down_leaves_no_process(env):
-    S, stack = env.S, env.stack
+    stack = env.stack
     pids = sorted({pid for p in stack.procs for pid in p.members()})
     assert len(pids) >= 6  # redis, weed, gateway, celery main + child, scorer
-    status = subprocess.run([sys.executable, str(REPO / "deploy/local/stack.py"), "status",
+    status = subprocess.run([sys.executable, "-m", "rise.stack", "status",
                              "--dir", stack.dir, "--json"], capture_output=True, text=True,
                             timeout=60)
     assert status.returncode == 0, status.stderr
     assert all(r["running"] for r in json.loads(status.stdout)["processes"].values())
-    down = subprocess.run([sys.executable, str(REPO / "deploy/local/stack.py"), "down",
+    down = subprocess.run([sys.executable, "-m", "rise.stack", "down",
                            "--dir", stack.dir], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     for p in stack.procs:  # reap our children so that none lingers as a zombie
         if p.popen is not None:
             p.popen.wait(10)
-    left = [pid for pid in pids if S._running(pid)]
+    left = [pid for pid in pids if running(pid)]
     assert not left, f"still running after down: {left}"
     assert not Path(stack.dir, "stack.json").exists()

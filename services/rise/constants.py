@@ -6,6 +6,9 @@ writes the same key and the same bytes.  Ids never appear in keys.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 FORMAT_VERSION = 1
 
 MANIFEST_PREFIX = "manifest-"
@@ -33,6 +36,12 @@ DEFAULT_LAMBDA = 0.5
 DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
 # Head work per chunk: logits, softmax and the residual each take chunk x V floats.
 DEFAULT_HEAD_CHUNK_BYTES = 256 * 1024**2
+
+
+def cache_dir(configured: str = "") -> Path:
+    """The local cache folder (converted models, downloaded datasets): ``configured`` (the
+    services' ``Settings.cache_dir``), else $RISE_CACHE_DIR, else ~/.cache/rise."""
+    return Path(configured or os.environ.get("RISE_CACHE_DIR") or Path.home() / ".cache" / "rise")
 
 
 def manifest_key(generation: int) -> str:

@@ -18,14 +18,16 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from rise.errors import InvalidInput, NotFound, StorageError
+import urllib3
+from minio.error import MinioException, S3Error
 
-if TYPE_CHECKING:
-    from rise.settings import Settings
-    from rise.store import Store
+from rise.constants import cache_dir
+from rise.errors import InvalidInput, NotFound, StorageError
+from rise.s3store import S3Store
+from rise.settings import Settings
+from rise.store import LocalStore, Store
 
 FILE_SCHEME = "file://"
 # Longest suffix first: ".jsonl.gz" must not be read as ".gz" (same list as rise.data).
@@ -47,20 +49,11 @@ def open_store(settings: Settings, prefix: str) -> Store:
     """The store holding the objects under ``prefix`` (an index's folder in the bucket)."""
     root = local_root(settings)
     if root is not None:
-        from rise.store import LocalStore
-
         return LocalStore(root / prefix.strip("/")) if prefix.strip("/") else LocalStore(root)
-    from rise.s3store import S3Store
-
     return S3Store.from_url(
         settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
         settings.s3_bucket, prefix=prefix, secure=settings.s3_secure, region=settings.s3_region,
     )
-
-
-def cache_root(settings: Settings) -> Path:
-    """``settings.cache_dir``, else ~/.cache/rise (the same default as rise.model)."""
-    return Path(settings.cache_dir) if settings.cache_dir else Path.home() / ".cache" / "rise"
 
 
 def dataset_suffix(name: str) -> str:
@@ -122,11 +115,6 @@ def _materialize_s3(uri: str, settings: Settings) -> Path:
             raise NotFound(f"dataset {uri} not found")
         return path
 
-    import urllib3
-    from minio.error import MinioException, S3Error
-
-    from rise.s3store import S3Store
-
     # The store's client: same endpoint parsing (host:port or URL) and no urllib3 retries.
     client = S3Store.from_url(settings.s3_endpoint, settings.s3_access_key or None,
                               settings.s3_secret_key or None, bucket,
@@ -135,7 +123,7 @@ def _materialize_s3(uri: str, settings: Settings) -> Path:
     try:
         stat = client.stat_object(bucket, key)
         name = hashlib.sha256(f"{uri}\n{stat.etag}".encode()).hexdigest()
-        target = cache_root(settings) / "datasets" / f"{name}{suffix}"
+        target = cache_dir(settings.cache_dir) / "datasets" / f"{name}{suffix}"
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+from rise.constants import cache_dir
 from rise.errors import InvalidInput, Mismatch, NotFound, UnsupportedModel
 from rise.readout import Head
+
+# transformers (and huggingface_hub's API) are imported in the functions that load a model:
+# they add ~0.9 s to an import that already has torch (measured), which the scorer, the
+# gateway and the CLI verbs that load no model would pay for nothing.  gguf (~0.2 s) is
+# imported only for .gguf files.
 
 # Config keys that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -97,8 +105,6 @@ def _checkpoint_keys(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
         with safe_open(str(single), framework="pt") as f:
             return {k: single for k in f.keys()}
     return {}
@@ -116,6 +122,7 @@ def head_sha256(model: Any, folder: Path | None, gguf_file: Path | None) -> str:
     for n in names:
         candidates += [n, n.removeprefix(prefix + "."), f"{prefix}.{n}"]
     if gguf_file is not None:
+        # start-up: gguf only for .gguf files (note at the top)
         from gguf import GGUFReader
 
         tensors = {t.name: t for t in GGUFReader(str(gguf_file)).tensors}
@@ -126,14 +133,12 @@ def head_sha256(model: Any, folder: Path | None, gguf_file: Path | None) -> str:
         keys = _checkpoint_keys(folder)
         for c in candidates:
             if c in keys:
-                from safetensors import safe_open
-
                 with safe_open(str(keys[c]), framework="pt") as f:
                     return _tensor_sha256(f.get_tensor(c))
     return _tensor_sha256(head_param.detach().float())
 
 
-def _head_of(model: Any, dtype: torch.dtype) -> Head:
+def head_of(model: Any, dtype: torch.dtype) -> Head:
     """The head in compute precision (float32 or wider) with the model's logit transform."""
     lin = model.get_output_embeddings()
     cfg = model.config
@@ -199,11 +204,6 @@ class LoadedModel:
             )
 
 
-def cache_dir() -> Path:
-    """Where converted models live: $RISE_CACHE_DIR, else ~/.cache/rise."""
-    return Path(os.environ.get("RISE_CACHE_DIR", Path.home() / ".cache" / "rise"))
-
-
 def _gguf_folder(gguf_file: Path) -> Path:
     """Convert a .gguf file once into a safetensors folder, cached by the file's sha256."""
     h = hashlib.sha256()
@@ -213,6 +213,7 @@ def _gguf_folder(gguf_file: Path) -> Path:
     out = cache_dir() / "gguf" / h.hexdigest()[:16]
     if (out / "rise-identity.json").exists():
         return out
+    # start-up: transformers only when a model loads (note at the top)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -231,8 +232,6 @@ def _gguf_folder(gguf_file: Path) -> Path:
     }
     (tmp / "rise-identity.json").write_text(json.dumps(ident))
     if out.exists():  # another process converted it first; theirs is as good as ours
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.replace(out)
@@ -255,6 +254,7 @@ def load_model(
     float32, or float64 when the weights are float64.  device_map/max_memory are passed to
     transformers (accelerate) for sharded placement.
     """
+    # start-up: transformers only when a model loads (note at the top)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -298,6 +298,7 @@ def load_model(
     m.eval()
     compute = torch.float64 if m.dtype == torch.float64 else torch.float32
     if folder is None:
+        # start-up: the hub API only for a hub id (note at the top)
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(str(model), revision=revision, local_files_only=True))
@@ -308,7 +309,7 @@ def load_model(
         head_sha256=stored_head or head_sha256(m, folder, None),
         tokenizer_sha256=tokenizer_sha256(tok),
     )
-    loaded = LoadedModel(model=m, tokenizer=tok, head=_head_of(m, compute), identity=ident,
+    loaded = LoadedModel(model=m, tokenizer=tok, head=head_of(m, compute), identity=ident,
                          compute_dtype=compute)
     if check:
         loaded.check_head()

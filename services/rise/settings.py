@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     """Lifetime of an index's writer lock; jobs release it when they end, the expiry only
     frees an index whose worker vanished for good."""
     cache_dir: str = ""
-    """Local cache of datasets and converted models; empty: ~/.cache/rise."""
+    """Local cache of datasets and converted models; empty: ~/.cache/rise (see
+    ``rise.constants.cache_dir``)."""
 
     def tokens(self) -> dict[str, str]:
         """Bearer token -> tenant, from auth_tokens_file."""

@@ -5,10 +5,11 @@ For each model config in tests/fixtures/configs it builds a random-init model of
 architecture directly on the device (parameters on meta, then ``to_empty`` + init there:
 no float32 copy on the CPU), wraps it in ``rise.model.LoadedModel`` and measures, after a
 warm-up, (a) the bare forward with full logits and (b) ``rise.featurize.featurize``:
-tokens/s of each, their ratio, peak memory against ``rise.plan.plan_model``'s estimate,
-index bytes per example and the RapidIn storage ratio.  For the smallest model it also
-dispatches the first half of the stack (embeddings first) to offload ("cpu" on a GPU
-run, "disk" on a CPU run) with accelerate and compares the sketches with the one-device run.
+tokens/s of each, their ratio, peak memory against the estimate of
+``rise.placement.plan_placement``, index bytes per example and the RapidIn storage ratio.
+For the smallest model it also dispatches the first half of the stack (embeddings first)
+to offload ("cpu" on a GPU run, "disk" on a CPU run) with accelerate and compares the
+sketches with the one-device run.
 
 On an H200 machine (tests/gpu/README.md; `make gpu-check` fetches pydantic and its needs as
 cp312 wheels into .whl/ and prints this command), from the repository root with .whl/::
@@ -38,8 +39,8 @@ import torch
 from rise.config import SketchConfig
 from rise.data import Encoded
 from rise.featurize import Features, featurize
-from rise.model import LoadedModel, ModelIdentity, _head_of
-from rise.plan import load_config, plan_model, sketch_bytes_per_example
+from rise.model import LoadedModel, ModelIdentity, head_of
+from rise.placement import load_config, plan_placement, sketch_bytes_per_example
 from torch import nn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
@@ -85,7 +86,7 @@ def build_model(config: Path, device: str, dtype: torch.dtype) -> nn.Module:
 def wrap(model: nn.Module, name: str) -> LoadedModel:
     ident = ModelIdentity(name=name, revision=None, config_sha256="-", head_sha256="-",
                           tokenizer_sha256="-")
-    return LoadedModel(model=model, tokenizer=_Tokenizer(), head=_head_of(model, torch.float32),
+    return LoadedModel(model=model, tokenizer=_Tokenizer(), head=head_of(model, torch.float32),
                        identity=ident, compute_dtype=torch.float32)
 
 
@@ -298,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         b, length = map(int, (args.tokens or "8x512").lower().split("x"))
         for _ in range(2):  # re-plan once at batch 4 for a model above 20 B parameters
-            p = plan_model(str(CONFIGS / f"{name}.json"), gpus=1, gpu_memory_bytes=GPU_MEMORY,
-                           batch_size=b, max_length=length, dtype=dtype_name)
+            p = plan_placement(str(CONFIGS / f"{name}.json"), gpus=1,
+                               gpu_memory_bytes=GPU_MEMORY, batch_size=b, max_length=length,
+                               dtype=dtype_name)
             if args.tokens is not None or p.n_params <= 20e9 or b == 4:
                 break
             b = 4

@@ -143,7 +143,7 @@ def test_schema_rejects_bad_values(schema_validator, patch, where):
 def test_gpu_memory_pattern_agrees_with_rise_plan(schema_validator):
     """What the schema lets through as gpuMemory, `rise plan --gpu-memory` parses."""
     from rise.errors import InvalidInput
-    from rise.plan import parse_bytes
+    from rise.placement import parse_bytes
 
     pattern = re.compile(schema_validator.schema["definitions"]["gpuMemory"]["pattern"])
     for good in ("80GiB", "141GiB", "80GB", "24G", "512Mi", "1000", "1.5TiB", "40gib"):

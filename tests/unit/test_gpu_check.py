@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from rise.plan import sketch_bytes_per_example
+from rise.placement import sketch_bytes_per_example
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "gpu" / "gpu_check.py"
@@ -39,7 +39,7 @@ def test_smoke_mode_reports_every_figure(figures: dict) -> None:
     assert row["featurize_over_forward"] > 0
     assert row["check_head"] == "ok" and row["sketch_finite"]
     kr, kh, kg = row["dims"]
-    assert row["sketch_bytes_per_example"] == (kr * kh + kg * kh) * 2 + 16
+    assert row["sketch_bytes_per_example"] == (kr * kh + kg * kh) * 2 + 40
     assert row["sketch_bytes_per_example"] == sketch_bytes_per_example(tuple(row["dims"]))
     assert row["plan_sketch_bytes_per_example"] == row["sketch_bytes_per_example"]
     assert row["plan_peak_bytes"] > 0 and row["plan_fits"] is True

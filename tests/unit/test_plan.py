@@ -1,4 +1,4 @@
-"""Memory planner: parameter counts, placement, fit verdicts, index sizes, parsing, table.
+"""Placement planner: parameter counts, placement, fit verdicts, index sizes, parsing, table.
 
 Everything runs on the meta device from the shipped config.json fixtures: no weights, no
 GPU, no network.
@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from rise import plan as P
+import torch
+from rise import constants
+from rise import placement as P
 from rise.errors import InvalidInput, NotFound, UnsupportedModel
+from rise.factors import Features
+from rise.shard import build_shard
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 OLMO_32B = str(CONFIGS / "olmo-2-32b.json")
@@ -36,8 +40,8 @@ PUBLISHED_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def plan_4x80() -> P.Plan:
-    return P.plan_model(OLMO_32B, gpus=4, gpu_memory_bytes=P.parse_bytes("80GiB"))
+def plan_4x80() -> P.Placement:
+    return P.plan_placement(OLMO_32B, gpus=4, gpu_memory_bytes=P.parse_bytes("80GiB"))
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -51,7 +55,7 @@ def test_fixture_param_counts_match_published(name: str) -> None:
     assert next(net.parameters()).device.type == "meta"
 
 
-def test_olmo_32b_fits_on_4x80gib_spread_over_all_gpus(plan_4x80: P.Plan) -> None:
+def test_olmo_32b_fits_on_4x80gib_spread_over_all_gpus(plan_4x80: P.Placement) -> None:
     p = plan_4x80
     assert abs(p.n_params - 32.2e9) / 32.2e9 < 0.01
     assert p.weight_bytes == p.n_params * 2  # bfloat16
@@ -64,20 +68,20 @@ def test_olmo_32b_fits_on_4x80gib_spread_over_all_gpus(plan_4x80: P.Plan) -> Non
     assert all(d.context_bytes == P.CUDA_CONTEXT_BYTES for d in gpus)
 
 
-def test_head_and_final_norm_share_the_last_gpu(plan_4x80: P.Plan) -> None:
+def test_head_and_final_norm_share_the_last_gpu(plan_4x80: P.Placement) -> None:
     dm = plan_4x80.device_map
     assert dm["lm_head"] == dm["model.norm"] == 3
     assert plan_4x80.head_device == "cuda:3"
     head = [d for d in plan_4x80.devices if d.has_head]
     assert [d.device for d in head] == ["cuda:3"] and head[0].head_workspace_bytes > 0
-    pythia = P.plan_model(str(CONFIGS / "pythia-6.9b.json"), 2, "24GiB")
+    pythia = P.plan_placement(str(CONFIGS / "pythia-6.9b.json"), 2, "24GiB")
     head_name = next(n for n, m in P.build_meta_model(P.load_config(
         str(CONFIGS / "pythia-6.9b.json"))).named_modules() if n.endswith(("lm_head", "embed_out")))
     assert pythia.device_map[head_name] == pythia.device_map["gpt_neox.final_layer_norm"] == 1
 
 
 def test_olmo_32b_fits_on_one_141gib_gpu() -> None:
-    p = P.plan_model(OLMO_32B, gpus=1, gpu_memory_bytes="141GiB")
+    p = P.plan_placement(OLMO_32B, gpus=1, gpu_memory_bytes="141GiB")
     assert p.fits, p.reason
     (gpu,) = p.devices
     assert gpu.n_layers == 64 and gpu.has_head and gpu.weight_bytes == p.weight_bytes
@@ -86,35 +90,59 @@ def test_olmo_32b_fits_on_one_141gib_gpu() -> None:
 
 
 def test_olmo_32b_does_not_fit_on_2x24gib_but_does_with_cpu_offload() -> None:
-    p = P.plan_model(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB")
+    p = P.plan_placement(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB")
     assert not p.fits and "no room" in (p.reason or "")
     assert p.devices[-1].device == "unplaced" and p.devices[-1].n_layers > 0
-    off = P.plan_model(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB", cpu_memory_bytes="128GiB")
+    off = P.plan_placement(OLMO_32B, gpus=2, gpu_memory_bytes="24GiB", cpu_memory_bytes="128GiB")
     assert off.fits, off.reason
     cpu = [d for d in off.devices if d.device == "cpu"]
     assert cpu and cpu[0].n_layers > 0 and any("offloaded" in n for n in off.notes)
 
 
 def test_a_gpu_too_small_for_the_head_is_reported() -> None:
-    p = P.plan_model(OLMO_32B, gpus=1, gpu_memory_bytes="2GiB")
+    p = P.plan_placement(OLMO_32B, gpus=1, gpu_memory_bytes="2GiB")
     assert not p.fits and "cuda:0 peak" in (p.reason or "")
 
 
 def test_sketch_bytes_per_example_formula() -> None:
-    assert P.sketch_bytes_per_example((64, 32, 32)) == (64 * 32 + 32 * 32) * 2 + 16 == 6160
+    # float16 sketches + two float32 norms + three int64 columns + the id's int64 offset
+    assert P.sketch_bytes_per_example((64, 32, 32)) == (64 * 32 + 32 * 32) * 2 + 40 == 6184
     kr, kh, kg = 8, 4, 2
-    assert P.sketch_bytes_per_example((kr, kh, kg)) == (kr * kh + kg * kh) * 2 + 16 == 96
+    assert P.sketch_bytes_per_example((kr, kh, kg)) == (kr * kh + kg * kh) * 2 + 40 == 120
+    assert P.sketch_bytes_per_example((kr, kh, kg), id_bytes=12) == 132
     assert P.rapidin_bytes_per_example() == 65536 * 2
 
 
-def test_storage_ratio_and_dense_gradient(plan_4x80: P.Plan) -> None:
+@pytest.mark.parametrize("dims, n, id_bytes", [((8, 4, 2), 300, 12), ((128, 64, 64), 1024, 7)])
+def test_sketch_bytes_per_example_is_what_a_shard_stores(dims, n, id_bytes) -> None:
+    """The planner's figure against a shard built from fixed tensors (ids of one length),
+    at the default dims and shard size among others."""
+    kr, kh, kg = dims
+    gen = torch.Generator().manual_seed(0)
+    feats = Features(token_counts=torch.arange(1, n + 1, dtype=torch.int64),
+                     rh=torch.randn(n, kr * kh, generator=gen),
+                     gh=torch.randn(n, kg * kh, generator=gen))
+    ids = [f"{i:0{id_bytes}d}" for i in range(n)]
+    assert {len(i.encode()) for i in ids} == {id_bytes}
+    data = build_shard({"kind": "test"}, ids, [1] * n, list(range(n)), feats, "float16")
+    header = 8 + int.from_bytes(data[:8], "little")  # safetensors: length, then JSON header
+    per_example = P.sketch_bytes_per_example(dims, id_bytes=id_bytes)
+    assert len(data) == header + n * per_example + P.sketch_shard_fixed_bytes(dims)
+    # Per example, a shard of n examples costs the planner's figure plus its fixed part / n.
+    overhead = (header + P.sketch_shard_fixed_bytes(dims)) / n
+    assert len(data) / n == pytest.approx(per_example + overhead)
+    if n == constants.DEFAULT_SHARD_SIZE:  # a full shard: the fixed part is under 1% per example
+        assert overhead < 0.01 * per_example
+
+
+def test_storage_ratio_and_dense_gradient(plan_4x80: P.Placement) -> None:
     p = plan_4x80
-    # default dims (128, 64, 64): (8192 + 4096) float16 values + 16 bytes of scalars
-    assert p.sketch_bytes_per_example == 24592 and p.rapidin_bytes_per_example == 131072
-    assert p.storage_ratio == pytest.approx(131072 / 24592) and p.storage_ratio > 1
+    # default dims (128, 64, 64): (8192 + 4096) float16 values + 40 bytes of the rest
+    assert p.sketch_bytes_per_example == 24616 and p.rapidin_bytes_per_example == 131072
+    assert p.storage_ratio == pytest.approx(131072 / 24616) and p.storage_ratio > 1
     assert p.dense_gradient_bytes == p.n_params * 4 > 80 * GiB
-    assert f"{p.storage_ratio:.1f}x" in P.format_plan_table(p)
-    assert p.tokens_per_s is None
+    assert f"{p.storage_ratio:.1f}x" in P.format_placement(p)
+    assert not hasattr(p, "tokens_per_s")  # never measured by the planner: not reported
 
 
 def test_head_chunk_default_and_workspace() -> None:
@@ -149,21 +177,21 @@ def test_parse_bytes_rejects(bad: object) -> None:
 
 def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
-        P.plan_model(str(tmp_path / "missing.json"), 1, "80GiB")
+        P.plan_placement(str(tmp_path / "missing.json"), 1, "80GiB")
     with pytest.raises(NotFound):  # a folder without config.json
-        P.plan_model(str(tmp_path), 1, "80GiB")
+        P.plan_placement(str(tmp_path), 1, "80GiB")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InvalidInput):
-        P.plan_model(str(tmp_path), 1, "80GiB")
+        P.plan_placement(str(tmp_path), 1, "80GiB")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
     with pytest.raises(UnsupportedModel):
-        P.plan_model(str(tmp_path), 1, "80GiB")
+        P.plan_placement(str(tmp_path), 1, "80GiB")
     for kwargs in ({"gpus": 0}, {"gpu_memory_bytes": 0}, {"batch_size": 0}, {"dtype": "int8"},
                    {"dims": (0, 32, 32)}, {"dims": (64, 32)}, {"head_chunk_tokens": 0},
                    {"max_length": -1}, {"gpu_memory_bytes": "lots"}):
         args = {"gpus": 1, "gpu_memory_bytes": "80GiB"} | kwargs
         with pytest.raises(InvalidInput):
-            P.plan_model(OLMO_32B, **args)
+            P.plan_placement(OLMO_32B, **args)
 
 
 def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
@@ -171,7 +199,7 @@ def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
            "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    p = P.plan_model(str(tmp_path), gpus=2, gpu_memory_bytes="1GiB", dtype="float32")
+    p = P.plan_placement(str(tmp_path), gpus=2, gpu_memory_bytes="1GiB", dtype="float32")
     layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert p.n_params == 1000 * 64 + 4 * layer + 64  # the tied head counted once
     dm = p.device_map
@@ -179,16 +207,16 @@ def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
     assert p.fits and p.dtype == "float32" and p.weight_bytes == p.n_params * 4
 
 
-def test_table_and_dict(plan_4x80: P.Plan) -> None:
-    table = P.format_plan_table(plan_4x80)
+def test_table_and_dict(plan_4x80: P.Placement) -> None:
+    table = P.format_placement(plan_4x80)
     for needle in ("32,234,279,936", "60.04 GiB", "olmo2", "cuda:0", "cuda:3", "+head",
-                   "fits      yes", "24,592", "131,072", "5.3x", "80.00 GiB", "unknown",
-                   "SDPA"):
+                   "fits      yes", "24,616", "131,072", "5.3x", "80.00 GiB", "SDPA"):
         assert needle in table, needle
-    assert len(table.splitlines()) == 3 + 2 + 4 + 5 + len(plan_4x80.notes)
+    assert "tokens/s" not in table
+    assert len(table.splitlines()) == 3 + 2 + 4 + 4 + len(plan_4x80.notes)
     d = plan_4x80.to_dict()
     json.dumps(d)
     assert d["devices"][0]["n_layers"] == plan_4x80.devices[0].n_layers
     assert d["dims"] == [128, 64, 64] and d["fits"] is True
-    failing = P.format_plan_table(P.plan_model(OLMO_32B, 2, "24GiB"))
+    failing = P.format_placement(P.plan_placement(OLMO_32B, 2, "24GiB"))
     assert "NO: " in failing and "unplaced" in failing

@@ -1,4 +1,5 @@
-"""Memory planner: does a model's RISE readout fit on these GPUs, and how is it placed?
+"""Placement planner (``rise plan``): does a model's RISE readout fit on these GPUs, and
+how is it placed?
 
 RISE reads only the LM head: indexing an example is one forward pass (no backward) plus
 the head's work in token chunks.  The planner builds the model on the meta device (config
@@ -28,20 +29,25 @@ from rise import constants
 from rise.errors import InvalidInput, NotFound, UnsupportedModel
 from rise.readout import HEAD_TEMPORARIES, chunk_tokens_for
 
+# transformers and accelerate are imported where used: they add ~1.0 s to an import that
+# already has torch (measured), paid only by a process that plans (the gateway imports this
+# module but plans only for GPU pools).
+
 MiB, GiB = 1024**2, 1024**3
 # Driver state plus the kernel images torch/cuBLAS load on first use take ~300-600 MiB on
 # every device touched, before any tensor exists; take the high end to be safe.
 CUDA_CONTEXT_BYTES = 600 * MiB
-# Head chunk: the (chunk, V) float32 logits, softmax and residual are the big temporaries;
-# keep them under 1 GiB; 4096 tokens already saturate a GPU matmul.
-# The head is chunked exactly as the runtime chunks it (rise.readout), so the plan and the
-# allocation agree.
-HEAD_CHUNK_TEMPORARIES = HEAD_TEMPORARIES
 FP32_BYTES = 4
-# A RISE index record: float16 sketch values, then two float32 norms, the int32 token count
-# and the int32 record number (16 bytes).  Example ids are stored apart and not counted.
+# What a sketch shard stores per example (rise.shard.build_shard): the float16 unit sketches
+# phi_RH (kr*kh values) and phi_GH (kg*kh), two float32 norms, three int64 columns (ingest
+# generation, record number, supervised token count), and the id: its UTF-8 bytes and an
+# int64 offset.  Once per shard: a float64 sum per channel, one more offset and the
+# safetensors header.
 SKETCH_VALUE_BYTES = 2
-SKETCH_SCALAR_BYTES = 16
+NORMS_BYTES = 2 * 4
+COLUMNS_BYTES = 3 * 8
+ID_OFFSET_BYTES = 8
+SUM_VALUE_BYTES = 8
 # RapidIn (Lin et al., ACL 2024, "Token-wise Influential Training Data Retrieval for Large
 # Language Models", arXiv:2405.11724) caches each example's full-model gradient as a
 # "RapidGrad" of K random-projected values.  Assumption: K = 2^16 = 65536 in float16, as in
@@ -86,11 +92,22 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def sketch_bytes_per_example(dims: tuple[int, int, int] = constants.DEFAULT_DIMS) -> int:
-    """Index bytes of one RISE record for CountSketch dims (kr, kh, kg): float16 phi_RH
-    (kr*kh) and phi_GH (kg*kh) plus 16 bytes of scalars.  Example ids are extra."""
+def sketch_bytes_per_example(dims: tuple[int, int, int] = constants.DEFAULT_DIMS,
+                             id_bytes: int = 0) -> int:
+    """Bytes a sketch shard stores per example for CountSketch dims (kr, kh, kg) and ids of
+    ``id_bytes`` UTF-8 bytes: float16 phi_RH (kr*kh) and phi_GH (kg*kh), two float32 norms,
+    three int64 columns and the id with its int64 offset (40 bytes besides the sketches and
+    the id).  What a shard stores once is ``sketch_shard_fixed_bytes``."""
     kr, kh, kg = dims
-    return (kr * kh + kg * kh) * SKETCH_VALUE_BYTES + SKETCH_SCALAR_BYTES
+    return ((kr * kh + kg * kh) * SKETCH_VALUE_BYTES + NORMS_BYTES + COLUMNS_BYTES
+            + ID_OFFSET_BYTES + id_bytes)
+
+
+def sketch_shard_fixed_bytes(dims: tuple[int, int, int] = constants.DEFAULT_DIMS) -> int:
+    """Tensor bytes a sketch shard stores once whatever its size: the float64 sum of each
+    channel's unit sketches and the ids' leading offset (the safetensors header is extra)."""
+    kr, kh, kg = dims
+    return (kr * kh + kg * kh) * SUM_VALUE_BYTES + ID_OFFSET_BYTES
 
 
 def rapidin_bytes_per_example(k: int = RAPIDIN_K) -> int:
@@ -116,12 +133,12 @@ def head_workspace_bytes(vocab: int, hidden: int, batch: int, length: int, chunk
     hidden states.  A chunk never holds more tokens than the batch."""
     chunk = min(chunk, batch * length)
     cast = 0 if weight_is_fp32 else vocab * hidden
-    per_chunk = chunk * vocab * HEAD_CHUNK_TEMPORARIES + chunk * (topk + 1) * hidden
+    per_chunk = chunk * vocab * HEAD_TEMPORARIES + chunk * (topk + 1) * hidden
     return (cast + per_chunk + batch * length * hidden) * FP32_BYTES
 
 
 @dataclass
-class DevicePlan:
+class DevicePlacement:
     """Placement and peak estimate of one device: "cuda:i", "cpu", or "unplaced"."""
 
     device: str
@@ -141,8 +158,8 @@ class DevicePlan:
 
 
 @dataclass
-class Plan:
-    """What ``plan_model`` found: sizes, placement, per-device peaks and index costs."""
+class Placement:
+    """What ``plan_placement`` found: sizes, placement, per-device peaks and index costs."""
 
     model: str
     model_type: str
@@ -161,15 +178,14 @@ class Plan:
     head_chunk_tokens: int
     dims: tuple[int, int, int]
     head_device: str
-    devices: list[DevicePlan]
+    devices: list[DevicePlacement]
     device_map: dict[str, int | str]  # accelerate/transformers device_map, head included
     fits: bool
     reason: str | None
-    sketch_bytes_per_example: int
+    sketch_bytes_per_example: int  # ids' UTF-8 bytes excluded (they vary)
     rapidin_bytes_per_example: int
     storage_ratio: float  # rapidin / rise bytes per example
     dense_gradient_bytes: int
-    tokens_per_s: float | None = None  # unknown until measured
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -183,6 +199,7 @@ class Plan:
 def load_config(model: str):  # -> transformers.PretrainedConfig
     """Config of a model folder holding config.json, or of a config.json path; local only,
     built-in architectures only (no remote code)."""
+    # start-up: transformers/accelerate only when planning (note at the top)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(model) / "config.json" if Path(model).is_dir() else Path(model)
@@ -204,6 +221,7 @@ def load_config(model: str):  # -> transformers.PretrainedConfig
 
 def build_meta_model(cfg) -> nn.Module:
     """The causal LM of ``cfg`` on the meta device: shapes only, no memory, no weights."""
+    # start-up: transformers/accelerate only when planning (note at the top)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -242,6 +260,7 @@ def _device_of(name: str, device_map: dict[str, int | str]) -> int | str:
 def _place_body(model: nn.Module, budgets: dict[int | str, int], no_split: list[str],
                 dtype: torch.dtype) -> dict[str, int | str]:
     """accelerate's map, balanced over the GPUs when that still fits; "disk" = no room."""
+    # start-up: transformers/accelerate only when planning (note at the top)
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -263,11 +282,11 @@ def _place_body(model: nn.Module, budgets: dict[int | str, int], no_split: list[
         log.setLevel(level)
 
 
-def plan_model(model: str, gpus: int, gpu_memory_bytes: int | str, batch_size: int = 8,
-               max_length: int = 512, dtype: str = "bfloat16",
-               dims: tuple[int, int, int] = constants.DEFAULT_DIMS,
-               head_chunk_tokens: int | None = None,
-               cpu_memory_bytes: int | str | None = None) -> Plan:
+def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_size: int = 8,
+                   max_length: int = 512, dtype: str = "bfloat16",
+                   dims: tuple[int, int, int] = constants.DEFAULT_DIMS,
+                   head_chunk_tokens: int | None = None,
+                   cpu_memory_bytes: int | str | None = None) -> Placement:
     """Plan a RISE readout of ``model`` (folder or config.json) on ``gpus`` GPUs.
 
     Layers fill the GPUs, balanced, then ``cpu_memory_bytes`` of CPU offload if given; the
@@ -316,9 +335,10 @@ def plan_model(model: str, gpus: int, gpu_memory_bytes: int | str, batch_size: i
     layer_dev = [_device_of(f"{layers_name}.{i}", device_map) for i in range(n_layers)]
     used = set(device_map.values())
 
-    def row(dev: int | str, label: str, budget: int, ctx: int, a: int, w: int) -> DevicePlan:
+    def row(dev: int | str, label: str, budget: int, ctx: int, a: int, w: int
+            ) -> DevicePlacement:
         peak = ctx + on.get(dev, 0) + a + w
-        return DevicePlan(label, budget, on.get(dev, 0), [j for j, d in enumerate(layer_dev)
+        return DevicePlacement(label, budget, on.get(dev, 0), [j for j, d in enumerate(layer_dev)
                           if d == dev], dev == last, ctx, a, w, peak, peak <= budget)
 
     rows = [row(i, f"cuda:{i}", gpu_mem, *((CUDA_CONTEXT_BYTES, act) if i in used else (0, 0)),
@@ -334,11 +354,12 @@ def plan_model(model: str, gpus: int, gpu_memory_bytes: int | str, batch_size: i
                        f"{format_bytes(sum(budgets.values()))} after context, activations "
                        "and the head's weights and workspace")
     notes = ["attention assumed SDPA/flash: no B*heads*L^2 score term in activations",
-             "index bytes exclude example ids (stored apart)"]
+             "index bytes per example exclude the id's UTF-8 bytes, and each shard adds "
+             "its channel sums and header once"]
     if offloaded := layer_dev.count("cpu"):
         notes.append(f"{offloaded} layers offloaded to CPU: streamed over PCIe every forward")
     rise_b, rapid_b = sketch_bytes_per_example(dims), rapidin_bytes_per_example()
-    return Plan(
+    return Placement(
         model=model, model_type=cfg.model_type,
         architecture=(getattr(cfg, "architectures", None) or [type(net).__name__])[0],
         dtype=str(tdtype).removeprefix("torch."), n_params=n_params,
@@ -352,32 +373,32 @@ def plan_model(model: str, gpus: int, gpu_memory_bytes: int | str, batch_size: i
         notes=notes)
 
 
-def format_plan_table(plan: Plan) -> str:
-    """The plan as plain text: header, one row per device, verdict, index costs, notes."""
+def format_placement(p: Placement) -> str:
+    """The placement as plain text: header, one row per device, verdict, index costs,
+    notes."""
     g = format_bytes
     lines = [
-        f"model     {plan.model} ({plan.model_type}, {plan.architecture})",
-        f"params    {plan.n_params:,}  weights {g(plan.weight_bytes)} in {plan.dtype}  "
-        f"layers {plan.n_layers}  hidden {plan.hidden_size}  vocab {plan.vocab_size}",
-        f"run       {plan.gpus} x {g(plan.gpu_memory_bytes)} GPU  batch {plan.batch_size} x "
-        f"{plan.max_length} tokens  head chunk {plan.head_chunk_tokens} tokens  "
-        f"dims {tuple(plan.dims)}", "",
+        f"model     {p.model} ({p.model_type}, {p.architecture})",
+        f"params    {p.n_params:,}  weights {g(p.weight_bytes)} in {p.dtype}  "
+        f"layers {p.n_layers}  hidden {p.hidden_size}  vocab {p.vocab_size}",
+        f"run       {p.gpus} x {g(p.gpu_memory_bytes)} GPU  batch {p.batch_size} x "
+        f"{p.max_length} tokens  head chunk {p.head_chunk_tokens} tokens  "
+        f"dims {tuple(p.dims)}", "",
         f"{'device':<9}{'layers':>6}  {'range':<12}{'weights':>12}{'activ.':>12}"
         f"{'head ws':>12}{'peak':>12}{'budget':>12}  ok"]
-    for r in plan.devices:
+    for r in p.devices:
         span = {0: "", 1: f"{r.layers[0]}"}.get(r.n_layers, f"{r.layers[0]}-{r.layers[-1]}")
         what = "+".join(x for x in (span, "head" if r.has_head else "") if x)  # fill is in order
         lines.append(f"{r.device:<9}{r.n_layers:>6}  {what or '-':<12}{g(r.weight_bytes):>12}"
                      f"{g(r.activation_bytes):>12}{g(r.head_workspace_bytes):>12}"
                      f"{g(r.peak_bytes):>12}{g(r.budget_bytes):>12}  {'yes' if r.fits else 'NO'}")
-    tps = f"{plan.tokens_per_s:,.0f}" if plan.tokens_per_s is not None else "unknown"
     return "\n".join(lines + [
-        "", f"fits      {'yes' if plan.fits else 'NO: ' + (plan.reason or '')}"
-        f"  (LM head + final norm on {plan.head_device})",
-        f"index     RISE {plan.sketch_bytes_per_example:,} B/example  RapidIn "
-        f"{plan.rapidin_bytes_per_example:,} B/example (K={RAPIDIN_K}, fp16)  "
-        f"ratio {plan.storage_ratio:.1f}x",
-        f"full grad dense fp32 per-example gradient {g(plan.dense_gradient_bytes)}; with the "
-        f"weights {g(plan.dense_gradient_bytes + plan.weight_bytes)} vs "
-        f"{g(plan.gpu_memory_bytes)} per GPU", f"tokens/s  {tps}",
-        *(f"note      {n}" for n in plan.notes)])
+        "", f"fits      {'yes' if p.fits else 'NO: ' + (p.reason or '')}"
+        f"  (LM head + final norm on {p.head_device})",
+        f"index     RISE {p.sketch_bytes_per_example:,} B/example  RapidIn "
+        f"{p.rapidin_bytes_per_example:,} B/example (K={RAPIDIN_K}, fp16)  "
+        f"ratio {p.storage_ratio:.1f}x",
+        f"full grad dense fp32 per-example gradient {g(p.dense_gradient_bytes)}; with the "
+        f"weights {g(p.dense_gradient_bytes + p.weight_bytes)} vs "
+        f"{g(p.gpu_memory_bytes)} per GPU",
+        *(f"note      {n}" for n in p.notes)])

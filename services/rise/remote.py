@@ -6,21 +6,34 @@
 
 ``--gateway`` defaults to $RISE_GATEWAY (else 127.0.0.1:50051) and ``--token`` to
 $RISE_TOKEN; both, and ``--json``, may stand before or after the sub-verb.  ``attribute``
-and ``value`` read records with the local CLI's field flags and write its JSONL formats.
-Errors are one line ``rise: error: ...`` with the exit code of the error class
-(rise.cli.main prints them).
+and ``value`` read records with the local CLI's field flags and write its JSONL formats
+(``rise.cliutil``).  Errors are one line ``rise: error: ...`` with the exit code of the
+error class (rise.cli.main, which adds these verbs with ``add_remote_parser``, prints them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from google.protobuf.descriptor import FieldDescriptor as F
+from tqdm import tqdm
+
 from rise import constants
+from rise.client import TERMINAL, RiseClient, error_of_job, state_name
+from rise.cliutil import (
+    add_field_args,
+    add_scoring_args,
+    emit,
+    fields_from_args,
+    read_ids,
+    write_jsonl,
+)
+from rise.config import make_config, parse_dims
+from rise.data import read_records
 from rise.errors import InvalidInput, Unauthenticated
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -50,9 +63,7 @@ def _connection_args(p: argparse.ArgumentParser, group: bool) -> None:
                    **d(120.0))
 
 
-def _client(a: argparse.Namespace):
-    from rise.client import RiseClient
-
+def _client(a: argparse.Namespace) -> RiseClient:
     if not a.token:
         raise Unauthenticated("no token: pass --token or set RISE_TOKEN")
     return RiseClient(a.gateway, a.token, timeout=a.timeout)
@@ -69,8 +80,6 @@ def _name(a: argparse.Namespace) -> str:
 
 def to_dict(msg: Any) -> Any:
     """A message as JSON-able plain values: enums by short name, 64-bit ints as numbers."""
-    from google.protobuf.descriptor import FieldDescriptor as F
-
     out: dict[str, Any] = {}
     for f in msg.DESCRIPTOR.fields:
         v = getattr(msg, f.name)
@@ -88,13 +97,7 @@ def to_dict(msg: Any) -> Any:
     return out
 
 
-def _emit(a: argparse.Namespace, summary: Any, text: str) -> None:
-    print(json.dumps(summary, sort_keys=True) if a.json else text)
-
-
 def _job_line(j: Any) -> str:
-    from rise.client import state_name
-
     line = (f"job {j.id} {state_name(j)} {j.index}: {j.shards_done}/{j.shards_total} shards, "
             f"{j.examples_done}/{j.examples_total} examples")
     if j.error_code:
@@ -110,10 +113,6 @@ def _eta(seconds: float) -> str:
 def watch(client: Any, job: Any, desc: str = "job", interval: float = 1.0) -> Any:
     """Follow a job with a progress bar on stderr (shards, examples/s, ETA); raise the
     job's error unless it SUCCEEDED; return the final Job."""
-    from tqdm import tqdm
-
-    from rise.client import TERMINAL, error_of_job, state_name
-
     bar = tqdm(total=job.shards_total or None, desc=desc, unit="shard", dynamic_ncols=True,
                disable=None, file=sys.stderr)
     try:
@@ -138,12 +137,10 @@ def watch(client: Any, job: Any, desc: str = "job", interval: float = 1.0) -> An
 def _job_out(a: argparse.Namespace, c: Any, job: Any, desc: str) -> None:
     if getattr(a, "wait", False):
         job = watch(c, job, desc)
-    _emit(a, to_dict(job), _job_line(job))
+    emit(a, to_dict(job), _job_line(job))
 
 
 def cmd_index(a: argparse.Namespace) -> None:
-    from rise.config import make_config, parse_dims
-
     cfg = make_config(no_sketch=a.no_sketch, topk=a.topk, temperature=a.temperature,
                       dims=parse_dims(a.dims) if a.dims else None, seed=a.seed,
                       weighting=a.weighting, max_length=a.max_length).to_dict()
@@ -152,7 +149,7 @@ def cmd_index(a: argparse.Namespace) -> None:
               "temperature": cfg["temperature"], "kr": kr, "kh": kh, "kg": kg,
               "seed": cfg["seed"], "weighting": cfg["weighting"], "max_length": cfg["max_length"]}
     with _client(a) as c:
-        job = c.create_index(_name(a), a.data, a.pool, fields=_fields(a), config=config,
+        job = c.create_index(_name(a), a.data, a.pool, fields=fields_from_args(a), config=config,
                              shard_size=a.shard_size)
         _job_out(a, c, job, "index")
 
@@ -160,18 +157,17 @@ def cmd_index(a: argparse.Namespace) -> None:
 def cmd_append(a: argparse.Namespace) -> None:
     given = a.text_field != "text" or a.id_field != "id" or a.prompt_field or a.chat_template
     with _client(a) as c:
-        _job_out(a, c, c.append(_name(a), a.data, fields=_fields(a) if given else None), "append")
+        _job_out(a, c, c.append(_name(a), a.data, fields=fields_from_args(a) if given else None),
+                 "append")
 
 
 def cmd_delete(a: argparse.Namespace) -> None:
-    from rise.cli import _read_ids
-
-    ids = list(a.id or []) + (_read_ids(a.ids) if a.ids else [])
+    ids = list(a.id or []) + (read_ids(a.ids) if a.ids else [])
     if not ids:
         raise InvalidInput("no ids: pass --ids FILE or --id ID")
     with _client(a) as c:
         idx = c.delete_examples(_name(a), ids)
-    _emit(a, dict(to_dict(idx), deleted=len(ids)),
+    emit(a, dict(to_dict(idx), deleted=len(ids)),
           f"tombstoned {len(ids)} ids in generation {idx.generation} of {idx.name} "
           "(run rise remote compact to erase them)")
 
@@ -184,7 +180,7 @@ def cmd_compact(a: argparse.Namespace) -> None:
 def cmd_drop(a: argparse.Namespace) -> None:
     with _client(a) as c:
         n = c.delete_index(_name(a))
-    _emit(a, {"index": _name(a), "objects_deleted": n}, f"deleted {_name(a)} ({n} objects)")
+    emit(a, {"index": _name(a), "objects_deleted": n}, f"deleted {_name(a)} ({n} objects)")
 
 
 def _index_line(i: Any) -> str:
@@ -195,7 +191,7 @@ def _index_line(i: Any) -> str:
 def cmd_list(a: argparse.Namespace) -> None:
     with _client(a) as c:
         idxs = c.list_indexes()
-    _emit(a, {"indexes": [to_dict(i) for i in idxs]},
+    emit(a, {"indexes": [to_dict(i) for i in idxs]},
           "\n".join(_index_line(i) for i in idxs) or "no indexes")
 
 
@@ -203,7 +199,7 @@ def cmd_show(a: argparse.Namespace) -> None:
     with _client(a) as c:
         i = c.get_index(_name(a))
     cf, m = i.config, i.model
-    _emit(a, to_dict(i), "\n".join([
+    emit(a, to_dict(i), "\n".join([
         _index_line(i),
         f"model {m.name} (head {m.head_sha256[:12]})",
         f"config mode={cf.mode} topk={'all' if cf.topk_all else cf.topk} tau={cf.temperature} "
@@ -215,39 +211,31 @@ def cmd_show(a: argparse.Namespace) -> None:
 def cmd_jobs(a: argparse.Namespace) -> None:
     with _client(a) as c:
         jobs = c.list_jobs(a.index_opt or "", a.limit)
-    _emit(a, {"jobs": [to_dict(j) for j in jobs]},
+    emit(a, {"jobs": [to_dict(j) for j in jobs]},
           "\n".join(_job_line(j) for j in jobs) or "no jobs")
 
 
 def cmd_job(a: argparse.Namespace) -> None:
     with _client(a) as c:
         j = c.get_job(a.job_id)
-    _emit(a, to_dict(j), _job_line(j))
+    emit(a, to_dict(j), _job_line(j))
 
 
 def cmd_watch(a: argparse.Namespace) -> None:
     with _client(a) as c:
         j = watch(c, c.get_job(a.job_id), "job", a.interval)
-    _emit(a, to_dict(j), _job_line(j))
+    emit(a, to_dict(j), _job_line(j))
 
 
 def cmd_cancel(a: argparse.Namespace) -> None:
     with _client(a) as c:
         j = c.cancel_job(a.job_id)
-    _emit(a, to_dict(j), _job_line(j))
-
-
-def _fields(a: argparse.Namespace):
-    from rise.cli import _fields as local_fields
-
-    return local_fields(a)
+    emit(a, to_dict(j), _job_line(j))
 
 
 def _read(a: argparse.Namespace, path: str) -> list[dict[str, Any]]:
     """Records of a data file, validated and id-resolved exactly as the local CLI does."""
-    from rise.data import read_records
-
-    fields = _fields(a)
+    fields = fields_from_args(a)
     out = []
     for r in read_records(path, fields):
         out.append({"id": r.id, "prompt": r.prompt, "response": r.response}
@@ -261,8 +249,6 @@ def _scoring(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_attribute(a: argparse.Namespace) -> None:
-    from rise.cli import _write_jsonl
-
     queries = _read(a, a.queries)
     with _client(a) as c:
         res = c.attribute(_name(a), queries, top=a.top, return_texts=a.return_texts,
@@ -270,14 +256,12 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     rows = [{"query_id": q, "results": [
         {"id": i, "score": s, **({"record": rec} if a.return_texts else {})}
         for i, s, rec in hits]} for q, hits in res]
-    _write_jsonl(a.output, rows)
-    _emit(a, {"queries": len(rows), "output": a.output, "top": a.top},
+    write_jsonl(a.output, rows)
+    emit(a, {"queries": len(rows), "output": a.output, "top": a.top},
           f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
 
 
 def cmd_value(a: argparse.Namespace) -> None:
-    from rise.cli import _write_jsonl
-
     if (a.select_fraction is None) != (a.select_output is None):
         raise InvalidInput("--select-fraction and --select-output go together")
     targets = _read(a, a.target)
@@ -285,18 +269,16 @@ def cmd_value(a: argparse.Namespace) -> None:
         values, selected = c.value(_name(a), targets, top=a.top,
                                    select_fraction=a.select_fraction or 0,
                                    selection_uri=a.select_output or "", **_scoring(a))
-    _write_jsonl(a.output, [{"id": i, "value": v} for i, v in values])
+    write_jsonl(a.output, [{"id": i, "value": v} for i, v in values])
     out: dict[str, Any] = {"examples": len(values), "output": a.output}
     if a.select_fraction is not None:
         out.update(selected=selected, select_output=a.select_output)
-    _emit(a, out, f"valued {len(values)} examples against {len(targets)} targets -> {a.output}"
+    emit(a, out, f"valued {len(values)} examples against {len(targets)} targets -> {a.output}"
                   + (f"; selected {selected} -> {a.select_output}" if "selected" in out else ""))
 
 
 def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``rise remote`` and its sub-verbs to the CLI's subparsers."""
-    from rise.cli import _add_fields, _add_scoring
-
     rp = sub.add_parser("remote", help="talk to a RISE gateway (indexes, jobs, scoring)",
                         description=__doc__.split("\n\n")[0])
     _connection_args(rp, group=True)
@@ -317,7 +299,7 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp = verb("index", cmd_index, "start a job that sketches a dataset into a new index")
     sp.add_argument("--data", required=True, help="s3://bucket/key (or a path the workers read)")
     sp.add_argument("--pool", required=True, help="worker pool (model) that sketches")
-    _add_fields(sp)
+    add_field_args(sp)
     sp.add_argument("--shard-size", type=int, default=0, help="records per shard (default: 1024)")
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
@@ -331,7 +313,7 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
 
     sp = verb("append", cmd_append, "start a job that adds a dataset to an index")
     sp.add_argument("--data", required=True)
-    _add_fields(sp)
+    add_field_args(sp)
     sp.add_argument("--wait", action="store_true", help="follow the job to its end")
 
     sp = verb("delete", cmd_delete, "tombstone ids (one per line, or JSONL with id)")
@@ -359,8 +341,8 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=10)
     sp.add_argument("--return-texts", action="store_true",
                     help="add each hit's original record to the output")
-    _add_fields(sp)
-    _add_scoring(sp)
+    add_field_args(sp)
+    add_scoring_args(sp)
 
     sp = verb("value", cmd_value, "value every live example of an index for a target set")
     sp.add_argument("--target", required=True, help="JSONL or Parquet records")
@@ -368,6 +350,6 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=0, help="only the best N (default: all)")
     sp.add_argument("--select-fraction", type=float, help="fraction of the pool to select")
     sp.add_argument("--select-output", help="s3://<bucket>/tenants/<tenant>/....jsonl")
-    _add_fields(sp)
-    _add_scoring(sp)
+    add_field_args(sp)
+    add_scoring_args(sp)
     return rp

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from rise import constants
-from rise.errors import InvalidInput
+from rise.errors import InvalidInput, validation_message
 
 Mode = Literal["sketch", "exact", "nosketch"]
 
@@ -114,6 +114,15 @@ class SketchConfig(BaseModel):
         ).hexdigest()
 
 
+def sketch_config(**fields: object) -> SketchConfig:
+    """``SketchConfig(**fields)``, or InvalidInput with pydantic's messages on one line:
+    how every adapter (CLI flags, gRPC messages, job requests) builds a config."""
+    try:
+        return SketchConfig(**fields)
+    except ValueError as e:  # pydantic.ValidationError is a ValueError
+        raise InvalidInput(f"invalid sketch configuration: {validation_message(e)}") from None
+
+
 def make_config(
     *,
     exact: bool = False,
@@ -165,11 +174,7 @@ def make_config(
             kwargs["dims"] = tuple(dims)
     if seed is not None:
         kwargs["seed"] = seed
-    try:
-        return SketchConfig(**kwargs)
-    except ValueError as e:  # pydantic.ValidationError is a ValueError
-        msgs = "; ".join(err["msg"] for err in getattr(e, "errors", lambda: [])()) or str(e)
-        raise InvalidInput(f"invalid sketch configuration: {msgs}") from None
+    return sketch_config(**kwargs)
 
 
 def parse_dims(text: str) -> tuple[int, int, int]:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from rise.gateway.service import Auth, Deps, IndexService, ScoringService
+from rise import constants, scorer
+from rise.errors import BudgetExceeded, NotFound
+from rise.gateway.service import Auth, Deps, IndexService, ScoringService, check_values_fit
 from rise.grpcutil import make_server
 from rise.settings import Pool, Settings
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc
+from rise.v1convert import config_from, spec_from
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 
@@ -21,8 +24,6 @@ class NoJobs:
 
     def index_entry(self, tenant, index):
         if tenant != "a":
-            from rise.errors import NotFound
-
             raise NotFound(f"index {index!r} not found")
         return {"pool": "cpu"}
 
@@ -141,23 +142,17 @@ def test_raw_scores_of_both_channels_are_refused(gateway):
 
 def test_unset_centering_reaches_the_scorer_as_the_default():
     """`optional bool center`: unset = the library default (None), set = forced on or off,
-    in both places that decode a Scoring message."""
-    from rise.gateway.convert import spec_from
-    from rise.scorer.server import spec_from_proto
-
-    for decode in (spec_from, spec_from_proto):
-        assert decode(common_pb2.Scoring()).center is None
-        assert decode(common_pb2.Scoring(center=False)).center is False
-        assert decode(common_pb2.Scoring(center=True)).center is True
-        assert decode(None).center is None
+    by the one decoder of Scoring messages, which the gateway and the scorer both use."""
+    assert scorer.server.spec_from is spec_from
+    assert spec_from(common_pb2.Scoring()).center is None
+    assert spec_from(common_pb2.Scoring(center=False)).center is False
+    assert spec_from(common_pb2.Scoring(center=True)).center is True
+    assert spec_from(None).center is None
     wire = common_pb2.Scoring.FromString(common_pb2.Scoring(center=False).SerializeToString())
     assert wire.HasField("center") and wire.center is False
 
 
 def test_unset_sketch_settings_take_the_product_defaults():
-    from rise import constants
-    from rise.gateway.convert import config_from
-
     cfg = config_from(common_pb2.SketchConfig())
     assert cfg.temperature == constants.DEFAULT_TEMPERATURE
     assert cfg.topk == constants.DEFAULT_TOPK and cfg.dims == constants.DEFAULT_DIMS
@@ -165,10 +160,6 @@ def test_unset_sketch_settings_take_the_product_defaults():
 
 
 def test_values_that_cannot_fit_one_response_are_refused_with_advice():
-    from rise.errors import BudgetExceeded
-    from rise.gateway.service import check_values_fit
-    from rise.v1 import rise_pb2
-
     values = [(f"example-{i:07d}", 0.5 - i * 1e-6) for i in range(40_000)]
     wire = rise_pb2.ValueResponse(values=[rise_pb2.Hit(id=i, score=s) for i, s in values])
     size = wire.ByteSize()

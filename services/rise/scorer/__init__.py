@@ -9,8 +9,7 @@ from rise.scorer.server import (
     add_to_server,
     decode_queries,
     default_store_factory,
-    spec_from_proto,
 )
 
 __all__ = ["DEFAULT_TOP", "SERVICE_NAME", "Scorer", "ShardCache", "StoreFactory",
-           "add_to_server", "decode_queries", "default_store_factory", "spec_from_proto"]
+           "add_to_server", "decode_queries", "default_store_factory"]

@@ -1,13 +1,16 @@
-"""Between protobuf messages and the core's types."""
+"""Between rise.v1 protobuf messages and the core's types: the one place the gateway and
+the scorer decode requests (``spec_from`` is used by both) and build responses."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rise import constants
-from rise.config import SketchConfig
+from rise.config import SketchConfig, sketch_config
 from rise.data import FieldMap
 from rise.errors import InvalidInput
+from rise.manifest import Manifest
 from rise.score import ScoreSpec
 from rise.v1 import common_pb2, rise_pb2
 
@@ -34,12 +37,7 @@ def config_from(msg: common_pb2.SketchConfig) -> SketchConfig:
         kw["topk"] = msg.topk
     d = constants.DEFAULT_DIMS
     kw["dims"] = (msg.kr or d[0], msg.kh or d[1], msg.kg or d[2])
-    try:
-        return SketchConfig(**kw)
-    except ValueError as e:
-        errs = getattr(e, "errors", None)
-        detail = "; ".join(x["msg"] for x in errs()) if errs else str(e)
-        raise InvalidInput(f"invalid sketch configuration: {detail}") from None
+    return sketch_config(**kw)
 
 
 def config_to(cfg: dict[str, Any]) -> common_pb2.SketchConfig:
@@ -51,9 +49,11 @@ def config_to(cfg: dict[str, Any]) -> common_pb2.SketchConfig:
 
 
 def spec_from(msg: common_pb2.Scoring | None) -> ScoreSpec:
+    """The ScoreSpec of a Scoring message; unset fields take the defaults (both channels,
+    cosine, lambda 0.5, ScoreSpec's centering default).  InvalidInput on bad combinations."""
     if msg is None:
         return ScoreSpec()
-    lam = msg.__getattribute__("lambda") if msg.HasField("lambda") else constants.DEFAULT_LAMBDA
+    lam = getattr(msg, "lambda") if msg.HasField("lambda") else constants.DEFAULT_LAMBDA
     return ScoreSpec(channel=msg.channel or "both", score=msg.score or "cosine", lam=lam,
                      center=msg.center if msg.HasField("center") else None)
 
@@ -75,8 +75,6 @@ def record_dicts(records: Any, fields: FieldMap) -> list[dict[str, Any]]:
 
 
 def job_to(job: dict[str, Any]) -> rise_pb2.Job:
-    import time
-
     started = job["started_at"]
     end = job["finished_at"] or time.time()
     elapsed = max(end - started, 1e-9) if started else 0.0
@@ -96,18 +94,18 @@ def job_to(job: dict[str, Any]) -> rise_pb2.Job:
         error_message=job.get("error_message", ""))
 
 
-def index_to(name: str, pool: str, manifest: dict[str, Any] | None) -> rise_pb2.Index:
+def index_to(name: str, pool: str, manifest: Manifest | None) -> rise_pb2.Index:
     if manifest is None:
         return rise_pb2.Index(name=name, pool=pool)
-    m = manifest["model"]
+    m = manifest.model
     return rise_pb2.Index(
-        name=name, pool=pool, generation=manifest["generation"],
-        live_count=manifest["live_count"], tombstones=len(manifest["tombstones"]),
-        shards=len(manifest["shards"]), bytes=sum(s["bytes"] for s in manifest["shards"]),
-        model=rise_pb2.ModelIdentity(name=m["name"], config_sha256=m["config_sha256"],
-                                     head_sha256=m["head_sha256"],
-                                     tokenizer_sha256=m["tokenizer_sha256"]),
-        config=config_to(manifest["config"]),
-        ingests=[rise_pb2.Ingest(generation=i["generation"], dataset_uri=i["dataset_uri"],
-                                 dataset_sha256=i["dataset_sha256"], records=i["records"],
-                                 truncated=i["truncated"]) for i in manifest["ingests"]])
+        name=name, pool=pool, generation=manifest.generation,
+        live_count=manifest.live_count, tombstones=len(manifest.tombstones),
+        shards=len(manifest.shards), bytes=manifest.total_bytes,
+        model=rise_pb2.ModelIdentity(name=m.name, config_sha256=m.config_sha256,
+                                     head_sha256=m.head_sha256,
+                                     tokenizer_sha256=m.tokenizer_sha256),
+        config=config_to(manifest.config.to_dict()),
+        ingests=[rise_pb2.Ingest(generation=i.generation, dataset_uri=i.dataset_uri,
+                                 dataset_sha256=i.dataset_sha256, records=i.records,
+                                 truncated=i.truncated) for i in manifest.ingests])

@@ -7,7 +7,7 @@ the Celery workers and the gRPC services all call.
 Front door::
 
     from rise import api
-    api.build_index(...), api.attribute(...), api.value(...)
+    api.create(...), api.attribute(...), api.value(...)
 """
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ remote and embedded errors alike.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -249,6 +250,4 @@ def _record_fields(prompt_response: bool, chat_template: bool) -> common_pb2.Fie
 
 
 def _json(s: str) -> dict[str, Any] | None:
-    import json
-
     return json.loads(s) if s else None

@@ -17,6 +17,8 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from rise.errors import RiseError
 
@@ -121,9 +123,6 @@ def make_server(max_message_bytes: int, threads: int = 16,
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> Any:
     """Standard grpc.health.v1 (every service SERVING) and server reflection."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
     names = list(service_names)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)

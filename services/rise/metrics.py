@@ -15,6 +15,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+
 # name -> (type, help, labels, services that export it)
 CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "rise_grpc_requests_total": (
@@ -82,8 +91,6 @@ def names_for(service: str) -> list[str]:
 
 def for_service(service: str, registry=None) -> Metrics:
     """Create the service's metrics on ``registry`` (a fresh one by default)."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
     objects = {}
@@ -101,11 +108,7 @@ def for_service(service: str, registry=None) -> Metrics:
 
 def serve(port: int, registry=None, addr: str = "0.0.0.0") -> object:
     """Serve /metrics on ``port``; in multiprocess mode, aggregate every process's files."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     return start_http_server(port, addr=addr, registry=registry)

@@ -24,7 +24,7 @@ from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
 
 from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageError
-from rise.store import _check_key
+from rise.store import check_key
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ class S3Store:
         return f"s3://{self.bucket}/{self.prefix}"
 
     def _name(self, key: str) -> str:
-        return self.prefix + _check_key(key)
+        return self.prefix + check_key(key)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with exponential backoff on transient failures.

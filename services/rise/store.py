@@ -49,7 +49,9 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
+    """``key`` if it is a valid object key ('/'-separated names, no '.' or '..' parts, no
+    leading '/'), else InvalidInput: every store checks keys with it."""
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise InvalidInput(f"invalid object key {key!r}")
@@ -71,7 +73,7 @@ class LocalStore:
         return str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         path = self._path(key)

@@ -15,6 +15,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import torch
+
 from rise import grpcutil
 from rise.errors import RiseError
 from rise.metrics import for_service, serve
@@ -31,8 +33,6 @@ GRACE_SECONDS = 20.0
 def _share_cores(scoring_threads: int) -> int:
     """Torch intra-op threads per scoring thread: the cores split between them, so shards
     scored in parallel do not oversubscribe the CPU (OMP_NUM_THREADS, if set, wins)."""
-    import torch
-
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     try:

@@ -174,14 +174,14 @@ def product_default() -> str:
     from rise.score import ScoreSpec
 
     name = f"rise-k{c.DEFAULT_TOPK}-d{'x'.join(map(str, c.DEFAULT_DIMS))}-both"
-    if ScoreSpec().centers(sketched=True):
+    if ScoreSpec().centered(sketched=True, live_count=1):
         name += "-c"
     if c.DEFAULT_TEMPERATURE != 1.0:
         name += f"-t{c.DEFAULT_TEMPERATURE:g}"
     return name
 
 
-# The design's settings before the evaluation moved the defaults: K 128, tau 1, uncentred
+# The design's settings before the evaluation moved the defaults: K 128, tau 1, uncentered
 # cosine (at the default dims).
 DESIGN_SETTINGS = "rise-k128-d128x64x64-both"
 

@@ -169,7 +169,7 @@ def full_registry() -> list[Method]:
     for c, cen in specs:
         ms.append(rise_method(128, (128, 64, 64), c, center=cen, temp=4.0))
         ms.append(rise_method(128, (128, 64, 64), c, center=cen, temp=2.0))
-    # the size sweep at the product's settings (K 128, tau 2, centred)
+    # the size sweep at the product's settings (K 128, tau 2, centered)
     for dims in ((16, 16, 16), (32, 16, 16)):
         for c in ("both", "rh", "gh"):
             ms.append(rise_method(128, dims, c, center=True, temp=2.0))
@@ -190,7 +190,7 @@ def full_registry() -> list[Method]:
             ms.append(rise_method(16, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=4.0, seed=seed))
             ms.append(rise_method(128, (64, 32, 32), c, center=cen, temp=2.0, seed=seed))
-        # the default dims: spec settings and the candidate default (centred, tau 2)
+        # the default dims: spec settings and the candidate default (centered, tau 2)
         ms.append(rise_method(128, (128, 64, 64), "both", seed=seed))
         ms.append(rise_method(128, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))
         ms.append(rise_method(16, (128, 64, 64), "both", center=True, temp=2.0, seed=seed))

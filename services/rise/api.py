@@ -24,16 +24,9 @@ from rise import constants
 from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
 from rise.featurize import CancelFn, ProgressFn, featurize
-from rise.index import (
-    Index,
-    append,
-    compact,
-    create_index,
-    delete,
-    encode_all,
-    open_index,
-    verify,
-)
+from rise.index import Index, compact, delete, open_index, verify
+from rise.ingest import append, create_index, encode_all
+from rise.manifest import Manifest, ShardEntry
 from rise.model import LoadedModel, load_model
 from rise.score import (
     PoolMean,
@@ -52,9 +45,9 @@ from rise.shard import ShardData
 __all__ = [
     "load", "create", "append", "delete", "compact", "verify", "open_index",
     "sketch_queries", "attribute", "attribute_sketched", "value", "value_sketched",
-    "score_candidates", "value_candidates", "replica_shards", "index_mean", "centres",
-    "select_top_fraction", "fetch_records", "inspect", "read_records", "Hit", "ScoreSpec",
-    "FieldMap",
+    "score_candidates", "value_candidates", "replica_shards", "index_mean",
+    "check_fraction", "top_fraction_records", "select_top_fraction", "fetch_records",
+    "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap",
 ]
 
 load = load_model
@@ -80,14 +73,14 @@ def sketch_queries(index: Index, lm: LoadedModel, records: Sequence[Record],
     return make_queryset([r.id for r in records], feats, config, lm.head.vocab)
 
 
-ShardLoader = Callable[[dict[str, Any]], ShardData]
+ShardLoader = Callable[[ShardEntry], ShardData]
 
 
-def replica_shards(manifest: dict[str, Any], replica: int = 0, replicas: int = 0
-                   ) -> list[dict[str, Any]]:
+def replica_shards(manifest: Manifest, replica: int = 0, replicas: int = 0
+                   ) -> list[ShardEntry]:
     """The manifest's shard entries that replica ``replica`` of ``replicas`` scores
     (position i goes to replica i % replicas; replicas = 0 means all)."""
-    shards = manifest["shards"]
+    shards = manifest.shards
     if replicas <= 0:
         return list(shards)
     if not 0 <= replica < replicas:
@@ -95,37 +88,28 @@ def replica_shards(manifest: dict[str, Any], replica: int = 0, replicas: int = 0
     return [e for i, e in enumerate(shards) if i % replicas == replica]
 
 
-def centres(index: Index, spec: ScoreSpec) -> bool:
-    """Whether ``spec`` centres this index's scores.  By default (``center=None``) cosine
-    scores of a sketched index with live examples; an explicit ``center=True`` on an index
-    without a pool mean is an error raised by ``pool_mean``."""
-    if spec.center is None and index.live_count == 0:
-        return False
-    return spec.centers(index.config.sketched)
-
-
 def index_mean(index: Index, spec: ScoreSpec, load: ShardLoader | None = None
                ) -> PoolMean | None:
     """Pool mean over every shard of the index (all replicas agree on it); None when
-    ``spec`` does not centre this index's scores."""
-    if not centres(index, spec):
+    ``spec`` does not center this index's scores (``ScoreSpec.centered``)."""
+    if not spec.centered(index.config.sketched, index.live_count):
         return None
     load = load or index.shard
-    return pool_mean((load(e) for e in index.manifest["shards"]), index.tombstones)
+    return pool_mean((load(e) for e in index.manifest.shards), index.tombstones)
 
 
 def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
-                     entries: Sequence[dict[str, Any]] | None = None,
+                     entries: Sequence[ShardEntry] | None = None,
                      load: ShardLoader | None = None, mean: PoolMean | None = None,
                      ) -> list[list[tuple[float, str]]]:
     """Per query, the candidates of the given shards (default: all) for the global top."""
     if top < 1:
         raise InvalidInput("top must be >= 1")
     load = load or index.shard
-    vocab = int(index.manifest["model"]["vocab"])
+    vocab = index.manifest.model.vocab
     dead = index.tombstones
     per_query: list[list[tuple[float, str]]] = [[] for _ in range(len(qs))]
-    for entry in index.manifest["shards"] if entries is None else entries:
+    for entry in index.manifest.shards if entries is None else entries:
         sd = load(entry)
         cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean), sd.ids, dead, top)
         for q, c in enumerate(cands):
@@ -141,17 +125,17 @@ def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int
 
 
 def value_candidates(index: Index, targets: QuerySet, spec: ScoreSpec, *,
-                     entries: Sequence[dict[str, Any]] | None = None,
+                     entries: Sequence[ShardEntry] | None = None,
                      load: ShardLoader | None = None, mean: PoolMean | None = None,
                      ) -> list[tuple[str, float]]:
     """(id, value) of every live example in the given shards (default: all)."""
     if len(targets) == 0:
         raise InvalidInput("the target set is empty")
     load = load or index.shard
-    vocab = int(index.manifest["model"]["vocab"])
+    vocab = index.manifest.model.vocab
     dead = index.tombstones
     vals: list[tuple[str, float]] = []
-    for entry in index.manifest["shards"] if entries is None else entries:
+    for entry in index.manifest.shards if entries is None else entries:
         sd = load(entry)
         v = value_scores(targets, sd, spec, vocab, mean).to(torch.float32).tolist()
         vals.extend((rid, x) for rid, x in zip(sd.ids, v, strict=True) if rid not in dead)
@@ -185,21 +169,36 @@ def value(index: Index, lm: LoadedModel, target: str | os.PathLike, *,
     return value_sketched(index, qs, spec or ScoreSpec())
 
 
+def check_fraction(fraction: float, name: str = "fraction") -> None:
+    """InvalidInput unless ``fraction`` is a selectable fraction of the pool, in (0, 1];
+    ``name`` is what the caller's user called it (a flag, a request field)."""
+    if not 0.0 < fraction <= 1.0:
+        raise InvalidInput(f"{name} must be in (0, 1], got {fraction}")
+
+
+def top_fraction_records(index: Index, ranked_ids: Sequence[str], fraction: float,
+                         resolve: Callable[[str], str | os.PathLike] | None = None,
+                         ) -> list[dict[str, Any]]:
+    """Original records (raw dicts) of the first ceil(``fraction`` * n) ids of a best-first
+    ranking of n ids, in that order.
+
+    Records are read back from each ingest's dataset, which must still match the sha256
+    the manifest recorded (``fetch_records``).
+    """
+    check_fraction(fraction)
+    chosen = list(ranked_ids[: math.ceil(fraction * len(ranked_ids))])
+    raws = fetch_records(index, chosen, resolve)
+    return [raws[i] for i in chosen]
+
+
 def select_top_fraction(index: Index, values: Sequence[Hit], fraction: float,
                         output: str | os.PathLike,
                         resolve: Callable[[str], str | os.PathLike] | None = None) -> int:
-    """Write the original records of the top ``fraction`` by value to ``output``.
-
-    Records are read back from each ingest's dataset, which must still match the sha256
-    the manifest recorded.  Returns the number of records written.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise InvalidInput(f"--select-fraction must be in (0, 1], got {fraction}")
-    n = math.ceil(fraction * len(values))
-    chosen = [h.id for h in values[:n]]
-    raws = fetch_records(index, chosen, resolve)
-    write_records(output, (raws[i] for i in chosen))
-    return n
+    """Write the original records of the top ``fraction`` by value to ``output``; returns
+    the number of records written."""
+    records = top_fraction_records(index, [h.id for h in values], fraction, resolve)
+    write_records(output, records)
+    return len(records)
 
 
 def fetch_records(index: Index, ids: Iterable[str],
@@ -217,17 +216,17 @@ def fetch_records(index: Index, ids: Iterable[str],
             if rid in wanted:
                 where.setdefault(int(sd.ingest[i]), set()).add(int(sd.record[i]))
     out: dict[str, dict[str, Any]] = {}
-    for ing in index.manifest["ingests"]:
-        numbers = where.get(int(ing["generation"]))
+    for ing in index.manifest.ingests:
+        numbers = where.get(ing.generation)
         if not numbers:
             continue
-        uri = ing["dataset_uri"]
+        uri = ing.dataset_uri
         path = resolve(uri) if resolve is not None else uri
         if not os.path.exists(path):
-            raise Mismatch(f"dataset {uri} of ingest generation {ing['generation']} is gone")
-        if file_sha256(path) != ing["dataset_sha256"]:
+            raise Mismatch(f"dataset {uri} of ingest generation {ing.generation} is gone")
+        if file_sha256(path) != ing.dataset_sha256:
             raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
-        for rec in iter_records(path, FieldMap.from_dict(ing["fields"])):
+        for rec in iter_records(path, FieldMap(**ing.fields.model_dump())):
             if rec.number in numbers:
                 out[rec.id] = rec.raw
     return out
@@ -237,9 +236,10 @@ def inspect(index: Index) -> dict[str, Any]:
     """A JSON-able summary of the current generation."""
     m = index.manifest
     return {
-        "generation": m["generation"], "live_count": m["live_count"],
-        "tombstones": len(m["tombstones"]), "shards": len(m["shards"]),
-        "bytes": sum(s["bytes"] for s in m["shards"]), "model": m["model"],
-        "config": m["config"], "ingests": m["ingests"], "tool_version": m["tool_version"],
+        "generation": m.generation, "live_count": m.live_count,
+        "tombstones": len(m.tombstones), "shards": len(m.shards), "bytes": m.total_bytes,
+        "model": m.model.model_dump(mode="json"), "config": m.config.to_dict(),
+        "ingests": [i.model_dump(mode="json") for i in m.ingests],
+        "tool_version": m.tool_version,
     }
 

@@ -8,15 +8,33 @@ shows a progress bar with examples/s and tokens/s on stderr.  Bad input prints o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from tqdm import tqdm
+
 from rise import __version__, constants
+from rise.cliutil import (
+    add_field_args,
+    add_scoring_args,
+    check_output,
+    emit,
+    fields_from_args,
+    read_ids,
+    write_jsonl,
+)
+from rise.config import make_config, parse_dims
+from rise.data import read_records
 from rise.errors import InvalidInput, NotFound, RiseError
+from rise.remote import add_remote_parser
+from rise.store import LocalStore
+
+# rise.api, rise.index, rise.ingest, rise.model, rise.score and rise.placement import torch:
+# `import rise.api` takes ~1.6 s against ~0.25 s for everything above (measured wall time),
+# so the verbs import them when they run and `rise --help` or `rise remote ...` never do.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,8 +48,6 @@ class Progress:
     """tqdm bar counting examples, with tokens/s in the postfix; silent when not a TTY."""
 
     def __init__(self, total: int | None, desc: str) -> None:
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, disable=None,
                         file=sys.stderr)
         self.tokens = 0
@@ -52,23 +68,6 @@ class Progress:
                 "tokens_per_s": round(self.tokens / dt, 1)}
 
 
-def _fields(a: argparse.Namespace):
-    from rise.data import FieldMap
-
-    return FieldMap(text_field=a.text_field, id_field=a.id_field, prompt_field=a.prompt_field,
-                    response_field=a.response_field, chat_template=a.chat_template)
-
-
-def _add_fields(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("record fields")
-    g.add_argument("--text-field", default="text", help="field holding plain text (default: text)")
-    g.add_argument("--id-field", default="id", help="field holding the id (default: id)")
-    g.add_argument("--prompt-field", help="prompt field of prompt/response records")
-    g.add_argument("--response-field", help="response field (supervised tokens)")
-    g.add_argument("--chat-template", action="store_true",
-                   help="render prompts with the tokenizer's chat template")
-
-
 def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required,
@@ -83,73 +82,37 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help=f"records per forward pass (default: {constants.DEFAULT_BATCH_SIZE})")
 
 
-def _add_scoring(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scoring")
-    g.add_argument("--channel", choices=["rh", "gh", "both"], default="both")
-    g.add_argument("--score", choices=["raw", "cosine"], default="cosine")
-    g.add_argument("--lambda", dest="lam", type=float, default=constants.DEFAULT_LAMBDA,
-                   help="weight of RH in the combined cosine score (default: 0.5)")
-    g.add_argument("--center", action=argparse.BooleanOptionalAction, default=None,
-                   help="center sketches by the pool mean before cosine (default: on for "
-                        "cosine scores of a sketched index, off for raw scores and "
-                        "exact/no-sketch indexes)")
-
-
 def _load(a: argparse.Namespace):
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.model import load_model
 
     return load_model(a.model, revision=a.revision, dtype=a.dtype, device_map=a.device_map)
 
 
-def _store(path: str):
-    from rise.store import LocalStore
-
-    return LocalStore(path)
-
-
 def _open(path: str):
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.index import open_index
 
     if not os.path.isdir(path):
         raise NotFound(f"index {path!r} does not exist")
-    return open_index(_store(path))
+    return open_index(LocalStore(path))
 
 
 def _spec(a: argparse.Namespace):
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.score import ScoreSpec
 
     return ScoreSpec(channel=a.channel, score=a.score, lam=a.lam, center=a.center)
 
 
-def _emit(a: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
-    print(json.dumps(summary, sort_keys=True) if a.json else text)
-
-
-def _check_output(path: str) -> None:
-    """Fail before any work when the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise NotFound(f"output folder {folder!r} does not exist")
-
-
-def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """Atomic: a crash leaves the old file or none, never half of one."""
-    _check_output(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def cmd_index(a: argparse.Namespace) -> None:
-    from rise.config import make_config, parse_dims
-    from rise.index import create_index
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.ingest import create_index
 
     cfg = make_config(exact=a.exact, no_sketch=a.no_sketch, topk=a.topk,
                       temperature=a.temperature, dims=parse_dims(a.dims) if a.dims else None,
                       seed=a.seed, weighting=a.weighting, max_length=a.max_length)
-    fields = _fields(a)
+    fields = fields_from_args(a)
     if not os.path.exists(a.data):
         raise NotFound(f"data file {a.data!r} does not exist")
     lm = _load(a)
@@ -161,82 +124,64 @@ def cmd_index(a: argparse.Namespace) -> None:
                   "of per-token factors", file=sys.stderr)
         bar["p"] = Progress(plan.n_records, "index")
 
-    s = create_index(_store(a.out), lm, a.data, fields, cfg, shard_size=a.shard_size,
+    s = create_index(LocalStore(a.out), lm, a.data, fields, cfg, shard_size=a.shard_size,
                      batch_size=a.batch_size, exact_budget=int(a.exact_budget * 2**20),
                      progress=lambda e, t: bar["p"](e, t), on_plan=on_plan)
     speed = bar["p"].close()
     out = dict(s.__dict__, index=a.out, config=cfg.to_dict(), **speed)
-    _emit(a, out, f"indexed {s.records} records ({s.tokens} tokens, {s.truncated} truncated) "
+    emit(a, out, f"indexed {s.records} records ({s.tokens} tokens, {s.truncated} truncated) "
                   f"into {a.out}: {s.shards_written} shards written, {s.shards_skipped} reused, "
                   f"{speed['examples_per_s']} ex/s, {speed['tokens_per_s']} tok/s")
 
 
 def cmd_append(a: argparse.Namespace) -> None:
-    from rise.index import append
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.ingest import append
 
     idx = _open(a.index)
-    fields = _fields(a) if a.text_field != "text" or a.prompt_field else None
+    fields = fields_from_args(a) if a.text_field != "text" or a.prompt_field else None
     lm = _load(a)
     bar: dict[str, Progress] = {}
     s = append(idx.store, lm, a.data, fields, batch_size=a.batch_size,
                on_plan=lambda plan, _: bar.setdefault("p", Progress(plan.n_records, "append")),
                progress=lambda e, t: bar["p"](e, t))
     speed = bar["p"].close()
-    _emit(a, dict(s.__dict__, **speed),
+    emit(a, dict(s.__dict__, **speed),
           f"appended {s.records} records as generation {s.generation} of {a.index}")
 
 
-def _read_ids(path: str) -> list[str]:
-    if not os.path.exists(path):
-        raise NotFound(f"ids file {path!r} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    v = json.loads(line)["id"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise InvalidInput(f"{path} line {n}: expected an id or {{\"id\": ...}}") from None
-                out.append(str(v))
-            else:
-                out.append(line)
-    if not out:
-        raise InvalidInput(f"{path}: no ids")
-    return out
-
-
 def cmd_delete(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.index import delete
 
     idx = _open(a.index)
-    ids = _read_ids(a.ids)
+    ids = read_ids(a.ids)
     gen = delete(idx.store, ids)
-    _emit(a, {"generation": gen, "deleted": len(ids)},
+    emit(a, {"generation": gen, "deleted": len(ids)},
           f"tombstoned {len(ids)} ids in generation {gen} (run rise compact to erase them)")
 
 
 def cmd_compact(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.index import compact
 
     idx = _open(a.index)
     gen = compact(idx.store)
-    _emit(a, {"generation": gen or idx.generation, "compacted": gen is not None},
+    emit(a, {"generation": gen or idx.generation, "compacted": gen is not None},
           f"compacted into generation {gen}" if gen else "nothing to compact")
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.index import verify
 
     if not os.path.isdir(a.index):
         raise NotFound(f"index {a.index!r} does not exist")
-    r = verify(_store(a.index))
+    r = verify(LocalStore(a.index))
     lines = [f"generation {g}: {why}" for g, why in sorted(r.generations.items())]
     if not r.ok:
         lines.append(f"newest generation {r.latest} does not verify")
-    _emit(a, {"ok": r.ok, "current": r.current, "shards_checked": r.shards_checked,
+    emit(a, {"ok": r.ok, "current": r.current, "shards_checked": r.shards_checked,
               "generations": {str(g): w for g, w in r.generations.items()}},
           "\n".join(lines + [f"current generation: {r.current}"]))
     if not r.ok:
@@ -244,11 +189,12 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.api import inspect
 
     info = inspect(_open(a.index))
     c = info["config"]
-    _emit(a, info, "\n".join([
+    emit(a, info, "\n".join([
         f"index {a.index}: generation {info['generation']}, {info['live_count']} live examples, "
         f"{info['tombstones']} tombstoned, {info['shards']} shards, {info['bytes']:,} bytes",
         f"model {info['model']['name']} (head {info['model']['head_sha256'][:12]}, "
@@ -260,13 +206,13 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 
 
 def cmd_attribute(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
     from rise.api import attribute_sketched, sketch_queries
-    from rise.data import read_records
 
     spec = _spec(a)
-    _check_output(a.output)
+    check_output(a.output)
     idx = _open(a.index)
-    fields = _fields(a)
+    fields = fields_from_args(a)
     records = read_records(a.queries, fields)
     lm = _load(a)
     p = Progress(len(records), "queries")
@@ -276,49 +222,51 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     hits = attribute_sketched(idx, qs, spec, a.top)
     rows = [{"query_id": q, "results": [{"id": h.id, "score": h.score} for h in hs]}
             for q, hs in zip(qs.ids, hits, strict=True)]
-    _write_jsonl(a.output, rows)
-    _emit(a, {"queries": len(rows), "output": a.output, "top": a.top,
+    write_jsonl(a.output, rows)
+    emit(a, {"queries": len(rows), "output": a.output, "top": a.top,
               "score_seconds": round(time.perf_counter() - t0, 3), **speed},
           f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
 
 
 def cmd_value(a: argparse.Namespace) -> None:
-    from rise.api import select_top_fraction, sketch_queries, value_sketched
-    from rise.data import read_records
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.api import check_fraction, select_top_fraction, sketch_queries, value_sketched
 
     spec = _spec(a)
     if (a.select_fraction is None) != (a.select_output is None):
         raise InvalidInput("--select-fraction and --select-output go together")
-    _check_output(a.output)
+    check_output(a.output)
     if a.select_output:
-        _check_output(a.select_output)
+        check_fraction(a.select_fraction, "--select-fraction")
+        check_output(a.select_output)
     idx = _open(a.index)
-    fields = _fields(a)
+    fields = fields_from_args(a)
     records = read_records(a.target, fields)
     lm = _load(a)
     p = Progress(len(records), "targets")
     qs = sketch_queries(idx, lm, records, fields, batch_size=a.batch_size, progress=p)
     speed = p.close()
     values = value_sketched(idx, qs, spec)
-    _write_jsonl(a.output, [{"id": h.id, "value": h.score} for h in values])
+    write_jsonl(a.output, [{"id": h.id, "value": h.score} for h in values])
     out: dict[str, Any] = {"examples": len(values), "output": a.output, **speed}
     if a.select_fraction is not None:
         out["selected"] = select_top_fraction(idx, values, a.select_fraction, a.select_output)
         out["select_output"] = a.select_output
-    _emit(a, out, f"valued {len(values)} examples against {len(records)} targets -> {a.output}"
+    emit(a, out, f"valued {len(values)} examples against {len(records)} targets -> {a.output}"
                   + (f"; selected {out['selected']} -> {a.select_output}"
                      if "selected" in out else ""))
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
-    from rise.config import parse_dims
-    from rise.plan import format_plan_table, parse_bytes, plan_model
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.placement import format_placement, parse_bytes, plan_placement
 
-    plan = plan_model(a.model, gpus=a.gpus, gpu_memory_bytes=parse_bytes(a.gpu_memory),
-                      batch_size=a.batch_size, max_length=a.max_length, dtype=a.dtype,
-                      dims=parse_dims(a.dims) if a.dims else constants.DEFAULT_DIMS)
-    _emit(a, plan.to_dict(), format_plan_table(plan))
-    if not plan.fits:
+    placement = plan_placement(
+        a.model, gpus=a.gpus, gpu_memory_bytes=parse_bytes(a.gpu_memory),
+        batch_size=a.batch_size, max_length=a.max_length, dtype=a.dtype,
+        dims=parse_dims(a.dims) if a.dims else constants.DEFAULT_DIMS)
+    emit(a, placement.to_dict(), format_placement(placement))
+    if not placement.fits:
         sys.exit(9)
 
 
@@ -338,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sp)
     sp.add_argument("--data", required=True, help="JSONL or Parquet records")
     sp.add_argument("--out", required=True, help="index folder (created)")
-    _add_fields(sp)
+    add_field_args(sp)
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--topk", help=f"residual entries kept, or 'all' (default: {constants.DEFAULT_TOPK})")
     sp.add_argument("--temperature", type=float,
@@ -362,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--queries", required=True)
     sp.add_argument("--output", required=True, help="JSONL, one line per query")
     sp.add_argument("--top", type=int, default=10)
-    _add_fields(sp)
-    _add_scoring(sp)
+    add_field_args(sp)
+    add_scoring_args(sp)
 
     sp = verb("value", cmd_value, "value every indexed example for a target set")
     sp.add_argument("--index", required=True)
@@ -372,14 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", required=True, help="JSONL, one line per live example")
     sp.add_argument("--select-fraction", type=float, help="fraction of the pool to select")
     sp.add_argument("--select-output", help="data file of the selected original records")
-    _add_fields(sp)
-    _add_scoring(sp)
+    add_field_args(sp)
+    add_scoring_args(sp)
 
     sp = verb("append", cmd_append, "add a data file to an index as a new generation")
     sp.add_argument("--index", required=True)
     _add_model(sp)
     sp.add_argument("--data", required=True)
-    _add_fields(sp)
+    add_field_args(sp)
 
     sp = verb("delete", cmd_delete, "tombstone ids (one per line, or JSONL with id)")
     sp.add_argument("--index", required=True)
@@ -392,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("inspect", cmd_inspect, "summarise an index")
     sp.add_argument("index")
 
-    sp = verb("plan", cmd_plan, "will a model fit these GPUs? memory and storage plan")
+    sp = verb("plan", cmd_plan, "will a model fit these GPUs? placement, memory and storage")
     sp.add_argument("--model", required=True, help="model folder or config.json")
     sp.add_argument("--gpus", type=int, default=1)
     sp.add_argument("--gpu-memory", default="80GiB")
@@ -400,8 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-length", type=int, default=constants.DEFAULT_MAX_LENGTH)
     sp.add_argument("--dtype", default="bfloat16")
     sp.add_argument("--dims", help="sketch widths KR,KH,KG")
-
-    from rise.remote import add_remote_parser
 
     add_remote_parser(sub)
     return p

@@ -103,3 +103,16 @@ class Unavailable(RiseError):
 
     grpc_code = "UNAVAILABLE"
     exit_code = 8
+
+
+def validation_message(error: Exception, *, locations: bool = False) -> str:
+    """One line from a pydantic ValidationError (its messages joined, each after the field
+    it concerns when ``locations``), or ``str(error)`` for any other exception."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    parts = []
+    for err in errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+        parts.append(f"{loc}: {err['msg']}" if loc and locations else err["msg"])
+    return "; ".join(parts) or str(error)

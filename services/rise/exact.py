@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from rise.featurize import Factors
+from rise.factors import TokenFactors
 
 
-def _dense_r(f: Factors, vocab: int) -> torch.Tensor:
+def _dense_r(f: TokenFactors, vocab: int) -> torch.Tensor:
     if f.idx is None:
         return f.r
     out = torch.zeros(f.r.shape[0], vocab, dtype=f.r.dtype)
     return out.scatter_add_(1, f.idx, f.r)
 
 
-def residual_gram(a: Factors, b: Factors, vocab: int) -> torch.Tensor:
+def residual_gram(a: TokenFactors, b: TokenFactors, vocab: int) -> torch.Tensor:
     """<r_s, r_t> for s in a, t in b: (Ta, Tb)."""
     da = _dense_r(a, vocab)
     if b.idx is None:
@@ -30,17 +30,17 @@ def residual_gram(a: Factors, b: Factors, vocab: int) -> torch.Tensor:
     return (da[:, b.idx] * b.r[None, :, :]).sum(-1)
 
 
-def inner(a: Factors, b: Factors, channel: str, vocab: int) -> float:
+def inner(a: TokenFactors, b: TokenFactors, channel: str, vocab: int) -> float:
     """Exact <C(a), C(b)> for channel 'rh' or 'gh'."""
     hh = a.h.double() @ b.h.double().T
     if channel == "rh":
         other = residual_gram(a, b, vocab).double()
     else:
         other = a.g.double() @ b.g.double().T
-    return float((a.w.double()[:, None] * b.w.double()[None, :] * other * hh).sum())
+    return float((a.weights.double()[:, None] * b.weights.double()[None, :] * other * hh).sum())
 
 
-def norms(fs: list[Factors], vocab: int) -> torch.Tensor:
+def norms(fs: list[TokenFactors], vocab: int) -> torch.Tensor:
     """(n, 2) norms ||RH||, ||GH|| of each example."""
     out = torch.zeros(len(fs), 2, dtype=torch.float64)
     for i, f in enumerate(fs):
@@ -49,7 +49,7 @@ def norms(fs: list[Factors], vocab: int) -> torch.Tensor:
     return out
 
 
-def score_matrix(queries: list[Factors], items: list[Factors], channel: str,
+def score_matrix(queries: list[TokenFactors], items: list[TokenFactors], channel: str,
                  vocab: int) -> torch.Tensor:
     """Raw inner products (n_queries, n_items) in float64."""
     out = torch.zeros(len(queries), len(items), dtype=torch.float64)

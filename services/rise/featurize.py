@@ -8,7 +8,6 @@ float64 for float64 models), a chunk of tokens at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +15,7 @@ from rise import constants
 from rise.config import SketchConfig
 from rise.data import Encoded
 from rise.errors import Cancelled
+from rise.factors import Features, TokenFactors
 from rise.model import LoadedModel
 from rise.readout import (
     chunk_tokens_for,
@@ -29,30 +29,6 @@ ProgressFn = Callable[[int, int], None]
 """Called after each batch with (examples done in this call, tokens done in this call)."""
 CancelFn = Callable[[], bool]
 """Polled between batches; returning True stops the work with Cancelled."""
-
-
-@dataclass
-class Factors:
-    """Exact per-token factors of one example (modes ``exact`` and ``nosketch``).
-
-    h, g: (T, d); w: (T,); r: (T, m) with idx (T, m) int64, or r (T, V) dense and idx None.
-    """
-
-    h: torch.Tensor
-    g: torch.Tensor
-    w: torch.Tensor
-    r: torch.Tensor
-    idx: torch.Tensor | None
-
-
-@dataclass
-class Features:
-    """Features of a list of examples, in input order."""
-
-    token_counts: torch.Tensor  # (n,) int64 supervised tokens
-    rh: torch.Tensor | None = None  # (n, kr*kh) float64 raw sketches (mode sketch)
-    gh: torch.Tensor | None = None  # (n, kg*kh)
-    factors: list[Factors] | None = None  # modes exact / nosketch
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -123,7 +99,7 @@ def featurize(
     return feats
 
 
-def _factors(pos, head, config: SketchConfig, chunk: int, n_examples: int) -> list[Factors]:
+def _factors(pos, head, config: SketchConfig, chunk: int, n_examples: int) -> list[TokenFactors]:
     parts = [ro for _, ro in iter_readouts(pos, head, config.topk, config.temperature, chunk)]
     h = torch.cat([p.h for p in parts]).cpu()
     g = torch.cat([p.g for p in parts]).cpu()
@@ -134,6 +110,6 @@ def _factors(pos, head, config: SketchConfig, chunk: int, n_examples: int) -> li
     out = []
     for e in range(n_examples):
         sel = (ex == e).nonzero(as_tuple=True)[0]
-        out.append(Factors(h=h[sel], g=g[sel], w=w[sel], r=r[sel],
+        out.append(TokenFactors(h=h[sel], g=g[sel], w=w[sel], r=r[sel],
                            idx=None if idx is None else idx[sel]))
     return out

@@ -130,6 +130,10 @@ class JobStore:
             pipe.hincrby(key, "tokens_done", tokens)
         pipe.execute()
 
+    def is_shard_done(self, job_id: str, n: int) -> bool:
+        """Whether shard ``n`` of the job was already counted by ``mark_shard_done``."""
+        return bool(self.r.sismember(f"{self.ns}:jobshards:{job_id}", n))
+
     def mark_shard_done(self, job_id: str, n: int, ttl_seconds: int = 30 * 86400) -> bool:
         """Count shard ``n`` of the job once, however often its task runs; True the first
         time.  A redelivered or retried shard task must not push shards_done past

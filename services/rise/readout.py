@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rise.factors import TokenFactors
 from rise.sketch import Sketcher, outer_accumulate
 
 
@@ -59,19 +60,6 @@ class Head:
         return z, deriv
 
 
-@dataclass(frozen=True)
-class TokenReadout:
-    """Readout of n supervised positions.
-
-    idx is (n, m) int64 with r (n, m) the kept residual entries, or None with r dense (n, V).
-    """
-
-    h: torch.Tensor  # (n, d)
-    idx: torch.Tensor | None
-    r: torch.Tensor
-    g: torch.Tensor  # (n, d)
-
-
 # Live (chunk, V) tensors at the peak of ``readout``: logits, softmax, the temperature
 # division's copy and the top-K/derivative work.  The planner sizes the head with this too.
 HEAD_TEMPORARIES = 4
@@ -86,7 +74,7 @@ def chunk_tokens_for(vocab: int, dtype: torch.dtype, budget_bytes: int) -> int:
 
 def readout(
     h: torch.Tensor, y: torch.Tensor, head: Head, topk: int | None, temperature: float
-) -> TokenReadout:
+) -> TokenFactors:
     """Residual and projected error for one chunk: h (n, d), y (n,) int64."""
     logits, deriv = head.logits(h)
     p = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
@@ -97,7 +85,7 @@ def readout(
         r[rows, y] -= 1.0
         if not isinstance(deriv, float) or deriv != 1.0:
             r = r * deriv
-        return TokenReadout(h=h, idx=None, r=r, g=r @ head.weight)
+        return TokenFactors(h=h, g=r @ head.weight, r=r, idx=None)
     top = torch.topk(p, topk, dim=-1, sorted=False).indices  # (n, K)
     in_top = (top == y[:, None]).any(dim=1)
     # K + 1 slots: the target fills the last one; if it is already in the top K the extra
@@ -113,7 +101,7 @@ def readout(
     elif deriv != 1.0:
         vals = vals * deriv
     g = torch.einsum("nk,nkd->nd", vals, head.weight[idx])
-    return TokenReadout(h=h, idx=idx, r=vals, g=g)
+    return TokenFactors(h=h, g=g, r=vals, idx=idx)
 
 
 @dataclass(frozen=True)
@@ -156,7 +144,7 @@ def supervised_positions(
 
 def iter_readouts(
     pos: Positions, head: Head, topk: int | None, temperature: float, chunk: int
-) -> Iterator[tuple[slice, TokenReadout]]:
+) -> Iterator[tuple[slice, TokenFactors]]:
     """Readouts of consecutive chunks of at most ``chunk`` positions."""
     for start in range(0, pos.h.shape[0], chunk):
         sl = slice(start, start + chunk)

@@ -15,17 +15,26 @@ ranking of an unsharded one.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from safetensors.torch import load, save
 
 from rise import constants, exact
 from rise.config import SketchConfig
 from rise.errors import InvalidInput
-from rise.featurize import Factors, Features
-from rise.shard import ShardData, unit_rows
+from rise.factors import Features, TokenFactors
+from rise.shard import (
+    ShardData,
+    decode_ids,
+    encode_ids,
+    factor_tensors,
+    factors_from_tensors,
+    unit_rows,
+)
 
 Channel = Literal["rh", "gh", "both"]
 ScoreKind = Literal["raw", "cosine"]
@@ -35,11 +44,11 @@ ScoreKind = Literal["raw", "cosine"]
 class ScoreSpec:
     """How to score: channel(s), raw or cosine, lambda, pool-mean centering.
 
-    ``center``: ``None`` (the default) centres cosine scores of a sketched index by the
-    pool mean and leaves raw scores and exact / no-sketch indexes as they are (exact mode
-    stays the plain head-gradient ground truth); ``True`` forces centering (an error where
-    it cannot apply), ``False`` turns it off.  The default was chosen by measurement:
-    ``tests/benchmarks/reports/eval/``.
+    ``center``: ``None`` (the default) centers cosine scores of a sketched index with live
+    examples by the pool mean and leaves raw scores, exact / no-sketch indexes and an empty
+    index as they are (exact mode stays the plain head-gradient ground truth); ``True``
+    forces centering (an error where it cannot apply), ``False`` turns it off.  ``centered``
+    decides it.  The default was chosen by measurement: ``tests/benchmarks/reports/eval/``.
     """
 
     channel: Channel = "both"
@@ -62,10 +71,18 @@ class ScoreSpec:
         if self.center and self.score == "raw":
             raise InvalidInput("pool-mean centering applies to cosine scores only")
 
-    def centers(self, sketched: bool) -> bool:
-        """Whether scores of an index (sketched or not) are centred by the pool mean."""
+    def centered(self, sketched: bool, live_count: int) -> bool:
+        """Whether scores against an index are centered by the pool mean of its live
+        examples.  Only a sketched index with live examples has a pool mean: by default
+        (``center=None``) its cosine scores are centered and nothing else is; an explicit
+        ``center=True`` on an index without a pool mean is InvalidInput."""
         if self.center is None:
-            return sketched and self.score == "cosine"
+            return sketched and self.score == "cosine" and live_count > 0
+        if self.center and not sketched:
+            raise InvalidInput("pool-mean centering needs a sketched index")
+        if self.center and live_count <= 0:
+            raise InvalidInput("pool-mean centering needs a pool mean, and an index with no "
+                               "live examples has none")
         return self.center
 
     @property
@@ -86,7 +103,7 @@ class QuerySet:
     norms: torch.Tensor  # (q, 2) float64
     rh: torch.Tensor | None = None  # (q, kr*kh) unit, float64 holding storage-dtype values
     gh: torch.Tensor | None = None
-    factors: list[Factors] | None = None
+    factors: list[TokenFactors] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -265,28 +282,17 @@ def queryset_to_bytes(qs: QuerySet, storage_dtype: str = "float16") -> bytes:
     Sketches travel in the storage dtype they were rounded to, so the scorer rebuilds
     exactly the vectors the embedded path scores.
     """
-    import json
-
-    from safetensors.torch import save
-
-    from rise.shard import _factor_tensors, encode_ids
-
     ids, off = encode_ids(qs.ids)
     t = {"ids_utf8": ids, "ids_offsets": off, "norms": qs.norms.contiguous()}
     if qs.rh is not None and qs.gh is not None:
         dt = getattr(torch, storage_dtype)
         t["rh"], t["gh"] = qs.rh.to(dt).contiguous(), qs.gh.to(dt).contiguous()
     else:
-        t.update(_factor_tensors(qs.factors or []))
+        t.update(factor_tensors(qs.factors or []))
     return save(t, metadata={"rise": json.dumps({"kind": "queryset"})})
 
 
 def queryset_from_bytes(data: bytes) -> QuerySet:
-    from safetensors.torch import load
-
-    from rise.errors import InvalidInput
-    from rise.shard import decode_ids
-
     try:
         t = load(data)
         ids = decode_ids(t["ids_utf8"], t["ids_offsets"])
@@ -295,8 +301,8 @@ def queryset_from_bytes(data: bytes) -> QuerySet:
     if "rh" in t:
         return QuerySet(ids=ids, norms=t["norms"].double(), rh=stored_unit(t["rh"]),
                         gh=stored_unit(t["gh"]))
-    off = t["tok_offsets"].tolist()
-    fs = [Factors(h=t["h"][a:b], g=t["g"][a:b], w=t["w"][a:b], r=t["r"][a:b],
-                  idx=t["r_idx"][a:b].long() if "r_idx" in t else None)
-          for a, b in zip(off[:-1], off[1:], strict=True)]
+    try:
+        fs = factors_from_tensors(t)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise InvalidInput(f"malformed query features: {e}") from None
     return QuerySet(ids=ids, norms=t["norms"].double(), factors=fs)

@@ -19,7 +19,7 @@ from safetensors.torch import load, save
 
 from rise import constants
 from rise.errors import Corrupt
-from rise.featurize import Factors, Features
+from rise.factors import Features, TokenFactors
 
 _META_KEY = "rise"
 
@@ -53,7 +53,7 @@ class ShardData:
     gh: torch.Tensor | None = None
     rh_sum: torch.Tensor | None = None  # (kr*kh,) float64 sum of stored unit sketches
     gh_sum: torch.Tensor | None = None
-    factors: list[Factors] | None = field(default=None, repr=False)
+    factors: list[TokenFactors] | None = field(default=None, repr=False)
     derived: dict = field(default_factory=dict, repr=False)
     """Values computed once from the stored tensors (e.g. float64 unit rows) and reused
     while the shard stays loaded (the scorer's cache keeps it across requests)."""
@@ -68,14 +68,17 @@ def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None], norms
 
 
-def _factor_tensors(fs: list[Factors]) -> dict[str, torch.Tensor]:
-    """Per-token factors of several examples, concatenated, with token offsets."""
+def factor_tensors(fs: list[TokenFactors]) -> dict[str, torch.Tensor]:
+    """Per-token factors of several examples, concatenated, with token offsets: the layout
+    of factor shards and of factor query sets."""
     counts = torch.tensor([f.h.shape[0] for f in fs], dtype=torch.int64)
     off = torch.zeros(len(fs) + 1, dtype=torch.int64)
     off[1:] = torch.cumsum(counts, 0)
     t = {"tok_offsets": off}
-    for name in ("h", "g", "w", "r"):
-        t[name] = torch.cat([getattr(f, name) for f in fs]).contiguous()
+    t["h"] = torch.cat([f.h for f in fs]).contiguous()
+    t["g"] = torch.cat([f.g for f in fs]).contiguous()
+    t["w"] = torch.cat([f.weights for f in fs]).contiguous()
+    t["r"] = torch.cat([f.r for f in fs]).contiguous()
     if fs and fs[0].idx is not None:
         t["r_idx"] = torch.cat([f.idx for f in fs]).to(torch.int32).contiguous()
     return t
@@ -112,7 +115,7 @@ def build_shard(
         if factor_norms is None:
             raise ValueError("factor shards need their exact norms")
         t["norms"] = factor_norms.to(torch.float64).contiguous()
-        t.update(_factor_tensors(feats.factors or []))
+        t.update(factor_tensors(feats.factors or []))
     return serialize(meta, t)
 
 
@@ -143,8 +146,18 @@ def concat_rows(parts: list[tuple[ShardData, list[int]]]) -> dict[str, torch.Ten
         t["gh_sum"] = t["gh"].double().sum(0)
         return t
     fs = [p.factors[i] for p, rows in parts for i in rows]  # type: ignore[index]
-    t.update(_factor_tensors(fs))
+    t.update(factor_tensors(fs))
     return t
+
+
+def factors_from_tensors(t: dict[str, torch.Tensor]) -> list[TokenFactors]:
+    """Inverse of ``factor_tensors`` (views into ``t``; indices widened to int64)."""
+    off = t["tok_offsets"].tolist()
+    return [
+        TokenFactors(h=t["h"][a:b], g=t["g"][a:b], w=t["w"][a:b], r=t["r"][a:b],
+                     idx=t["r_idx"][a:b].long() if "r_idx" in t else None)
+        for a, b in zip(off[:-1], off[1:], strict=True)
+    ]
 
 
 def read_meta(data: bytes) -> dict:
@@ -170,14 +183,7 @@ def parse_shard(data: bytes) -> ShardData:
         if "rh" in t:
             sd.rh, sd.gh, sd.rh_sum, sd.gh_sum = t["rh"], t["gh"], t["rh_sum"], t["gh_sum"]
         else:
-            off = t["tok_offsets"].tolist()
-            sd.factors = [
-                Factors(
-                    h=t["h"][a:b], g=t["g"][a:b], w=t["w"][a:b], r=t["r"][a:b],
-                    idx=t["r_idx"][a:b].long() if "r_idx" in t else None,
-                )
-                for a, b in zip(off[:-1], off[1:], strict=True)
-            ]
+            sd.factors = factors_from_tensors(t)
     except (KeyError, ValueError, RuntimeError, UnicodeDecodeError, SafetensorError) as e:
         raise Corrupt(f"malformed shard: {e}") from None
     if len(ids) != meta.get("count"):

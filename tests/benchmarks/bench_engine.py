@@ -30,8 +30,10 @@ import torch
 from rise import exact
 from rise.config import SketchConfig
 from rise.data import Encoded, FieldMap, Record, read_records
-from rise.featurize import Factors, featurize, pad_batch
-from rise.index import create_index, encode_all, open_index
+from rise.factors import TokenFactors
+from rise.featurize import featurize, pad_batch
+from rise.index import open_index
+from rise.ingest import create_index, encode_all
 from rise.model import LoadedModel, load_model
 from rise.score import stored_unit
 from rise.shard import unit_rows
@@ -208,9 +210,9 @@ ROW_SCALAR_BYTES = 2 * 4 + 3 * 8 + 8
 def index_bytes(root: Path, dims: tuple[int, int, int]) -> dict:
     idx = open_index(LocalStore(root))
     m = idx.manifest
-    n = sum(s["count"] for s in m["shards"])
-    files = sum((root / s["key"]).stat().st_size for s in m["shards"])
-    recorded = sum(s["bytes"] for s in m["shards"])
+    n = sum(s.count for s in m.shards)
+    files = sum((root / s.key).stat().st_size for s in m.shards)
+    recorded = sum(s.bytes for s in m.shards)
     man_bytes = (root / f"manifest-{m['generation']:08d}.json").stat().st_size
     ids = [rid for sd in idx.shards() for rid in sd.ids]
     id_bytes = sum(len(i.encode()) for i in ids) / n
@@ -219,7 +221,7 @@ def index_bytes(root: Path, dims: tuple[int, int, int]) -> dict:
     per_row = numbers * 2 + ROW_SCALAR_BYTES + id_bytes
     fixed = files - n * per_row  # per shard: float64 rh_sum/gh_sum, header, offsets[0]
     return {
-        "dims": list(dims), "examples": n, "shards": len(m["shards"]),
+        "dims": list(dims), "examples": n, "shards": len(m.shards),
         "numbers_per_example": numbers,
         "shard_file_bytes": files, "manifest_recorded_shard_bytes": recorded,
         "manifest_json_bytes": man_bytes,
@@ -270,7 +272,7 @@ def fidelity_records(pool_docs: int) -> tuple[list[Record], list[Record]]:
     return pool, queries
 
 
-def _groups(fs: list[Factors], size: int) -> list[dict]:
+def _groups(fs: list[TokenFactors], size: int) -> list[dict]:
     """Consecutive groups of examples with their tokens concatenated (like featurize's
     batches)."""
     out = []

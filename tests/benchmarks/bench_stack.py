@@ -411,7 +411,7 @@ class Bench:
         target_recs = records_from_dicts(targets, fields)
         # Embedded shards preloaded once (as the scorer's cache holds them) for the
         # pure-compute line; attribute_sketched itself reads them from disk each call.
-        cached = {e["key"]: index.shard(e) for e in index.manifest["shards"]}
+        cached = {e.key: index.shard(e) for e in index.manifest.shards}
 
         def emb_attr(rec) -> tuple[float, float, float, Any]:
             t0 = time.perf_counter()
@@ -570,15 +570,15 @@ class Bench:
         # Shard bytes of the two indexes (same data, same config, same model).
         s_idx = open_index(LocalStore(self.tmp / "copy"))
         c_idx = open_index(LocalStore(self.cli_index))
-        s_sh = [e["sha256"] for e in s_idx.manifest["shards"]]
-        c_sh = [e["sha256"] for e in c_idx.manifest["shards"]]
+        s_sh = [e.sha256 for e in s_idx.manifest.shards]
+        c_sh = [e.sha256 for e in c_idx.manifest.shards]
         return {
             "attribute_batch_vs_cli": compare_hits(stack_hits, cli_hits),
             "attribute_single_vs_cli": compare_hits(single, [(q, cli_by_q[q]) for q, _ in single]),
             "attribute_single_vs_embedded_inprocess": compare_hits(single, emb_single),
             "value_vs_embedded_on_cli_index": compare_values(self.stack_vals, self.cli_vals),
-            "configs_equal": s_idx.manifest["config"] == c_idx.manifest["config"],
-            "models_equal": s_idx.manifest["model"] == c_idx.manifest["model"],
+            "configs_equal": s_idx.manifest.config == c_idx.manifest.config,
+            "models_equal": s_idx.manifest.model == c_idx.manifest.model,
             "shard_sha256_equal": s_sh == c_sh, "shards": len(s_sh),
             "cli_attribute_command_s": round(cli_s, 2),
             "stack_hits": stack_hits, "cli_hits": cli_hits,

@@ -12,7 +12,8 @@ import torch
 from rise import api
 from rise.config import make_config
 from rise.data import FieldMap, read_records
-from rise.index import create_index, open_index
+from rise.index import open_index
+from rise.ingest import create_index
 from rise.model import load_model
 from rise.store import LocalStore
 

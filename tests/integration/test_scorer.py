@@ -30,7 +30,7 @@ import grpc
 import pytest
 import torch
 from conftest import TEXTS, write_jsonl
-from rise import api
+from rise import api, ingest
 from rise import index as I
 from rise.config import make_config
 from rise.data import FieldMap, read_records
@@ -116,9 +116,9 @@ def corpus(tmp_path_factory, lm) -> Corpus:
     data = write_jsonl(data_dir / "corpus.jsonl", rows)
     settings = Settings(s3_endpoint=f"file://{root}")
     store = open_store(settings, PREFIX)
-    I.create_index(store, lm, data, FieldMap(), make_config(dims=DIMS), shard_size=2)
+    ingest.create_index(store, lm, data, FieldMap(), make_config(dims=DIMS), shard_size=2)
     index1 = I.open_index(store)
-    assert len(index1.manifest["shards"]) == 7
+    assert len(index1.manifest.shards) == 7
     assert I.delete(store, DELETED) == 2
     index2 = I.open_index(store)
     qfile = write_jsonl(data_dir / "queries.jsonl",
@@ -192,7 +192,7 @@ def scorer_env(root: Path, cache_bytes: int) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def scorer(corpus) -> Iterator[ScorerProcess]:
     # A cache of three shards out of seven: replicas and centering sweeps evict for real.
-    biggest = max(s["bytes"] for s in corpus.index2.manifest["shards"])
+    biggest = max(s.bytes for s in corpus.index2.manifest.shards)
     proc = ScorerProcess(scorer_env(corpus.root, 3 * biggest))
     try:
         yield proc
@@ -261,7 +261,7 @@ def code_of(call) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_replicas_merge_to_the_embedded_answer(scorer, corpus, spec):
-    n_shards = len(corpus.index2.manifest["shards"])
+    n_shards = len(corpus.index2.manifest.shards)
     for top in (3, 100):
         want = expected(corpus.index2, corpus.queries, spec, top)
         assert all(len(w) == min(top, corpus.index2.live_count) for w in want)
@@ -294,14 +294,14 @@ def test_empty_replica_and_empty_queries(scorer, corpus):
     spec = ScoreSpec()
     got, scored = score_replicas(scorer.stub, 2, corpus.qbytes, spec, 5, 11)
     assert got == expected(corpus.index2, corpus.queries, spec, 5)
-    assert scored == len(corpus.index2.manifest["shards"])
+    assert scored == len(corpus.index2.manifest.shards)
     none = QuerySet(ids=[], norms=torch.zeros(0, 2, dtype=torch.float64),
                     rh=torch.zeros(0, DIMS[0] * DIMS[1], dtype=torch.float64),
                     gh=torch.zeros(0, DIMS[2] * DIMS[1], dtype=torch.float64))
     resp = scorer.stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
         shards=selector(2), queries=queryset_to_bytes(none)), timeout=60)
     assert len(resp.queries) == 0
-    assert resp.shards_scored == len(corpus.index2.manifest["shards"])
+    assert resp.shards_scored == len(corpus.index2.manifest.shards)
 
 
 @pytest.mark.parametrize("spec", [SPECS[i] for i in (0, 1, 4, 7, 8, 9)], ids=spec_id)
@@ -312,7 +312,7 @@ def test_value_replicas_equal_value_sketched(scorer, corpus, spec):
     for replicas in (0, 1, 2, 3):
         got, scored = value_replicas(scorer.stub, 2, corpus.qbytes, spec, replicas)
         assert got == want, replicas
-        assert scored == len(corpus.index2.manifest["shards"])
+        assert scored == len(corpus.index2.manifest.shards)
 
 
 def test_recreated_index_is_never_served_stale(scorer, corpus, lm, tmp_path):
@@ -327,7 +327,7 @@ def test_recreated_index_is_never_served_stale(scorer, corpus, lm, tmp_path):
         data = write_jsonl(tmp_path / "d.jsonl",
                            [{"id": f"r-{i}", "text": t} for i, t in enumerate(texts)])
         store = open_store(settings, prefix)
-        I.create_index(store, lm, data, FieldMap(), make_config(dims=DIMS), shard_size=2)
+        ingest.create_index(store, lm, data, FieldMap(), make_config(dims=DIMS), shard_size=2)
         return I.open_index(store)
 
     first = build(TEXTS[:5])
@@ -335,8 +335,8 @@ def test_recreated_index_is_never_served_stale(scorer, corpus, lm, tmp_path):
     got, _ = score_replicas(scorer.stub, 1, corpus.qbytes, spec, 3, 2, prefix)
     assert got == want_first
     second = build(list(reversed(EXTRA + TEXTS[5:])))
-    assert [s["key"] for s in second.manifest["shards"]] == \
-        [s["key"] for s in first.manifest["shards"]]
+    assert [s.key for s in second.manifest.shards] == \
+        [s.key for s in first.manifest.shards]
     got, _ = score_replicas(scorer.stub, 1, corpus.qbytes, spec, 3, 2, prefix)
     assert got == expected(second, corpus.queries, spec, 3)
     assert got != want_first
@@ -468,7 +468,7 @@ def test_metrics_serve_every_scorer_name(scorer, corpus):
     assert _value(text, "rise_scorer_shards_scanned_total") > 0
     assert _value(text, "rise_scorer_bytes_scanned_total") > 0
     assert _value(text, 'rise_storage_bytes_read_total{service="scorer"}') > 0
-    biggest = max(s["bytes"] for s in corpus.index2.manifest["shards"])
+    biggest = max(s.bytes for s in corpus.index2.manifest.shards)
     assert 0 < _value(text, "rise_scorer_cache_bytes") <= 3 * biggest
     assert _value(text, 'rise_grpc_requests_total{code="OK",method="ScoreShards",'
                         'service="scorer"}') > 0
@@ -510,7 +510,7 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
 
     src = open_store(corpus.settings, PREFIX)
     store = CountingStore(src)
-    entries = corpus.index2.manifest["shards"]
+    entries = corpus.index2.manifest.shards
 
     def held(entry):  # bytes a cache holds for one shard (stored + derived unit rows)
         one = ShardCache(lambda prefix: src, 1 << 40)
@@ -552,7 +552,7 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
 
 def test_cache_reads_each_shard_once_under_concurrency(corpus):
     store = CountingStore(open_store(corpus.settings, PREFIX), delay=0.05)
-    entries = corpus.index2.manifest["shards"]
+    entries = corpus.index2.manifest.shards
     cache = ShardCache(lambda prefix: store, 1 << 30)
     errors: list[BaseException] = []
 

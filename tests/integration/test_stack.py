@@ -28,7 +28,7 @@ from rise.stack import Stack, minio_client, running
 
 pytestmark = pytest.mark.integration
 
-TOKENS = {"a": "tok-a-7f3c9e", "b": "tok-b-1d2e4a"}
+TOKENS = {"a": "tok-a-7f3c9e", "b": "tok-b-1d2e4a", "c": "tok-c-93b0f2"}
 POOL = "tiny"
 ROWS = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS + [
     "The dog sleeps while the fox runs.",
@@ -56,7 +56,7 @@ def env(tmp_path_factory):
     try:
         s3 = minio_client(stack.s3["endpoint"], stack.s3["access_key"], stack.s3["secret_key"])
         data = corpus.read_bytes()
-        for tenant in ("a", "b"):
+        for tenant in ("a", "b", "c"):
             s3.put_object("rise", f"tenants/{tenant}/data/c.jsonl", io.BytesIO(data), len(data))
         yield SimpleNamespace(stack=stack, root=root, model=model, corpus=corpus,
                               queries=queries, s3=s3, gateway=stack.endpoints["gateway"],
@@ -91,7 +91,8 @@ def embedded(env):
     """The same corpus and configuration through the embedded path."""
     from rise.config import make_config
     from rise.data import FieldMap
-    from rise.index import create_index, open_index
+    from rise.index import open_index
+    from rise.ingest import create_index
     from rise.model import load_model
     from rise.store import LocalStore
 
@@ -118,13 +119,13 @@ def test_create_index_job_progress(built, a):
 
 
 def test_index_matches_embedded(built, a, embedded):
-    from rise.gateway.convert import config_to
+    from rise.v1convert import config_to
 
     idx = a.get_index("c")
     m = embedded.index.manifest
-    assert idx.config == config_to(m["config"])
-    assert idx.model.head_sha256 == m["model"]["head_sha256"]
-    assert idx.model.tokenizer_sha256 == m["model"]["tokenizer_sha256"]
+    assert idx.config == config_to(m.config.to_dict())
+    assert idx.model.head_sha256 == m.model.head_sha256
+    assert idx.model.tokenizer_sha256 == m.model.tokenizer_sha256
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["default", "rh-raw", "lam-center", "no-center"])
@@ -328,6 +329,26 @@ def test_gateway_job_gauges_follow_the_job_store(built, env, a, b):
             break
         time.sleep(1)
     assert seen == want, f"rise_jobs{{state=SUCCEEDED}} is {seen}, the job store has {want}"
+
+
+def test_append_after_delete_is_refused_as_by_the_cli(env):
+    """Through the gateway, an id deleted but not compacted is refused by the very check
+    the CLI and the API run (the function rise.ingest.plan): the job ends FAILED, INVALID_ARGUMENT, with
+    the message of tests/unit/test_cli.py, and the index keeps its generation."""
+    again = b'{"id": "doc-1", "text": "a new text"}\n'
+    env.s3.put_object("rise", "tenants/c/data/again.jsonl", io.BytesIO(again), len(again))
+    with RiseClient(env.gateway, TOKENS["c"], timeout=120) as c:
+        job = c.wait(c.create_index("ad", "s3://rise/tenants/c/data/c.jsonl", POOL,
+                                    shard_size=4).id, timeout=120)
+        assert state_name(job) == "SUCCEEDED", job
+        assert c.delete_examples("ad", ["doc-1"]).live_count == len(ROWS) - 1
+        job = c.wait(c.append("ad", "s3://rise/tenants/c/data/again.jsonl").id, timeout=120)
+        assert state_name(job) == "FAILED", job
+        assert job.error_code == "INVALID_ARGUMENT"
+        assert job.error_message == ("id 'doc-1' of record 0 clashes with a deleted id not "
+                                     "yet compacted (run rise compact first)")
+        idx = c.get_index("ad")
+        assert (idx.generation, idx.live_count, idx.tombstones) == (2, len(ROWS) - 1, 1)
 
 
 def test_stack_down_leaves_no_process(env):

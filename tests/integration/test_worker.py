@@ -1,7 +1,7 @@
 """The Celery workers as real processes (``celery -A rise.worker.app worker``) against a real
 Redis and a real S3 server (SeaweedFS), driven the way the gateway drives them: a job
 created in the JobStore with a ``request``, the index registered and locked, then
-``send_task("rise.ingest.plan")``.
+``send_task("rise.ingest.prepare")``.
 
 Ground truth is the embedded library: an index built by the workers in S3 must hold
 byte-identical shards (and the same manifest shard entries) as ``rise.index.create_index``
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEXTS, save_tiny_model, write_jsonl
-from rise import api, constants
+from rise import api, constants, ingest
 from rise import index as I
 from rise.config import SketchConfig
 from rise.data import FieldMap, read_records
@@ -202,7 +202,7 @@ def submit(env: Env, app, index: str, uri: str, shard_size: int, *,
     if not append:
         assert env.js.register_index(TENANT, index, POOL)
     assert env.js.lock_index(TENANT, index, job["id"], 3600) is None
-    app.send_task("rise.ingest.plan", args=[job["id"]], queue=f"rise.pool.{POOL}")
+    app.send_task("rise.ingest.prepare", args=[job["id"]], queue=f"rise.pool.{POOL}")
     return job["id"]
 
 
@@ -230,7 +230,7 @@ def wait_unlocked(env: Env, index: str, timeout: float = JOB_TIMEOUT_S) -> None:
 def local_index(env: Env, lm, rows: list[dict], shard_size: int, name: str) -> LocalStore:
     data = write_jsonl(env.tmp / f"{name}.jsonl", rows)
     store = LocalStore(env.tmp / f"local-{name}")
-    I.create_index(store, lm, data, FieldMap(), CONFIG, shard_size=shard_size,
+    ingest.create_index(store, lm, data, FieldMap(), CONFIG, shard_size=shard_size,
                    batch_size=BATCH)
     return store
 
@@ -257,15 +257,15 @@ def assert_same_index(s3: S3Store, local: LocalStore, generation: int = 1) -> No
         assert s3.get(key) == local.get(key), key
     assert I.manifest_generations(s3) == I.manifest_generations(local)
     mine, theirs = I.read_manifest(s3, generation), I.read_manifest(local, generation)
-    assert mine["shards"] == theirs["shards"]
+    assert mine.shards == theirs.shards
     for field in ("model", "config", "config_sha256", "tombstones", "live_count"):
-        assert mine[field] == theirs[field], field
-    assert len(mine["ingests"]) == len(theirs["ingests"])
-    for ing_m, ing_t in zip(mine["ingests"], theirs["ingests"], strict=True):
-        assert ing_m["dataset_uri"].startswith("s3://")
+        assert getattr(mine, field) == getattr(theirs, field), field
+    assert len(mine.ingests) == len(theirs.ingests)
+    for ing_m, ing_t in zip(mine.ingests, theirs.ingests, strict=True):
+        assert ing_m.dataset_uri.startswith("s3://")
         for field in ("generation", "dataset_sha256", "records", "shard_size", "fields",
                       "truncated"):
-            assert ing_m[field] == ing_t[field], field
+            assert getattr(ing_m, field) == getattr(ing_t, field), field
 
 
 def test_create_index_matches_embedded(env, worker, app, lm):
@@ -329,7 +329,9 @@ def test_unexpected_error_fails_job_and_is_recorded(env, worker, app):
     assert env.js.lock_index(TENANT, "broken", job["id"], 3600) is None
     env.js.set_state(job["id"], "RUNNING")
     res = app.send_task("rise.ingest.shard", args=[job["id"], 0], queue=f"rise.pool.{POOL}")
-    with pytest.raises(TypeError):
+    # The plan's model rejects the record (a pydantic ValidationError, which Celery hands
+    # back as a plain Exception naming it): not a RiseError.
+    with pytest.raises(Exception, match="ValidationError"):
         res.get(timeout=JOB_TIMEOUT_S)
     assert res.state == "FAILURE"
     job = wait_job(env, job["id"], [worker])
@@ -383,7 +385,7 @@ def test_retry_policy():
     from rise.errors import StorageError
     from rise.worker import tasks
 
-    for t in (tasks.plan, tasks.shard, tasks.commit, tasks.compact, tasks.sketch):
+    for t in (tasks.prepare, tasks.shard, tasks.commit, tasks.compact, tasks.sketch):
         assert StorageError in t.autoretry_for and InvalidInput not in t.autoretry_for
         assert (t.max_retries, t.retry_backoff, t.retry_backoff_max) == (5, True, 60)
 
@@ -452,7 +454,7 @@ def test_cancel_ends_cancelled_without_manifest(env, worker, app):
 
 def test_append_delete_compact_match_embedded(env, worker, app, lm):
     s3, local = built(env, app, lm, worker, "two", texts(10), 2)
-    gen = I.read_manifest(local, I.manifest_generations(local)[-1])["generation"]
+    gen = I.read_manifest(local, I.manifest_generations(local)[-1]).generation
     assert I.manifest_generations(s3)[-1] == gen == 1
 
     rows = [{"id": f"new-{i}", "text": f"appended {i}: {TEXTS[-1 - i]}"} for i in range(5)]
@@ -460,7 +462,7 @@ def test_append_delete_compact_match_embedded(env, worker, app, lm):
     job = wait_job(env, submit(env, app, "two", uri, 99, append=True), [worker])
     assert job["state"] == SUCCEEDED, (job, worker.tail())
     assert (job["generation"], job["shards_total"], job["shards_done"]) == (2, 3, 3)
-    I.append(local, lm, write_jsonl(env.tmp / "more.jsonl", rows), batch_size=BATCH)
+    ingest.append(local, lm, write_jsonl(env.tmp / "more.jsonl", rows), batch_size=BATCH)
     assert_same_index(s3, local, 2)
 
     clash = env.upload("data/clash.jsonl", [{"id": "doc-0", "text": "again"}])

@@ -495,7 +495,7 @@ def test_top_level_help_lists_verbs(capsys):
         assert verb in out
 
 
-def test_default_scoring_is_centred_and_no_center_turns_it_off(capsys, tmp_path, tiny_model, built,
+def test_default_scoring_is_centered_and_no_center_turns_it_off(capsys, tmp_path, tiny_model, built,
                                                                data_dir):
     outs = {}
     for name, extra in (("default", []), ("center", ["--center"]), ("plain", ["--no-center"])):
@@ -507,3 +507,17 @@ def test_default_scoring_is_centred_and_no_center_turns_it_off(capsys, tmp_path,
         outs[name] = [json.loads(x) for x in out.read_text().splitlines()]
     assert outs["default"] == outs["center"]
     assert outs["default"] != outs["plain"]
+
+
+def test_append_after_delete_is_refused(capsys, tmp_path, tiny_model, idx_copy):
+    """The CLI refuses an id deleted but not compacted with the same message as the Python
+    API and the gateway (tests/unit/test_index.py, tests/integration/test_stack.py)."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("doc-1\n")
+    assert run(capsys, "delete", "--index", idx_copy, "--ids", ids)[0] == 0
+    again = write_jsonl(tmp_path / "again.jsonl", [{"id": "doc-1", "text": "a new text"}])
+    code, _, err = run(capsys, "append", "--index", idx_copy, "--model", tiny_model,
+                       "--data", again)
+    assert code == errors.InvalidInput.exit_code == 2
+    assert one_error(err) == ("rise: error: id 'doc-1' of record 0 clashes with a deleted id "
+                              "not yet compacted (run rise compact first)")

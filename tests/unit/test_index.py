@@ -20,7 +20,7 @@ import torch
 from conftest import TEXTS, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rise import api
+from rise import api, ingest
 from rise import index as I
 from rise.config import SketchConfig, make_config
 from rise.data import FieldMap
@@ -32,7 +32,7 @@ from rise.errors import (
     Mismatch,
     NotFound,
 )
-from rise.featurize import Features
+from rise.factors import Features
 from rise.model import load_model
 from rise.score import ScoreSpec, make_queryset, merge_topk, shard_scores, topk_candidates
 from rise.shard import build_shard, parse_shard
@@ -111,9 +111,9 @@ def records(ids: list[str], texts: list[str]) -> list[dict]:
     return [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
 
 
-def make_index(store: LocalStore, lm, data: Path, **kw) -> I.IngestSummary:
+def make_index(store: LocalStore, lm, data: Path, **kw) -> ingest.IngestSummary:
     kw.setdefault("shard_size", 3)
-    return I.create_index(store, lm, data, FieldMap(), make_config(), **kw)
+    return ingest.create_index(store, lm, data, FieldMap(), make_config(), **kw)
 
 
 def cli_index_cmd(model: Path, data: Path, out: Path, shard_size: int) -> list[str]:
@@ -355,7 +355,7 @@ def test_killed_cli_resumes_to_identical_index(tmp_path, tiny_model, lm):
     assert summary["shards_skipped"] >= 1
     assert summary["shards_skipped"] + summary["shards_written"] == 10
     ref = LocalStore(tmp_path / "ref")
-    I.create_index(ref, lm, data, FieldMap(), make_config(), shard_size=4)
+    ingest.create_index(ref, lm, data, FieldMap(), make_config(), shard_size=4)
     # what readers see is identical; an interrupted put may leave a hidden temp file
     assert objects_of(store) == objects_of(ref)
     assert I.verify(store).ok
@@ -378,7 +378,7 @@ def gen2_ref(tmp_path_factory, lm, two_files) -> Path:
     root = tmp_path_factory.mktemp("gen2")
     store = LocalStore(root)
     make_index(store, lm, two_files[0])
-    s = I.append(store, lm, two_files[1])
+    s = ingest.append(store, lm, two_files[1])
     assert s.generation == 2 and s.records == 5 and s.shards_written == 2
     return root
 
@@ -425,7 +425,7 @@ def test_append_delete_compact_equals_fresh_index(tmp_path, lm, gen2, queries):
     ci, fi = I.open_index(store), I.open_index(fresh)
     assert ci.tombstones == set() and ci.live_count == 7 == fi.live_count
     assert set(ci.live_ids()) == set(fi.live_ids()) == set(survivors)
-    assert [s["count"] for s in ci.manifest["shards"]] == [3, 3, 1]
+    assert [s.count for s in ci.manifest.shards] == [3, 3, 1]
     c_ids, c_rh, c_gh, c_n, c_tc = _all_rows(ci)
     f_ids, f_rh, f_gh, f_n, f_tc = _all_rows(fi)
     assert c_ids == f_ids == survivors
@@ -489,24 +489,32 @@ def test_append_duplicate_of_live_id_names_both(tmp_path, lm, idx8):
     dup = write_jsonl(tmp_path / "dup.jsonl",
                       [{"id": "new-0", "text": "fresh text"}, {"id": "doc-3", "text": "clash"}])
     with pytest.raises(InvalidInput) as e:
-        I.append(store, lm, dup)
+        ingest.append(store, lm, dup)
     msg = str(e.value)
     assert "'doc-3'" in msg and "record 1" in msg  # the new record
     assert "generation 1 record 3" in msg  # the live record it clashes with
     assert I.manifest_generations(store) == [1]
 
 
-def test_append_reusing_a_tombstoned_id_keeps_the_new_record(tmp_path, lm, idx8):
-    """An id deleted (not yet compacted) and appended again must either be refused or be
-    live afterwards; it must not vanish while live_count counts it."""
+APPEND_AFTER_DELETE = ("id 'doc-1' of record 0 clashes with a deleted id not yet compacted "
+                       "(run rise compact first)")
+"""The one refusal of an id deleted but not compacted, whatever the path (CLI, API, gateway)."""
+
+
+def test_append_reusing_a_tombstoned_id_is_refused(tmp_path, lm, idx8):
+    """An id deleted (not yet compacted) still has a row in a shard: appended again, the
+    new record would be born deleted.  ingest.plan refuses it, before any shard is written."""
     store = idx8
     I.delete(store, ["doc-1"])
     again = write_jsonl(tmp_path / "again.jsonl", [{"id": "doc-1", "text": "a new text"}])
-    try:
-        I.append(store, lm, again)
-    except InvalidInput as e:  # refusing is fine, if it names the id
-        assert "doc-1" in str(e)
-        return
+    with pytest.raises(InvalidInput) as e:
+        ingest.append(store, lm, again)
+    assert str(e.value) == APPEND_AFTER_DELETE
+    assert I.manifest_generations(store) == [1, 2]
+    assert not store.list("shards/g00000003/")
+    # After compaction the id is free again, and the new record is live.
+    I.compact(store)
+    ingest.append(store, lm, again)
     idx = I.open_index(store)
     assert "doc-1" in idx.live_ids()
     assert idx.live_count == len(idx.live_ids()) == 8
@@ -515,14 +523,14 @@ def test_append_reusing_a_tombstoned_id_keeps_the_new_record(tmp_path, lm, idx8)
 def test_append_with_other_model_is_mismatch(tmp_path, lm, lm_llama, idx8, two_files):
     store = idx8
     with pytest.raises(Mismatch, match="mismatch"):
-        I.append(store, lm_llama, two_files[1])
+        ingest.append(store, lm_llama, two_files[1])
     assert I.manifest_generations(store) == [1]
 
 
 def test_create_over_existing_index_is_refused(tmp_path, lm, idx8):
     store = idx8
     with pytest.raises(AlreadyExists, match="rise append"):
-        make_index(store, lm, Path(I.open_index(store).manifest['ingests'][0]['dataset_uri']))
+        make_index(store, lm, Path(I.open_index(store).manifest.ingests[0].dataset_uri))
 
 
 # ------------------------------------------------------------------------------- verify
@@ -547,7 +555,7 @@ def test_verify_flipped_byte_in_latest_generation(tmp_path, gen2):
     assert key in r.generations[2] and "sha256" in r.generations[2]
     assert r.generations[1] == "ok" and r.current == 1
     idx = I.open_index(store)  # present, so still opened; reading it fails
-    entry = next(e for e in idx.manifest["shards"] if e["key"] == key)
+    entry = next(e for e in idx.manifest.shards if e.key == key)
     with pytest.raises(Corrupt, match="sha256"):
         idx.shard(entry)
     with pytest.raises(Corrupt):
@@ -676,16 +684,29 @@ def test_sharded_scan_equals_unsharded(case):
 
 def test_centering_default_applies_to_sketched_cosine_only():
     assert ScoreSpec().center is None
-    assert ScoreSpec().centers(sketched=True) is True
-    assert ScoreSpec().centers(sketched=False) is False  # exact / no-sketch stay plain
-    assert ScoreSpec(channel="rh", score="raw").centers(sketched=True) is False
-    assert ScoreSpec(center=False).centers(sketched=True) is False
-    assert ScoreSpec(center=True).centers(sketched=False) is True  # forced: pool_mean refuses
+    assert ScoreSpec().centered(sketched=True, live_count=3) is True
+    assert ScoreSpec().centered(sketched=False, live_count=3) is False  # exact / no-sketch: plain
+    assert ScoreSpec(channel="rh", score="raw").centered(sketched=True, live_count=3) is False
+    assert ScoreSpec(center=False).centered(sketched=True, live_count=3) is False
+    assert ScoreSpec(center=True).centered(sketched=True, live_count=3) is True
+    with pytest.raises(InvalidInput, match="sketched index"):  # forced: no pool mean to use
+        ScoreSpec(center=True).centered(sketched=False, live_count=3)
     with pytest.raises(InvalidInput, match="cosine scores only"):
         ScoreSpec(channel="gh", score="raw", center=True)
 
 
-def test_default_scores_are_pool_mean_centred_cosines(lm, gen2, queries):
+def test_an_empty_index_has_no_pool_mean_to_center_by():
+    """Nothing live, no pool mean: the default is uncentered and a forced center=True is a
+    clear InvalidInput (the same answer for the API, the scorer and the gateway)."""
+    for spec in (ScoreSpec(), ScoreSpec(channel="rh"), ScoreSpec(lam=0.2)):
+        assert spec.centered(sketched=True, live_count=0) is False
+        assert spec.centered(sketched=True, live_count=1) is True
+    assert ScoreSpec(center=False).centered(sketched=True, live_count=0) is False
+    with pytest.raises(InvalidInput, match="no live examples"):
+        ScoreSpec(center=True).centered(sketched=True, live_count=0)
+
+
+def test_default_scores_are_pool_mean_centered_cosines(lm, gen2, queries):
     """Default scores = lambda-weighted cosines of (q - mu) and (x - mu) per channel, mu the
     mean of the live stored rows; computed here directly in float64."""
     store = gen2
@@ -720,9 +741,9 @@ def test_default_scores_are_pool_mean_centred_cosines(lm, gen2, queries):
     assert diff > 1e-3  # centering changed the scores (the check above can fail)
 
 
-def test_default_does_not_centre_an_exact_index(tmp_path, lm, corpus8, queries):
+def test_default_does_not_center_an_exact_index(tmp_path, lm, corpus8, queries):
     store = LocalStore(tmp_path / "exact")
-    I.create_index(store, lm, corpus8, FieldMap(), make_config(exact=True), shard_size=3)
+    ingest.create_index(store, lm, corpus8, FieldMap(), make_config(exact=True), shard_size=3)
     idx = I.open_index(store)
     default = api.attribute(idx, lm, queries, top=8)
     assert default == api.attribute(idx, lm, queries, top=8, spec=ScoreSpec(center=False))

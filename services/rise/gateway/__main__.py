@@ -7,12 +7,16 @@ import signal
 import threading
 
 import grpc
+import redis
 
+from rise.datasets import materialize, open_store
 from rise.gateway.service import Auth, Deps, IndexService, JobService, ScoringService
 from rise.grpcutil import add_health_and_reflection, make_server, touch_rpc_metrics
 from rise.jobs import STATES, JobStore
 from rise.metrics import for_service, serve
 from rise.settings import Settings
+from rise.store import CountingStore
+from rise.taskclient import TaskClient
 from rise.v1 import rise_pb2_grpc, scorer_pb2_grpc
 
 log = logging.getLogger("rise.gateway")
@@ -20,12 +24,6 @@ SERVICES = ["rise.v1.IndexService", "rise.v1.JobService", "rise.v1.ScoringServic
 
 
 def build(settings: Settings) -> tuple[grpc.Server, Deps]:
-    import redis
-
-    from rise.datasets import materialize, open_store
-    from rise.store import CountingStore
-    from rise.worker.app import make_app
-
     metrics = for_service("gateway")
     read = metrics.storage_bytes_read_total.labels("gateway")
     written = metrics.storage_bytes_written_total.labels("gateway")
@@ -35,7 +33,7 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps]:
         ("grpc.max_send_message_length", settings.max_message_bytes)])
         for a in settings.scorer_addresses.split(",") if a.strip()]
     deps = Deps(
-        settings=settings, jobs=JobStore(r), send_task=make_app(settings).send_task,
+        settings=settings, jobs=JobStore(r), send_task=TaskClient(settings).send,
         store=lambda prefix: CountingStore(open_store(settings, prefix), read.inc, written.inc),
         scorers=[scorer_pb2_grpc.ScorerServiceStub(c) for c in channels],
         materialize=lambda uri: str(materialize(uri, settings)), metrics=metrics)

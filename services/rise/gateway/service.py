@@ -15,11 +15,13 @@ from typing import Any
 
 import grpc
 
-from rise import constants
-from rise.api import fetch_records
+from rise import constants, taskclient
+from rise import v1convert as convert
+from rise.api import check_fraction, fetch_records, top_fraction_records
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
     AlreadyExists,
+    BudgetExceeded,
     InvalidInput,
     Mismatch,
     NotFound,
@@ -28,11 +30,12 @@ from rise.errors import (
     Unauthenticated,
     Unavailable,
 )
-from rise.gateway import convert
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
-from rise.score import merge_topk, rank_values
+from rise.manifest import Manifest
+from rise.placement import format_placement, parse_bytes, plan_placement
+from rise.score import ScoreSpec, merge_topk, rank_values
 from rise.settings import Settings
 from rise.store import Store
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc, scorer_pb2, scorer_pb2_grpc
@@ -44,7 +47,7 @@ class Deps:
 
     settings: Settings
     jobs: JobStore
-    send_task: Callable[..., Any]  # celery_app.send_task
+    send_task: Callable[..., Any]  # rise.taskclient.TaskClient.send: (name, args=, queue=)
     store: Callable[[str], Store]  # prefix -> store
     scorers: Sequence[scorer_pb2_grpc.ScorerServiceStub]
     materialize: Callable[[str], str]  # dataset URI -> local path
@@ -85,7 +88,7 @@ class _Base:
         entry = self.d.jobs.index_entry(tenant, name)  # NOT_FOUND for other tenants' names
         return entry, self.d.store(index_prefix(tenant, name))
 
-    def _manifest(self, store: Store) -> dict[str, Any] | None:
+    def _manifest(self, store: Store) -> Manifest | None:
         try:
             return open_index(store).manifest
         except NotFound:
@@ -152,10 +155,10 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         if m is None:
             raise Mismatch(f"index {req.index!r} has no committed generation yet")
         fields = (convert.fields_from(req.fields) if req.HasField("fields")
-                  else FieldMap.from_dict(m["ingests"][0]["fields"]))
+                  else FieldMap(**m.first_fields.model_dump()))
         return self._submit(tenant, "APPEND", req.index, entry["pool"], {
-            "dataset_uri": req.dataset_uri, "fields": fields.to_dict(), "config": m["config"],
-            "append": True, "shard_size": m["ingests"][0]["shard_size"]})
+            "dataset_uri": req.dataset_uri, "fields": fields.to_dict(),
+            "config": m.config.to_dict(), "append": True, "shard_size": m.shard_size})
 
     def _submit(self, tenant: str, kind: str, name: str, pool: str, request: dict[str, Any],
                 drop_on_busy: bool = False) -> rise_pb2.Job:
@@ -169,7 +172,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
             raise
         queue = self.d.settings.queue_of(pool) if kind != "COMPACT" else \
             self.d.settings.control_queue
-        task = "rise.index.compact" if kind == "COMPACT" else "rise.ingest.plan"
+        task = taskclient.INDEX_COMPACT if kind == "COMPACT" else taskclient.INGEST_PREPARE
         try:
             self.d.send_task(task, args=[job["id"]], queue=queue)
         except Exception as e:  # noqa: BLE001 - broker down: the job must not vanish silently
@@ -274,7 +277,7 @@ class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
 
 class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
     def _prepare(self, tenant: str, name: str, records: Any, fields_msg: Any, has_fields: bool,
-                 what: str) -> tuple[Index, str, str]:
+                 what: str, spec: ScoreSpec) -> tuple[Index, str, str]:
         if not records:
             raise InvalidInput(f"no {what}")
         if len(records) > self.d.settings.max_queries_per_call:
@@ -285,6 +288,7 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         rows = convert.record_dicts(records, fields)
         records_from_dicts(rows, fields)  # validate here: INVALID_ARGUMENT before any work
         index = open_index(store)
+        spec.centered(index.config.sketched, index.live_count)  # InvalidInput before any work
         payload = self._sketch(tenant, name, entry["pool"], rows, fields)
         return index, payload, entry["pool"]
 
@@ -292,7 +296,7 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                 fields: FieldMap) -> str:
         queue = f"{self.d.settings.query_queue}.{pool}"
         try:
-            res = self.d.send_task("rise.queries.sketch", queue=queue, args=[
+            res = self.d.send_task(taskclient.QUERIES_SKETCH, queue=queue, args=[
                 tenant, index_prefix(tenant, name), rows, fields.to_dict()])
             out = res.get(timeout=self.d.settings.query_timeout_seconds, propagate=False)
         except Exception as e:  # noqa: BLE001 - broker or worker unreachable
@@ -326,12 +330,12 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
     @rpc("gateway")
     def Attribute(self, req: rise_pb2.AttributeRequest, context) -> rise_pb2.AttributeResponse:
         tenant = self.auth.tenant(context)
-        convert.spec_from(req.scoring if req.HasField("scoring") else None)  # validate early
+        spec = convert.spec_from(req.scoring if req.HasField("scoring") else None)
         top = req.top or 10
         if top > 10_000:
             raise_exhausted("top is limited to 10000")
         index, payload, _ = self._prepare(tenant, req.index, req.queries, req.fields,
-                                          req.HasField("fields"), "queries")
+                                          req.HasField("fields"), "queries", spec)
         qbytes = base64.b64decode(payload)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
         replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
@@ -355,12 +359,12 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
     @rpc("gateway")
     def Value(self, req: rise_pb2.ValueRequest, context) -> rise_pb2.ValueResponse:
         tenant = self.auth.tenant(context)
-        convert.spec_from(req.scoring if req.HasField("scoring") else None)  # validate early
-        if req.select_fraction and not 0 < req.select_fraction <= 1:
-            raise InvalidInput("select_fraction must be in (0, 1]")
+        spec = convert.spec_from(req.scoring if req.HasField("scoring") else None)
+        if req.select_fraction:
+            check_fraction(req.select_fraction, "select_fraction")
         target_key = self._selection_key(tenant, req) if req.select_fraction else None
         index, payload, _ = self._prepare(tenant, req.index, req.targets, req.fields,
-                                          req.HasField("fields"), "targets")
+                                          req.HasField("fields"), "targets", spec)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
         tbytes = base64.b64decode(payload)
         replies = self._fan_out(lambda stub, i, n: list(stub.ValueShards(
@@ -374,13 +378,10 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         resp = rise_pb2.ValueResponse(examples=len(ranked), generation=index.generation)
         resp.values.extend(rise_pb2.Hit(id=i, score=s) for i, s in shown)
         if target_key is not None:
-            import math
-
-            n = math.ceil(req.select_fraction * len(ranked))
-            chosen = [i for i, _ in ranked[:n]]
-            raws = fetch_records(index, chosen, self.d.materialize)
-            self._write_selection(target_key, [raws[i] for i in chosen])
-            resp.selected, resp.selection_uri = n, req.selection_uri
+            raws = top_fraction_records(index, [i for i, _ in ranked], req.select_fraction,
+                                        self.d.materialize)
+            self._write_selection(target_key, raws)
+            resp.selected, resp.selection_uri = len(raws), req.selection_uri
         return resp
 
     def _selection_key(self, tenant: str, req: rise_pb2.ValueRequest) -> str:
@@ -416,8 +417,6 @@ def check_values_fit(values: Sequence[tuple[str, float]], max_message_bytes: int
 
 
 def raise_exhausted(msg: str) -> None:
-    from rise.errors import BudgetExceeded
-
     raise BudgetExceeded(msg)
 
 
@@ -432,13 +431,13 @@ def check_fits(pool: Any, max_length: int) -> None:
     """Refuse at submit time a model its pool's GPUs cannot hold (not halfway through)."""
     if pool.gpus <= 0:
         return
-    from rise.plan import format_plan_table, parse_bytes, plan_model
-
-    plan = plan_model(pool.model, gpus=pool.gpus, gpu_memory_bytes=parse_bytes(pool.gpu_memory),
-                      batch_size=pool.batch_size, max_length=max_length, dtype=pool.dtype)
-    if not plan.fits:
-        detail = " | ".join(line.strip() for line in format_plan_table(plan).splitlines()
+    placement = plan_placement(pool.model, gpus=pool.gpus,
+                               gpu_memory_bytes=parse_bytes(pool.gpu_memory),
+                               batch_size=pool.batch_size, max_length=max_length,
+                               dtype=pool.dtype)
+    if not placement.fits:
+        detail = " | ".join(line.strip() for line in format_placement(placement).splitlines()
                             if line.strip())
         raise Mismatch(f"model does not fit the pool's {pool.gpus} x {pool.gpu_memory} GPUs: "
-                       f"{plan.reason}; plan: {detail}")
+                       f"{placement.reason}; plan: {detail}")
 

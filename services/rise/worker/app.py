@@ -1,8 +1,9 @@
 """The Celery application of the worker pools.
 
 ``celery -A rise.worker.app worker -Q rise.pool.<pool>,rise.queries.<pool>,rise.control``
-runs a worker; the gateway builds the same app with ``make_app()`` only to ``send_task`` by
-name.  Building the app connects to nothing and imports neither torch nor transformers.
+runs a worker.  Senders (the gateway) never import this module: they use
+``rise.taskclient.TaskClient``, whose ``celery_config`` this app extends.  Building the
+app connects to nothing and imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from rise.settings import Settings
+from rise.taskclient import celery_config
 
 # Seconds between the soft limit (SoftTimeLimitExceeded raised inside the task, so it
 # can fail its job cleanly) and the hard limit (the child is killed).
@@ -17,7 +19,6 @@ SOFT_LIMIT_MARGIN_S = 60
 # A message a worker took but never acked becomes visible again this long after delivery;
 # it must outlive the longest task or a running shard would be handed out a second time.
 VISIBILITY_MARGIN_S = 600
-RESULT_EXPIRES_S = 7 * 24 * 3600
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -27,11 +28,8 @@ def make_app(settings: Settings | None = None) -> Celery:
                  include=["rise.worker.tasks"], set_as_current=False)
     hard = int(settings.task_time_limit_seconds)
     soft = max(1, hard - min(SOFT_LIMIT_MARGIN_S, max(1, hard // 10)))
+    app.conf.update(celery_config(settings))
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
         # A task is acked when it finishes, so a worker that dies mid-shard gives the shard
         # back; prefetch 1 keeps a busy worker from sitting on queued shards.
         task_acks_late=True,
@@ -53,9 +51,6 @@ def make_app(settings: Settings | None = None) -> Celery:
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
         },
-        broker_connection_retry_on_startup=True,
-        task_default_queue=settings.control_queue,
-        result_expires=RESULT_EXPIRES_S,
         worker_hijack_root_logger=False,
         # Query sketches go back to the gateway through the result backend.
         task_ignore_result=False,

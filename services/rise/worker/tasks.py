@@ -3,7 +3,7 @@
 ======================  =====================================  ==========================
 task                    queue                                  does
 ======================  =====================================  ==========================
-rise.ingest.plan        the pool's (``rise.pool.<pool>``)      check the data, fix the
+rise.ingest.prepare     the pool's (``rise.pool.<pool>``)      check the data, fix the
                                                                plan, launch the chord
 rise.ingest.shard       the pool's                             sketch and put one shard
 rise.ingest.commit      control (``rise.control``)             write the manifest (chord
@@ -12,6 +12,9 @@ rise.index.compact      control                                compact the index
 rise.queries.sketch     ``<query_queue>.<pool>``               sketch inline queries,
                                                                return base64 features
 ======================  =====================================  ==========================
+
+The names are ``rise.taskclient``'s.  The ingest tasks run the functions ``plan``,
+``write_shard`` and ``commit`` of the module ``rise.ingest``, as the CLI does.
 
 Failures: a RiseError fails the job (its gRPC code and message) and releases the index,
 and the task returns normally (no retry).  StorageError and Redis/S3 connection errors are
@@ -26,14 +29,24 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import redis
+import urllib3
 from celery import Task, chord, shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from rise.data import records_from_dicts
+from rise import ingest, taskclient
+from rise.api import sketch_queries
+from rise.data import FieldMap, records_from_dicts
+from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
-from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL
+from rise.index import compact as compact_index
+from rise.index import open_index
+from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, JobStore
+from rise.model import LoadedModel
+from rise.score import queryset_to_bytes
 from rise.settings import Settings
 from rise.store import CountingStore
 from rise.worker import telemetry, work
@@ -41,16 +54,10 @@ from rise.worker import telemetry, work
 log = logging.getLogger("rise.worker")
 
 
-def _retryable() -> tuple[type[BaseException], ...]:
-    """Exceptions worth retrying: the store or Redis unreachable for a moment."""
-    import redis
-    import urllib3
-
-    return (StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
-
-
-RETRYABLE = _retryable()
+RETRYABLE: tuple[type[BaseException], ...] = (
+    StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+"""Exceptions worth retrying: the store or Redis unreachable for a moment."""
 RETRY = dict(autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
              retry_jitter=True)
 
@@ -106,7 +113,7 @@ class RiseTask(Task):
             log.exception("cannot mark job %s failed", job_id)
 
 
-def fail_job(js, job_id: str, code: str, message: str) -> None:
+def fail_job(js: JobStore, job_id: str, code: str, message: str) -> None:
     """FAILED with the error's code and message, and the index's writer lock released."""
     try:
         job = js.get_any(job_id)
@@ -116,11 +123,14 @@ def fail_job(js, job_id: str, code: str, message: str) -> None:
     js.unlock_index(job["tenant"], job["index"], job_id)
 
 
-def _unlock(js, job: dict[str, Any]) -> None:
+def _unlock(js: JobStore, job: dict[str, Any]) -> None:
     js.unlock_index(job["tenant"], job["index"], job["id"])
 
 
-def _job_task(task: RiseTask, job_id: str, body) -> str:
+JobBody = Callable[[Settings, JobStore, dict[str, Any]], str]
+
+
+def _job_task(task: RiseTask, job_id: str, body: JobBody) -> str:
     """Run ``body(settings, js, job)`` for a job: a RiseError fails the job and returns
     "error"; retryable and unexpected errors propagate (see RiseTask.on_failure)."""
     start = time.perf_counter()
@@ -154,58 +164,59 @@ def _job_task(task: RiseTask, job_id: str, body) -> str:
                 time.perf_counter() - start)
 
 
-def _store(settings: Settings, prefix: str):
-    from rise.datasets import open_store
-
+def _store(settings: Settings, prefix: str) -> CountingStore:
     return CountingStore(open_store(settings, prefix), telemetry.bytes_read,
-                              telemetry.bytes_written)
+                         telemetry.bytes_written)
 
 
-def _model(settings: Settings, pool: str):
+def _model(settings: Settings, pool: str) -> LoadedModel:
     return work.get_model(settings, pool, on_load=telemetry.model_loaded)
 
 
 @signals.worker_init.connect
 def _preload(**_kw: Any) -> None:
-    """Main process, before the pool forks: import the domain (torch, transformers) once
-    so every child, first or restarted, starts its first task without seconds of imports.
-    Importing initialises neither CUDA nor torch's thread pools, so forking stays safe; the
-    model itself is loaded in each child (rise.worker.work.get_model)."""
+    """Main process, before the pool forks: finish importing the model classes once, so
+    every child, first or restarted, starts its first task without seconds of imports
+    (transformers resolves them lazily).  Importing initialises neither CUDA nor torch's
+    thread pools, so forking stays safe; the model itself is loaded in each child
+    (rise.worker.work.get_model)."""
+    # start-up: the point of this hook; transformers defers these imports until first use.
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    import rise.api  # noqa: F401
-    import rise.index  # noqa: F401
 
 
 # ------------------------------------------------------------------------------ ingest
 
 
-@shared_task(bind=True, base=RiseTask, name="rise.ingest.plan", job_arg=0, **RETRY)
-def plan(self: RiseTask, job_id: str) -> str:
-    """Check the dataset, fix the plan, then run the shards and the commit as a chord."""
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_PREPARE, job_arg=0, **RETRY)
+def prepare(self: RiseTask, job_id: str) -> str:
+    """Plan the ingest (the function ``rise.ingest.plan``), then run the shards and the
+    commit as a chord."""
 
-    def body(settings: Settings, js, job: dict[str, Any]) -> str:
+    def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
         if job["state"] in TERMINAL:
             _unlock(js, job)
             return "skipped"
-        if job.get("chord_id"):  # a redelivered plan: its chord is already running
+        if job.get("chord_id"):  # a redelivered prepare: its chord is already running
             return "skipped"
         req = work.Request.of(job)
         pool = work.pool_name(settings, req.pool)
         store = _store(settings, req.prefix)
         lm = _model(settings, pool)
-        planned, _ = work.plan_ingest(settings, store, lm, req)
-        p = planned.plan
-        js.update(job_id, plan=p.to_dict(), shards_total=p.n_shards,
-                  examples_total=p.n_records, truncated=planned.truncated,
-                  tokens_total=planned.tokens)
+        p, records = ingest.plan(
+            store, lm, materialize(req.dataset_uri, settings), append=req.append,
+            fields=work.request_fields(req), config=work.request_config(req),
+            # An append keeps the index's shard size, whatever the request says.
+            shard_size=None if req.append else req.shard_size, dataset_uri=req.dataset_uri)
+        work.remember_records(p, records)
+        js.update(job_id, plan=p.model_dump(mode="json"), shards_total=p.n_shards,
+                  examples_total=p.n_records, truncated=p.truncated, tokens_total=p.tokens)
         if not js.set_state(job_id, RUNNING):  # cancelled while planning
             _unlock(js, job)
             return "skipped"
         queue = settings.queue_of(pool)
-        header = [self.app.signature("rise.ingest.shard", args=[job_id, n], queue=queue,
+        header = [self.app.signature(taskclient.INGEST_SHARD, args=[job_id, n], queue=queue,
                                      immutable=True) for n in range(p.n_shards)]
-        callback = self.app.signature("rise.ingest.commit", args=[job_id],
+        callback = self.app.signature(taskclient.INGEST_COMMIT, args=[job_id],
                                       queue=settings.control_queue)
         result = chord(header, callback, app=self.app).apply_async()
         js.update(job_id, chord_id=result.id)
@@ -214,56 +225,55 @@ def plan(self: RiseTask, job_id: str) -> str:
     return _job_task(self, job_id, body)
 
 
-@shared_task(bind=True, base=RiseTask, name="rise.ingest.shard", job_arg=0, **RETRY)
-def shard(self: RiseTask, job_id: str, n: int) -> str:
-    """Sketch and put shard ``n`` of the job's plan, unless a valid copy is there."""
-    from rise.data import FieldMap
-    from rise.index import IngestPlan
+def _plan_of(job: dict[str, Any]) -> ingest.IngestPlan:
+    if not isinstance(job.get("plan"), dict):
+        raise InvalidInput(f"job {job.get('id')} has no ingest plan")
+    return ingest.IngestPlan.model_validate(job["plan"])
 
-    def body(settings: Settings, js, job: dict[str, Any]) -> str:
+
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_SHARD, job_arg=0, **RETRY)
+def shard(self: RiseTask, job_id: str, n: int) -> str:
+    """Write shard ``n`` of the job's plan (``rise.ingest.write_shard``)."""
+
+    def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
         if job["state"] in TERMINAL:
             return "skipped"
-        if not isinstance(job.get("plan"), dict):
-            raise InvalidInput(f"job {job_id} has no ingest plan")
-        p = IngestPlan.from_dict(job["plan"])
+        p = _plan_of(job)
         req = work.Request.of(job)
         pool = work.pool_name(settings, req.pool)
         lm = _model(settings, pool)
-        lm.identity.check_same(p.model)  # a misconfigured pool must not write shards
         store = _store(settings, req.prefix)
-        records = work.dataset_records(settings, p.dataset_uri, p.dataset_sha256,
-                                       FieldMap.from_dict(p.fields))
+        rng = p.shard_range(int(n)) if 0 <= int(n) < p.n_shards else range(0)
+        records = work.dataset_source(settings, p).read(rng.start, rng.stop)
 
         def progress(examples: int, tokens: int) -> None:
             js.add_progress(job_id, examples=examples, tokens=tokens)
             telemetry.sketched(examples, tokens)
 
+        first = not js.is_shard_done(job_id, int(n))
         try:
-            written, examples, tokens = work.write_shard(
+            done = ingest.write_shard(
                 store, lm, p, int(n), records, batch_size=settings.pool(pool).batch_size,
-                progress=progress, cancel=work.CancelPoll(js, job_id))
+                progress=progress if first else None, cancel=work.CancelPoll(js, job_id))
         except Cancelled:
             return "skipped"
-        first = js.mark_shard_done(job_id, int(n))
-        if not written and first:  # done by an earlier run: count its work once
-            js.add_progress(job_id, examples=examples, tokens=tokens)
-        return "ok" if written else "skipped"
+        js.mark_shard_done(job_id, int(n))
+        return "ok" if done.written else "skipped"
 
     return _job_task(self, job_id, body)
 
 
-@shared_task(bind=True, base=RiseTask, name="rise.ingest.commit", job_arg=1, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_COMMIT, job_arg=1, **RETRY)
 def commit(self: RiseTask, results: Any, job_id: str) -> str:
-    """Chord callback: write the generation's manifest, then SUCCEEDED and unlock."""
-    from rise.index import IngestPlan
+    """Chord callback: ``rise.ingest.commit``, then SUCCEEDED and unlock."""
 
-    def body(settings: Settings, js, job: dict[str, Any]) -> str:
+    def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
         if job["state"] in TERMINAL:  # cancelled (or failed by a shard): nothing to commit
             _unlock(js, job)
             return "skipped"
-        p = IngestPlan.from_dict(job["plan"])
+        p = _plan_of(job)
         store = _store(settings, work.Request.of(job).prefix)
-        gen = work.commit_ingest(store, p, int(job.get("truncated") or 0))
+        gen = ingest.commit(store, p).generation
         if not js.set_state(job_id, SUCCEEDED, generation=gen):
             log.warning("job %s ended (%s) while generation %d was committed", job_id,
                         js.get_any(job_id)["state"], gen)
@@ -273,13 +283,11 @@ def commit(self: RiseTask, results: Any, job_id: str) -> str:
     return _job_task(self, job_id, body)
 
 
-@shared_task(bind=True, base=RiseTask, name="rise.index.compact", job_arg=0, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INDEX_COMPACT, job_arg=0, **RETRY)
 def compact(self: RiseTask, job_id: str) -> str:
     """Rewrite the live records into new shards and erase deleted data."""
-    from rise.index import compact as compact_index
-    from rise.index import open_index
 
-    def body(settings: Settings, js, job: dict[str, Any]) -> str:
+    def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
         if job["state"] in TERMINAL:
             _unlock(js, job)
             return "skipped"
@@ -287,10 +295,10 @@ def compact(self: RiseTask, job_id: str) -> str:
         store = _store(settings, work.Request.of(job).prefix)
         gen = compact_index(store)
         m = open_index(store).manifest
-        n = len(m["shards"])
-        js.update(job_id, shards_total=n, shards_done=n, examples_total=m["live_count"],
-                  examples_done=m["live_count"])
-        js.set_state(job_id, SUCCEEDED, generation=gen or m["generation"])
+        n = len(m.shards)
+        js.update(job_id, shards_total=n, shards_done=n, examples_total=m.live_count,
+                  examples_done=m.live_count)
+        js.set_state(job_id, SUCCEEDED, generation=gen or m.generation)
         _unlock(js, job)
         return "ok"
 
@@ -300,16 +308,11 @@ def compact(self: RiseTask, job_id: str) -> str:
 # ------------------------------------------------------------------------------ queries
 
 
-@shared_task(bind=True, base=RiseTask, name="rise.queries.sketch", throws=(RiseError,),
+@shared_task(bind=True, base=RiseTask, name=taskclient.QUERIES_SKETCH, throws=(RiseError,),
              **RETRY)
 def sketch(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any]],
            fields: dict[str, Any] | None) -> str:
     """Sketch inline query records with the index's configuration; base64 features."""
-    from rise.api import sketch_queries
-    from rise.data import FieldMap
-    from rise.index import open_index
-    from rise.score import queryset_to_bytes
-
     start = time.perf_counter()
     settings = self.settings()
     if not isinstance(prefix, str) or not prefix.startswith(f"tenants/{tenant}/indexes/"):
@@ -319,8 +322,7 @@ def sketch(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any
     pool = work.pool_name(settings)
     lm = _model(settings, pool)
     index = open_index(_store(settings, prefix))
-    fm = FieldMap.from_dict(fields) if fields else \
-        FieldMap.from_dict(index.manifest["ingests"][0]["fields"])
+    fm = FieldMap.from_dict(fields) if fields else index.default_fields
     recs = records_from_dicts(records, fm)
     qs = sketch_queries(index, lm, recs, fm, batch_size=settings.pool(pool).batch_size)
     out = base64.b64encode(queryset_to_bytes(qs, index.config.storage_dtype)).decode("ascii")

@@ -13,13 +13,15 @@ import os
 import threading
 
 from celery import signals
+from prometheus_client import REGISTRY, multiprocess
 
-from rise import errors
+from rise import errors, taskclient
+from rise.metrics import for_service, serve
+from rise.settings import Settings
 
 log = logging.getLogger("rise.worker")
 
-TASK_NAMES = ("rise.ingest.plan", "rise.ingest.shard", "rise.ingest.commit",
-              "rise.index.compact", "rise.queries.sketch")
+TASK_NAMES = taskclient.ALL
 OUTCOMES = ("ok", "skipped", "retry", "error")
 SERVICE = "worker"
 
@@ -42,10 +44,6 @@ def metrics():
     global _metrics
     with _lock:
         if _metrics is None:
-            from prometheus_client import REGISTRY
-
-            from rise.metrics import for_service
-
             _metrics = for_service(SERVICE, registry=REGISTRY)
     return _metrics
 
@@ -97,9 +95,6 @@ def model_loaded(seconds: float) -> None:
 @signals.worker_init.connect
 def _serve_metrics(sender=None, **_kw) -> None:
     """Main process: create the metrics, then serve /metrics for all the processes."""
-    from rise.metrics import serve
-    from rise.settings import Settings
-
     app = getattr(sender, "app", None)
     settings = getattr(app, "rise_settings", None) or Settings()
     touch_labels()
@@ -112,6 +107,4 @@ def _serve_metrics(sender=None, **_kw) -> None:
 @signals.worker_process_shutdown.connect
 def _child_exit(pid=None, **_kw) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(pid or os.getpid())

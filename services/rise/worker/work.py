@@ -1,9 +1,9 @@
-"""The work behind the Celery tasks, kept out of the task bodies so it reads (and tests)
-as plain functions: per-process model and dataset caches, planning an ingest, writing one
-shard, committing the manifest, validating inline query records.
+"""What a worker process keeps between tasks, and the glue between a job and the ingest
+pipeline: the Redis job store, the cancel poll, the pool's model (loaded once per
+process), the records of the datasets it works on, and a job's request.
 
-Everything here runs in a worker child process; torch and transformers are imported by
-the domain modules it calls, never by ``rise.worker.app``.
+The ingest itself (plan, write a shard, commit) is ``rise.ingest``: the very functions the
+CLI and the Python API call.
 """
 
 from __future__ import annotations
@@ -13,19 +13,22 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+from transformers.utils import logging as hf_logging
+
 from rise import constants
-from rise.data import FieldMap, Record
-from rise.errors import (
-    AlreadyExists,
-    BudgetExceeded,
-    InvalidInput,
-    StorageError,
-)
-from rise.index import ingest_entry, model_entry
+from rise.config import SketchConfig, sketch_config
+from rise.data import FieldMap, Record, file_sha256, read_records
+from rise.datasets import materialize
+from rise.errors import BudgetExceeded, InvalidInput, Mismatch
+from rise.ingest import IngestPlan, RecordList, RecordSource
+from rise.jobs import JobStore
+from rise.model import LoadedModel, load_model
+from rise.placement import parse_bytes, plan_placement
 from rise.settings import Pool, Settings
 
 log = logging.getLogger("rise.worker")
@@ -34,27 +37,17 @@ log = logging.getLogger("rise.worker")
 CANCEL_POLL_S = 1.0
 # Datasets whose parsed records a worker process keeps (most recent first).
 RECORD_CACHE_ENTRIES = 2
-# The set of shard numbers done per job outlives any job by this much.
-
-
-class ShardsPending(StorageError):
-    """Commit found shards not yet written: a redelivered shard task made the chord fire
-    early.  A StorageError, so the commit task is retried with backoff."""
 
 
 # ------------------------------------------------------------------------------ redis
 
 
 _redis_lock = threading.Lock()
-_redis_clients: dict[str, Any] = {}
+_redis_clients: dict[str, redis.Redis] = {}
 
 
-def job_store(settings: Settings):
+def job_store(settings: Settings) -> JobStore:
     """The JobStore of this process (one Redis connection pool per URL and process)."""
-    import redis
-
-    from rise.jobs import JobStore
-
     with _redis_lock:
         client = _redis_clients.get(settings.redis_url)
         if client is None:
@@ -66,7 +59,7 @@ def job_store(settings: Settings):
 class CancelPoll:
     """A cancel callback for featurize: asks Redis at most once per ``interval`` seconds."""
 
-    def __init__(self, js, job_id: str, interval: float = CANCEL_POLL_S) -> None:
+    def __init__(self, js: JobStore, job_id: str, interval: float = CANCEL_POLL_S) -> None:
         self.js, self.job_id, self.interval = js, job_id, interval
         self.last = float("-inf")
         self.cancelled = False
@@ -79,13 +72,10 @@ class CancelPoll:
         return self.cancelled
 
 
-# ------------------------------------------------------------------------------ store
-
-
 # ------------------------------------------------------------------------------ models
 
 
-_models: dict[str, Any] = {}
+_models: dict[str, LoadedModel] = {}
 _model_lock = threading.Lock()
 
 
@@ -100,21 +90,15 @@ def pool_name(settings: Settings, requested: str | None = None) -> str:
     return name
 
 
-def load_pool_model(pool: Pool):
+def load_pool_model(pool: Pool) -> LoadedModel:
     """Load a pool's model: float32 on the CPU, or placed over the GPUs by the planner."""
-    from transformers.utils import logging as hf_logging
-
-    from rise.model import load_model
-
     hf_logging.disable_progress_bar()  # Celery would log every tqdm refresh as a warning
     if pool.gpus == 0:
         return load_model(pool.model, dtype="float32", device_map=None)
     # GPU branch: the planner's device map pins the head and final norm to the last GPU
     # (the head device, where the sketches run) and spreads the layers over the others.
     # Not exercised by the CPU test suite.
-    from rise.plan import parse_bytes, plan_model
-
-    plan = plan_model(pool.model, pool.gpus, pool.gpu_memory, batch_size=pool.batch_size,
+    plan = plan_placement(pool.model, pool.gpus, pool.gpu_memory, batch_size=pool.batch_size,
                       max_length=constants.DEFAULT_MAX_LENGTH, dtype=pool.dtype)
     if not plan.fits:
         raise BudgetExceeded(f"model {pool.model} does not fit the pool's GPUs: {plan.reason}")
@@ -123,7 +107,8 @@ def load_pool_model(pool: Pool):
                       max_memory={i: budget for i in range(pool.gpus)})
 
 
-def get_model(settings: Settings, name: str, on_load=None):
+def get_model(settings: Settings, name: str,
+              on_load: Callable[[float], None] | None = None) -> LoadedModel:
     """The pool's model, loaded once per worker process; ``on_load(seconds)`` on a load."""
     with _model_lock:
         lm = _models.get(name)
@@ -155,32 +140,34 @@ def _cache_records(key: tuple[str, str, str], records: list[Record]) -> None:
         _records.popitem(last=False)
 
 
-def dataset_records(settings: Settings, uri: str, sha256: str, fields: FieldMap
-                    ) -> list[Record]:
-    """The validated records of the dataset a plan names, cached per process by sha256.
+def dataset_source(settings: Settings, p: IngestPlan) -> RecordSource:
+    """The records of the dataset a plan names, cached per process by sha256.
 
-    The file is fetched again (if not cached on disk) and must still hash to ``sha256``: a
-    dataset replaced after planning would otherwise mix two datasets in one index.
+    The file is fetched again (if not cached on disk) and must still hash to the plan's
+    sha256: a dataset replaced after planning would otherwise mix two datasets in one
+    index.
     """
-    from rise.data import file_sha256, read_records
-    from rise.datasets import materialize
-    from rise.errors import Mismatch
-
-    key = (uri, sha256, _fields_key(fields))
+    fields = p.field_map
+    key = (p.dataset_uri, p.dataset_sha256, _fields_key(fields))
     if key in _records:
         _records.move_to_end(key)
-        return _records[key]
-    path = materialize(uri, settings)
+        return RecordList(_records[key])
+    path = materialize(p.dataset_uri, settings)
     got = file_sha256(path)
-    if got != sha256:
-        raise Mismatch(f"dataset {uri} changed since the job was planned (sha256 "
-                       f"{got[:12]} vs {sha256[:12]})")
+    if got != p.dataset_sha256:
+        raise Mismatch(f"dataset {p.dataset_uri} changed since the job was planned (sha256 "
+                       f"{got[:12]} vs {p.dataset_sha256[:12]})")
     records = read_records(path, fields)
-    _cache_records(key, records)
-    return records
+    remember_records(p, records)
+    return RecordList(records)
 
 
-# ------------------------------------------------------------------------------ ingest
+def remember_records(p: IngestPlan, records: list[Record]) -> None:
+    """Keep the records a plan was made from, so this process's shard tasks reuse them."""
+    _cache_records((p.dataset_uri, p.dataset_sha256, _fields_key(p.field_map)), records)
+
+
+# ---------------------------------------------------------------------------- requests
 
 
 @dataclass
@@ -209,164 +196,18 @@ class Request:
         return req
 
 
-@dataclass
-class Planned:
-    plan: Any  # rise.index.IngestPlan
-    truncated: int
-    tokens: int
+def request_config(req: Request) -> SketchConfig | None:
+    """The sketch configuration a request names (None: the index's, for an append)."""
+    if req.config is None:
+        return None if req.append else SketchConfig()
+    if not isinstance(req.config, Mapping):
+        raise InvalidInput("invalid sketch configuration: expected an object")
+    return sketch_config(**req.config)
 
 
-def plan_ingest(settings: Settings, store, lm, req: Request) -> tuple[Planned, list[Record]]:
-    """Check the dataset and fix the ingest plan (no shard is written here).
+def request_fields(req: Request) -> FieldMap | None:
+    """The field map a request names (None: the index's first ingest's, for an append)."""
+    if req.fields:
+        return FieldMap.from_dict(req.fields)
+    return None if req.append else FieldMap()
 
-    Create: generation 1, the request's config and shard size; an existing manifest is
-    AlreadyExists.  Append: the next generation, the index's config, field map (unless the
-    request gives one) and shard size; ids must not clash with live ids; the model must be
-    the index's.  Every record is tokenized now so a bad one fails the job before any
-    shard task runs.
-    """
-    from rise.config import SketchConfig
-    from rise.data import check_unique_ids, file_sha256, read_records
-    from rise.datasets import materialize
-    from rise.index import (
-        IngestPlan,
-        encode_all,
-        exact_bytes,
-        manifest_generations,
-        open_index,
-        read_manifest,
-    )
-
-    existing = None
-    if req.append:
-        idx = open_index(store)
-        idx.check_model(lm)
-        config = idx.config
-        first = idx.manifest["ingests"][0]
-        fields = FieldMap.from_dict(req.fields) if req.fields else \
-            FieldMap.from_dict(first["fields"])
-        generation = idx.generation + 1
-        shard_size = int(first["shard_size"])  # as rise.index.append: one size per index
-    else:
-        gens = manifest_generations(store)
-        if gens:
-            m = read_manifest(store, gens[-1])
-            raise AlreadyExists(
-                f"an index already exists at {store.describe()} (generation "
-                f"{m['generation']}, {m['live_count']} live examples); append to add data")
-        try:
-            config = SketchConfig(**(req.config or {}))
-        except ValueError as e:
-            errs = getattr(e, "errors", None)
-            detail = "; ".join(x["msg"] for x in errs()) if errs else str(e)
-            raise InvalidInput(f"invalid sketch configuration: {detail}") from None
-        fields = FieldMap.from_dict(req.fields or {})
-        generation = 1
-        shard_size = req.shard_size
-    path = materialize(req.dataset_uri, settings)
-    records = read_records(path, fields)
-    if not records:
-        raise InvalidInput(f"{req.dataset_uri}: no records")
-    if req.append:
-        existing = idx.live_ids()
-    check_unique_ids(records, existing)
-    encoded = encode_all(records, lm, config, fields)
-    if not config.sketched:
-        est = exact_bytes(encoded, config, lm.head.vocab, lm.head.hidden)
-        if est > constants.DEFAULT_EXACT_BUDGET_BYTES:
-            raise BudgetExceeded(
-                f"{config.mode} mode would store about {est / 2**20:.1f} MiB of per-token "
-                f"factors, over the budget of "
-                f"{constants.DEFAULT_EXACT_BUDGET_BYTES / 2**20:.1f} MiB")
-    sha = file_sha256(path)
-    plan = IngestPlan(
-        generation=generation, dataset_uri=req.dataset_uri, dataset_sha256=sha,
-        fields=fields.to_dict(), config=config.to_dict(), model=model_entry(lm),
-        n_records=len(records), shard_size=shard_size,
-    )
-    _cache_records((req.dataset_uri, sha, _fields_key(fields)), records)
-    return Planned(plan, truncated=sum(e.truncated for e in encoded),
-                   tokens=sum(e.n_supervised for e in encoded)), records
-
-
-def write_shard(store, lm, plan, n: int, records: Sequence[Record], *, batch_size: int,
-                progress=None, cancel=None) -> tuple[bool, int, int]:
-    """Write shard ``n`` of ``plan`` unless a valid copy is there.
-
-    Returns (written, examples, supervised tokens) of the shard.
-    """
-    from rise.config import SketchConfig
-    from rise.index import encode_all, shard_is_valid, sketch_shard
-
-    if not 0 <= n < plan.n_shards:
-        raise InvalidInput(f"shard {n} out of range: the plan has {plan.n_shards} shards")
-    rng = plan.shard_range(n)
-    config = SketchConfig(**plan.config)
-    fields = FieldMap.from_dict(plan.fields)
-    part = records[rng.start:rng.stop]
-    encoded = encode_all(part, lm, config, fields)
-    tokens = sum(e.n_supervised for e in encoded)
-    key = constants.shard_key(plan.generation, n)
-    if shard_is_valid(store, key, plan.shard_meta(n)):
-        return False, len(part), tokens
-    data = sketch_shard(lm, plan, n, part, encoded, batch_size=batch_size, progress=progress,
-                        cancel=cancel)
-    store.put(key, data)
-    return True, len(part), tokens
-
-
-def commit_ingest(store, plan, truncated: int) -> int:
-    """Write the manifest of ``plan``'s generation over its shards; returns the generation.
-
-    Every shard must be present and describe this plan (ShardsPending otherwise: retried).
-    An append stacks the new shards on the previous generation's, tombstones carried; the
-    previous generation must still be the current one.  Rerunning after the manifest was
-    written is a no-op when that manifest holds exactly these shards.
-    """
-    from rise.config import SketchConfig
-    from rise.index import (
-        new_manifest,
-        open_index,
-        read_manifest,
-        shard_entry,
-        shard_is_valid,
-        write_manifest,
-    )
-
-    missing = [n for n in range(plan.n_shards)
-               if not shard_is_valid(store, constants.shard_key(plan.generation, n),
-                                     plan.shard_meta(n))]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ShardsPending(
-            f"shards {', '.join(map(str, missing[:3]))}{more} of generation "
-            f"{plan.generation} are missing or invalid")
-    entries = [shard_entry(store, constants.shard_key(plan.generation, n), plan.generation, n)
-               for n in range(plan.n_shards)]
-    config = SketchConfig(**plan.config)
-    ingest = ingest_entry(plan, truncated)
-    if plan.generation == 1:
-        manifest = new_manifest(1, model=plan.model, config=config, ingests=[ingest],
-                                shards=entries, tombstones=[])
-    else:
-        prev = open_index(store)
-        if prev.generation == plan.generation and \
-                [s["key"] for s in prev.manifest["shards"][-len(entries):]] == \
-                [e["key"] for e in entries]:
-            return plan.generation  # committed by an earlier run of this task
-        if prev.generation != plan.generation - 1:
-            raise AlreadyExists(
-                f"the index moved to generation {prev.generation} while generation "
-                f"{plan.generation} was being ingested")
-        m = prev.manifest
-        manifest = new_manifest(plan.generation, model=m["model"], config=prev.config,
-                                ingests=m["ingests"] + [ingest], shards=m["shards"] + entries,
-                                tombstones=m["tombstones"])
-    try:
-        write_manifest(store, manifest)
-    except AlreadyExists:
-        there = read_manifest(store, plan.generation)
-        if [s["sha256"] for s in there["shards"][-len(entries):]] != \
-                [e["sha256"] for e in entries]:
-            raise
-    return plan.generation

@@ -1,6 +1,6 @@
 """RISE methods: sketched indexes through the library, and the exact / no-sketch ceilings.
 
-Sketched (``rise-*``): ``rise.index.create_index`` writes a real index into a LocalStore
+Sketched (``rise-*``): ``rise.ingest.create_index`` writes a real index into a LocalStore
 under the task's work dir (its bytes are the reported bytes/example);
 ``rise.api.sketch_queries`` sketches the queries with the index's config;
 ``rise.score.shard_scores`` (with ``rise.api.index_mean`` for pool-mean centering) gives
@@ -62,7 +62,7 @@ def skip_first_targets(m: int):
         yield
         return
     import rise.api as api
-    import rise.index as index
+    import rise.ingest as index
     from rise.data import Encoded
 
     orig = index.encode_all
@@ -87,7 +87,7 @@ def skip_first_targets(m: int):
 def build_index(ctx, icfg: IndexCfg) -> tuple[Any, dict]:
     """Open (or build) the index of ``icfg`` for the task pool; returns (index, build info)."""
     from rise.api import open_index
-    from rise.index import create_index
+    from rise.ingest import create_index
     from rise.store import LocalStore
 
     ml = ctx.task.max_length
@@ -108,7 +108,7 @@ def build_index(ctx, icfg: IndexCfg) -> tuple[Any, dict]:
                                icfg.sketch_config(ml), batch_size=8)
     secs = clock() - t
     idx = open_index(LocalStore(d / "index"))
-    shard_bytes = sum(s["bytes"] for s in idx.manifest["shards"])
+    shard_bytes = sum(s.bytes for s in idx.manifest.shards)
     manifest_bytes = sum(p.stat().st_size for p in (d / "index").glob("manifest-*.json"))
     info = {"want": want, "create_seconds": secs, "shard_bytes": shard_bytes,
             "manifest_bytes": manifest_bytes, "n": summary.records, "tokens": summary.tokens,
@@ -146,7 +146,7 @@ def rise_sketch_scores(ctx, icfg: IndexCfg, channel: str, lam: float, center: bo
     idx, info = build_index(ctx, icfg)
     qs, q_secs = sketch_queries(ctx, idx, icfg)
     spec = ScoreSpec(channel=channel, score="cosine", lam=lam, center=center)
-    vocab = int(idx.manifest["model"]["vocab"])
+    vocab = int(idx.manifest.model.vocab)
     t = clock()
     mean = index_mean(idx, spec)
     cols, ids = [], []
@@ -294,7 +294,7 @@ def library_check(ctx, topk: int | None, nq: int = 2, npool: int = 3,
     from rise import exact
     from rise.config import make_config
     from rise.featurize import featurize
-    from rise.index import create_index, encode_all
+    from rise.ingest import create_index, encode_all
     from rise.store import LocalStore
 
     cfg = (make_config(exact=True, max_length=ctx.task.max_length) if topk is None else

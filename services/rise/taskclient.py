@@ -1,0 +1,60 @@
+"""The names of the worker tasks and a client that sends them.
+
+The gateway (and anything else that enqueues work) uses ``TaskClient``: a Celery app that
+only sends, built on demand from explicit settings (nothing is built from the environment
+at import), so senders never import the worker's modules.  The worker's app
+(``rise.worker.app``) takes its Celery configuration from ``celery_config`` here, so the
+two sides agree on serialisation by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from rise.settings import Settings
+
+INGEST_PREPARE = "rise.ingest.prepare"
+"""Check the data, fix the plan, launch the chord (the pool's queue)."""
+INGEST_SHARD = "rise.ingest.shard"
+"""Sketch and put one shard (the pool's queue)."""
+INGEST_COMMIT = "rise.ingest.commit"
+"""Write the manifest (control queue; no model)."""
+INDEX_COMPACT = "rise.index.compact"
+"""Compact an index (control queue)."""
+QUERIES_SKETCH = "rise.queries.sketch"
+"""Sketch inline query records (the pool's query queue)."""
+
+ALL = (INGEST_PREPARE, INGEST_SHARD, INGEST_COMMIT, INDEX_COMPACT, QUERIES_SKETCH)
+
+RESULT_EXPIRES_S = 7 * 24 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """What senders and workers must agree on: JSON only, where results go."""
+    return dict(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=settings.control_queue,
+        result_expires=RESULT_EXPIRES_S,
+        broker_connection_retry_on_startup=True,
+    )
+
+
+class TaskClient:
+    """Sends tasks by name to the workers' broker; connects on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = Celery("rise-client", broker=settings.redis_url,
+                          backend=settings.redis_url, set_as_current=False)
+        self.app.conf.update(celery_config(settings))
+
+    def send(self, name: str, *, args: list[Any], queue: str) -> AsyncResult:
+        if name not in ALL:
+            raise ValueError(f"unknown task {name!r}")
+        return self.app.send_task(name, args=args, queue=queue)

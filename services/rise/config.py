@@ -118,7 +118,7 @@ def sketch_config(**fields: object) -> SketchConfig:
     """``SketchConfig(**fields)``, or InvalidInput with pydantic's messages on one line:
     how every adapter (CLI flags, gRPC messages, job requests) builds a config."""
     try:
-        return SketchConfig(**fields)
+        return SketchConfig.model_validate(fields)
     except ValueError as e:  # pydantic.ValidationError is a ValueError
         raise InvalidInput(f"invalid sketch configuration: {validation_message(e)}") from None
 

@@ -137,7 +137,7 @@ def _jsonl_objects(path: StrPath, gz: bool) -> Iterator[tuple[str, dict[str, Any
     name = os.fspath(path)
     number = 0
     with contextlib.ExitStack() as stack:
-        stream: IO[bytes] = stack.enter_context(_open_binary(path))
+        stream: IO[bytes] | gzip.GzipFile = stack.enter_context(_open_binary(path))
         if gz:
             stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
         try:

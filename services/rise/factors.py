@@ -34,6 +34,12 @@ class TokenFactors:
             raise ValueError("these factors carry no token weights")
         return self.w
 
+    @property
+    def vocab_ids(self) -> torch.Tensor:
+        if self.idx is None:
+            raise ValueError("these factors hold a dense residual: no vocabulary ids")
+        return self.idx
+
 
 @dataclass
 class Features:

@@ -104,7 +104,7 @@ def _factors(pos, head, config: SketchConfig, chunk: int, n_examples: int) -> li
     h = torch.cat([p.h for p in parts]).cpu()
     g = torch.cat([p.g for p in parts]).cpu()
     r = torch.cat([p.r for p in parts]).cpu()
-    idx = None if parts[0].idx is None else torch.cat([p.idx for p in parts]).cpu()
+    idx = None if parts[0].idx is None else torch.cat([p.vocab_ids for p in parts]).cpu()
     ex = pos.example.cpu()
     w = pos.w.cpu()
     out = []

@@ -222,8 +222,9 @@ def _gguf_folder(gguf_file: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
     # The GGUF loader dequantises to float but leaves a quantizer attached, which refuses
     # save_pretrained; detaching it also drops config.quantization_config.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     ident = {

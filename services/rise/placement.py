@@ -21,6 +21,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from torch import nn
 from rise import constants
 from rise.errors import InvalidInput, NotFound, UnsupportedModel
 from rise.readout import HEAD_TEMPORARIES, chunk_tokens_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # transformers and accelerate are imported where used: they add ~1.0 s to an import that
 # already has torch (measured), paid only by a process that plans (the gateway imports this
@@ -219,7 +223,7 @@ def load_config(model: str):  # -> transformers.PretrainedConfig
         raise InvalidInput(f"{path} is not a valid {raw['model_type']} config: {e}") from e
 
 
-def build_meta_model(cfg) -> nn.Module:
+def build_meta_model(cfg) -> PreTrainedModel:
     """The causal LM of ``cfg`` on the meta device: shapes only, no memory, no weights."""
     # start-up: transformers/accelerate only when planning (note at the top)
     from transformers import AutoModelForCausalLM
@@ -231,7 +235,7 @@ def build_meta_model(cfg) -> nn.Module:
         raise UnsupportedModel(f"no causal LM class for {cfg.model_type}: {e}") from e
 
 
-def _layers_and_head(model: nn.Module, no_split: list[str]) -> tuple[str, int, list[str]]:
+def _layers_and_head(model: PreTrainedModel, no_split: list[str]) -> tuple[str, int, list[str]]:
     """(name, count) of the decoder-block ModuleList, and the head modules: the LM head, the
     final norm (last norm beside the blocks) and, if tied to the head, the input embedding."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -366,7 +370,7 @@ def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_siz
         weight_bytes=n_params * nbytes, n_layers=n_layers, hidden_size=hidden,
         vocab_size=vocab, gpus=gpus, gpu_memory_bytes=gpu_mem, cpu_memory_bytes=cpu_mem,
         batch_size=batch_size, max_length=max_length, head_chunk_tokens=chunk,
-        dims=tuple(dims), head_device=f"cuda:{last}", devices=rows, device_map=device_map,
+        dims=(dims[0], dims[1], dims[2]), head_device=f"cuda:{last}", devices=rows, device_map=device_map,
         fits=not reasons, reason="; ".join(reasons) or None,
         sketch_bytes_per_example=rise_b, rapidin_bytes_per_example=rapid_b,
         storage_ratio=rapid_b / rise_b, dense_gradient_bytes=n_params * DENSE_GRAD_VALUE_BYTES,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,12 +130,12 @@ class PoolMean:
     gh: torch.Tensor
 
 
-def pool_mean(shards: Iterable[ShardData], dead: set[str]) -> PoolMean:
+def pool_mean(shards: Iterable[ShardData], dead: AbstractSet[str]) -> PoolMean:
     """From the shards' stored sums, minus tombstoned rows: no re-index needed."""
     rh = gh = None
     n = 0
     for sd in shards:
-        if sd.rh_sum is None:
+        if sd.rh is None or sd.gh is None or sd.rh_sum is None or sd.gh_sum is None:
             raise InvalidInput("pool-mean centering needs a sketched index")
         s_rh, s_gh = sd.rh_sum.clone(), sd.gh_sum.clone()
         gone = [i for i, rid in enumerate(sd.ids) if rid in dead]
@@ -144,7 +145,7 @@ def pool_mean(shards: Iterable[ShardData], dead: set[str]) -> PoolMean:
         rh = s_rh if rh is None else rh + s_rh
         gh = s_gh if gh is None else gh + s_gh
         n += len(sd) - len(gone)
-    if rh is None or n == 0:
+    if rh is None or gh is None or n == 0:
         raise InvalidInput("the index has no live examples")
     return PoolMean(rh=rh / n, gh=gh / n)
 
@@ -216,7 +217,7 @@ def _reportable(s: torch.Tensor) -> torch.Tensor:
     return s.to(torch.float32)
 
 
-def topk_candidates(scores: torch.Tensor, ids: Sequence[str], dead: set[str],
+def topk_candidates(scores: torch.Tensor, ids: Sequence[str], dead: AbstractSet[str],
                     top: int) -> list[list[tuple[float, str]]]:
     """Per query, the rows that can be in the global top ``top``: the shard's top plus
     every row tied with the cut, so that merging with id tie-breaks is exact."""
@@ -224,7 +225,7 @@ def topk_candidates(scores: torch.Tensor, ids: Sequence[str], dead: set[str],
     alive = torch.tensor([rid not in dead for rid in ids], dtype=torch.bool)
     s = torch.where(alive[None, :], s, torch.full_like(s, float("-inf")))
     n_alive = int(alive.sum())
-    out = []
+    out: list[list[tuple[float, str]]] = []
     for row in s:
         k = min(top, n_alive)
         if k == 0:

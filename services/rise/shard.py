@@ -80,7 +80,7 @@ def factor_tensors(fs: list[TokenFactors]) -> dict[str, torch.Tensor]:
     t["w"] = torch.cat([f.weights for f in fs]).contiguous()
     t["r"] = torch.cat([f.r for f in fs]).contiguous()
     if fs and fs[0].idx is not None:
-        t["r_idx"] = torch.cat([f.idx for f in fs]).to(torch.int32).contiguous()
+        t["r_idx"] = torch.cat([f.vocab_ids for f in fs]).to(torch.int32).contiguous()
     return t
 
 

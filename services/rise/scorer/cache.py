@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rise.errors import Corrupt
+from rise.manifest import ShardEntry
 from rise.score import shard_unit
 from rise.shard import ShardData, parse_shard, sha256
 from rise.store import Store
@@ -102,7 +103,7 @@ class ShardCache:
         with self._lock:
             return key in self._items
 
-    def load(self, prefix: str, entry: dict[str, Any], *, keep: bool = True,
+    def load(self, prefix: str, entry: ShardEntry, *, keep: bool = True,
              scan: bool = False) -> ShardData:
         """The parsed shard of manifest entry ``entry`` in the index at ``prefix``.
 
@@ -118,10 +119,11 @@ class ShardCache:
             if item is not None:
                 self._items.move_to_end(key)
             else:
-                fut = self._inflight.get(key)
-                if fut is None:
-                    fut = self._inflight[key] = Future()
+                pending = self._inflight.get(key)
+                if pending is None:
+                    pending = self._inflight[key] = Future()
                     owner = True
+                fut = pending
         if item is None:
             if owner:
                 try:
@@ -147,7 +149,7 @@ class ShardCache:
         return item.shard
 
     def loader(self, prefix: str, *, keep: bool = True, scan: bool = False
-               ) -> Callable[[dict[str, Any]], ShardData]:
+               ) -> Callable[[ShardEntry], ShardData]:
         """``load`` bound to a prefix: the ``load=`` argument of the rise.api functions."""
         return lambda entry: self.load(prefix, entry, keep=keep, scan=scan)
 
@@ -157,14 +159,14 @@ class ShardCache:
             self._bytes = 0
             self._publish()
 
-    def _read(self, prefix: str, entry: dict[str, Any]) -> _Item:
+    def _read(self, prefix: str, entry: ShardEntry) -> _Item:
         store = self.store(prefix)
         data = store.get(entry.key)
         if self._read_counter is not None:
             self._read_counter.inc(len(data))
         if sha256(data) != entry.sha256:
             raise Corrupt(
-                f"shard {entry['key']} in {store.describe()} fails verification (sha256 "
+                f"shard {entry.key} in {store.describe()} fails verification (sha256 "
                 "differs from the manifest); run rise verify")
         sd = parse_shard(data)
         scan_bytes, nbytes = _scan_bytes(sd), len(data)

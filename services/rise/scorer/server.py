@@ -136,7 +136,7 @@ class _Prefetch:
         if e is not None:
             self._pending.append((e, self._pool.submit(self._load, e)))
 
-    def __call__(self, entry: dict) -> ShardData:
+    def __call__(self, entry: ShardEntry) -> ShardData:
         if self._pending and self._pending[0][0] is entry:
             _, fut = self._pending.popleft()
             self._submit()
@@ -149,15 +149,15 @@ class _Prefetch:
         self._pending.clear()
 
 
-def _while_active(context: Any, load: Callable[[dict[str, Any]], ShardData]
-                  ) -> Callable[[dict[str, Any]], ShardData]:
+def _while_active(context: Any, load: Callable[[ShardEntry], ShardData]
+                  ) -> Callable[[ShardEntry], ShardData]:
     """``load`` that raises Cancelled once the call is over (the client cancelled or its
     deadline passed), so an abandoned scan stops at the next shard instead of running on."""
     is_active = getattr(context, "is_active", None)
     if is_active is None:
         return load
 
-    def checked(entry: dict[str, Any]) -> ShardData:
+    def checked(entry: ShardEntry) -> ShardData:
         if not is_active():
             raise Cancelled("the call was cancelled or its deadline passed; scan stopped")
         return load(entry)
@@ -188,7 +188,8 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         self.threads = max(1, threads if threads is not None else self.settings.scorer_threads)
         self.value_chunk = max(1, value_chunk)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rise-scorer")
-        self._means: OrderedDict[tuple[str, str], PoolMean] = OrderedDict()
+        # index_mean's answer per generation content (None: it does not center)
+        self._means: OrderedDict[tuple[str, str], PoolMean | None] = OrderedDict()
         self._means_lock = threading.Lock()
 
     def close(self) -> None:
@@ -237,7 +238,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
 
     # --------------------------------------------------------------------- helpers
 
-    def _select(self, sel: pb.ShardSelector) -> tuple[str, Index, list[dict[str, Any]]]:
+    def _select(self, sel: pb.ShardSelector) -> tuple[str, Index, list[ShardEntry]]:
         """(prefix, opened generation, this call's shard entries)."""
         prefix = check_prefix(sel.prefix)
         if sel.generation == 0:
@@ -249,11 +250,11 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         index = Index(store, manifest)
         return prefix, index, api.replica_shards(manifest, sel.replica, sel.replicas)
 
-    def _groups(self, entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    def _groups(self, entries: list[ShardEntry]) -> list[list[ShardEntry]]:
         k = min(len(entries), self.threads * GROUPS_PER_THREAD)
         return [entries[i::k] for i in range(k)]
 
-    def _map(self, fn: Callable[[list[dict]], T], groups: list[list[dict]]) -> list[T]:
+    def _map(self, fn: Callable[[list[ShardEntry]], T], groups: list[list[ShardEntry]]) -> list[T]:
         """``fn`` over the groups on the scoring pool (inline for a single group)."""
         if len(groups) <= 1 or self.threads == 1:
             return [fn(g) for g in groups]
@@ -265,7 +266,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
                 f.cancel()
 
     def _mean(self, prefix: str, index: Index, spec: ScoreSpec,
-              mine: list[dict[str, Any]]) -> PoolMean | None:
+              mine: list[ShardEntry]) -> PoolMean | None:
         """The pool mean over every shard of the generation (None without centering),
         computed once per generation content; shards of other replicas are read without
         being cached."""

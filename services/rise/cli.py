@@ -142,8 +142,11 @@ def cmd_append(a: argparse.Namespace) -> None:
     fields = fields_from_args(a) if a.text_field != "text" or a.prompt_field else None
     lm = _load(a)
     bar: dict[str, Progress] = {}
-    s = append(idx.store, lm, a.data, fields, batch_size=a.batch_size,
-               on_plan=lambda plan, _: bar.setdefault("p", Progress(plan.n_records, "append")),
+
+    def on_plan(plan, _) -> None:
+        bar["p"] = Progress(plan.n_records, "append")
+
+    s = append(idx.store, lm, a.data, fields, batch_size=a.batch_size, on_plan=on_plan,
                progress=lambda e, t: bar["p"](e, t))
     speed = bar["p"].close()
     emit(a, dict(s.__dict__, **speed),

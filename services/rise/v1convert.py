@@ -4,14 +4,14 @@ the scorer decode requests (``spec_from`` is used by both) and build responses."
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from rise import constants
 from rise.config import SketchConfig, sketch_config
 from rise.data import FieldMap
 from rise.errors import InvalidInput
 from rise.manifest import Manifest
-from rise.score import ScoreSpec
+from rise.score import Channel, ScoreKind, ScoreSpec
 from rise.v1 import common_pb2, rise_pb2
 
 
@@ -54,7 +54,9 @@ def spec_from(msg: common_pb2.Scoring | None) -> ScoreSpec:
     if msg is None:
         return ScoreSpec()
     lam = getattr(msg, "lambda") if msg.HasField("lambda") else constants.DEFAULT_LAMBDA
-    return ScoreSpec(channel=msg.channel or "both", score=msg.score or "cosine", lam=lam,
+    # Any other string is refused by ScoreSpec itself (InvalidInput), hence the casts.
+    return ScoreSpec(channel=cast(Channel, msg.channel or "both"),
+                     score=cast(ScoreKind, msg.score or "cosine"), lam=lam,
                      center=msg.center if msg.HasField("center") else None)
 
 
@@ -65,7 +67,7 @@ def record_dicts(records: Any, fields: FieldMap) -> list[dict[str, Any]]:
         d: dict[str, Any] = {}
         if r.id:
             d[fields.id_field] = r.id
-        if fields.is_prompt_response:
+        if fields.prompt_field is not None and fields.response_field is not None:
             d[fields.prompt_field] = r.prompt
             d[fields.response_field] = r.response
         else:
@@ -83,8 +85,8 @@ def job_to(job: dict[str, Any]) -> rise_pb2.Job:
     left = max(job["examples_total"] - job["examples_done"], 0)
     eta = left / ex_rate if ex_rate > 0 and not job["finished_at"] else 0.0
     return rise_pb2.Job(
-        id=job["id"], kind=rise_pb2.JobKind.Value("JOB_KIND_" + job["kind"]),
-        state=rise_pb2.JobState.Value("JOB_STATE_" + job["state"]), index=job["index"],
+        id=job["id"], kind="JOB_KIND_" + job["kind"], state="JOB_STATE_" + job["state"],
+        index=job["index"],
         shards_total=job["shards_total"], shards_done=job["shards_done"],
         examples_total=job["examples_total"], examples_done=job["examples_done"],
         tokens_done=job["tokens_done"], examples_per_second=ex_rate,

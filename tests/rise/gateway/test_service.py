@@ -16,7 +16,7 @@ from rise.settings import Pool, Settings
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc
 from rise.v1convert import config_from, spec_from
 
-CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "fixtures" / "configs"
 
 
 class NoJobs:

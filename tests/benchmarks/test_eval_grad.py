@@ -12,7 +12,7 @@ import torch
 from rise.data import Encoded
 from rise.model import load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "eval"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "eval"))
 
 from m_grad import _projections, grad_features  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""A job task that overruns the time limits, for tests/integration/test_worker.py: imported
+"""A job task that overruns the time limits, for tests/rise/worker/test_tasks.py: imported
 by a test worker with ``celery worker -I stuck_tasks``, never by the product."""
 
 from __future__ import annotations

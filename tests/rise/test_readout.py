@@ -1,4 +1,5 @@
-"""The math against autograd in float64: exact mode, projected errors, sketches."""
+"""The readout math against autograd in float64: exact mode (rise.exact), projected errors
+and the Top-K residual (rise.readout), sketches (rise.sketch), all through rise.featurize."""
 
 from __future__ import annotations
 

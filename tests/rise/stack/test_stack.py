@@ -334,7 +334,7 @@ def test_gateway_job_gauges_follow_the_job_store(built, env, a, b):
 def test_append_after_delete_is_refused_as_by_the_cli(env):
     """Through the gateway, an id deleted but not compacted is refused by the very check
     the CLI and the API run (the function rise.ingest.plan): the job ends FAILED, INVALID_ARGUMENT, with
-    the message of tests/unit/test_cli.py, and the index keeps its generation."""
+    the message of tests/rise/test_cli.py, and the index keeps its generation."""
     again = b'{"id": "doc-1", "text": "a new text"}\n'
     env.s3.put_object("rise", "tenants/c/data/again.jsonl", io.BytesIO(again), len(again))
     with RiseClient(env.gateway, TOKENS["c"], timeout=120) as c:

@@ -511,7 +511,7 @@ def test_default_scoring_is_centered_and_no_center_turns_it_off(capsys, tmp_path
 
 def test_append_after_delete_is_refused(capsys, tmp_path, tiny_model, idx_copy):
     """The CLI refuses an id deleted but not compacted with the same message as the Python
-    API and the gateway (tests/unit/test_index.py, tests/integration/test_stack.py)."""
+    API and the gateway (tests/rise/test_index.py, tests/rise/stack/test_stack.py)."""
     ids = tmp_path / "ids.txt"
     ids.write_text("doc-1\n")
     assert run(capsys, "delete", "--index", idx_copy, "--ids", ids)[0] == 0

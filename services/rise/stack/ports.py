@@ -27,9 +27,18 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """A server could listen on 127.0.0.1:``port`` now.
+
+    Asked the way the servers bind (SO_REUSEADDR, then listen: gRPC, prometheus-client's
+    HTTP server, Redis and SeaweedFS all set it): a port whose last server stopped a moment
+    ago still has connections in TIME_WAIT for a minute (an HTTP/1.0 /metrics answer, a
+    client the stopped server dropped), which a plain bind counts as busy although the next
+    server binds it fine.  A port something listens on is still busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen(1)
         except OSError:
             return False
     return True

@@ -9,12 +9,20 @@
 Every call sends ``authorization: Bearer <token>``; a failed call raises the rise.errors
 class of its status code (``translate``), with the server's message, so callers handle
 remote and embedded errors alike.
+
+Every call is retried on UNAVAILABLE with exponential backoff (gRPC's retry policy,
+``SERVICE_CONFIG``), within its one deadline (``timeout``, by default DEFAULT_TIMEOUT,
+above the gateway's own query timeout).  That is safe for the calls that change
+something because each sends a fresh client request id (``request_id``; AIP-155): the
+gateway answers a retry with the first call's job or index instead of doing the work
+twice.  Pass ``request_id=`` yourself to retry across processes.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +47,20 @@ TERMINAL = frozenset({rise_pb2.JOB_STATE_SUCCEEDED, rise_pb2.JOB_STATE_FAILED,
                       rise_pb2.JOB_STATE_CANCELLED})
 
 Hit = tuple[str, float, "dict[str, Any] | None"]
+
+DEFAULT_TIMEOUT = 180.0
+"""Seconds per call: the gateway's query timeout (``RISE_QUERY_TIMEOUT_SECONDS``, 120 by
+default) plus a margin for sketching the queries' answer and merging it, so the client
+never gives up on a call the gateway is still working on."""
+
+RETRY_POLICY = {"maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "10s",
+                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = {"methodConfig": [{
+    "name": [{"service": f"rise.v1.{s}"} for s in ("IndexService", "JobService",
+                                                    "ScoringService")],
+    "retryPolicy": RETRY_POLICY}]}
+"""gRPC's service config of the client's channel: every rise.v1 call is retried on
+UNAVAILABLE (gateway restarting, connection refused) with exponential backoff."""
 
 
 def translate(e: grpc.RpcError) -> errors.RiseError:
@@ -107,11 +129,13 @@ def _scoring(channel: str, score: str, lam: float | None, center: bool | None
 class RiseClient:
     """One channel to a gateway; every method is one RPC (``watch_job`` a stream)."""
 
-    def __init__(self, address: str, token: str, *, timeout: float = 60, secure: bool = False,
-                 credentials: grpc.ChannelCredentials | None = None,
+    def __init__(self, address: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 secure: bool = False, credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = 64 * 1024**2) -> None:
         opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
         self.address, self.timeout = address, timeout
         self.channel = (grpc.secure_channel(address, credentials or grpc.ssl_channel_credentials(),
                                             options=opts)
@@ -138,26 +162,33 @@ class RiseClient:
 
     # ---------------------------------------------------------------- indexes
 
+    # The calls that change something carry a client request id (a fresh uuid4 unless
+    # given): a retry with the same id gets the first call's answer, never a second job.
+
     def create_index(self, index: str, dataset_uri: str, pool: str, *, fields: Any = None,
                      config: Mapping[str, Any] | common_pb2.SketchConfig | None = None,
-                     shard_size: int = 0) -> rise_pb2.Job:
+                     shard_size: int = 0, request_id: str | None = None) -> rise_pb2.Job:
         """Start sketching a dataset into a new index; ``config`` takes SketchConfig fields."""
         if config is not None and not isinstance(config, common_pb2.SketchConfig):
             config = common_pb2.SketchConfig(**dict(config))
         return self._call(self._index.CreateIndex, rise_pb2.CreateIndexRequest(
             index=index, dataset_uri=dataset_uri, pool=pool, fields=_fields(fields),
-            config=config, shard_size=shard_size))
+            config=config, shard_size=shard_size, request_id=_request_id(request_id)))
 
-    def append(self, index: str, dataset_uri: str, *, fields: Any = None) -> rise_pb2.Job:
+    def append(self, index: str, dataset_uri: str, *, fields: Any = None,
+               request_id: str | None = None) -> rise_pb2.Job:
         return self._call(self._index.AppendToIndex, rise_pb2.AppendToIndexRequest(
-            index=index, dataset_uri=dataset_uri, fields=_fields(fields)))
+            index=index, dataset_uri=dataset_uri, fields=_fields(fields),
+            request_id=_request_id(request_id)))
 
-    def delete_examples(self, index: str, ids: Sequence[str]) -> rise_pb2.Index:
-        return self._call(self._index.DeleteExamples,
-                          rise_pb2.DeleteExamplesRequest(index=index, ids=list(ids)))
+    def delete_examples(self, index: str, ids: Sequence[str], *,
+                        request_id: str | None = None) -> rise_pb2.Index:
+        return self._call(self._index.DeleteExamples, rise_pb2.DeleteExamplesRequest(
+            index=index, ids=list(ids), request_id=_request_id(request_id)))
 
-    def compact(self, index: str) -> rise_pb2.Job:
-        return self._call(self._index.CompactIndex, rise_pb2.CompactIndexRequest(index=index))
+    def compact(self, index: str, *, request_id: str | None = None) -> rise_pb2.Job:
+        return self._call(self._index.CompactIndex, rise_pb2.CompactIndexRequest(
+            index=index, request_id=_request_id(request_id)))
 
     def delete_index(self, index: str) -> int:
         """Delete an index; returns the number of objects removed."""
@@ -247,6 +278,11 @@ def _record_fields(prompt_response: bool, chat_template: bool) -> common_pb2.Fie
         return common_pb2.FieldMap(prompt_field="prompt", response_field="response",
                                    chat_template=chat_template)
     return common_pb2.FieldMap()
+
+
+def _request_id(given: str | None) -> str:
+    """The caller's request id, or a fresh one (a uuid4)."""
+    return given or str(uuid.uuid4())
 
 
 def _json(s: str) -> dict[str, Any] | None:

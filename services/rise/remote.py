@@ -9,6 +9,9 @@ $RISE_TOKEN; both, and ``--json``, may stand before or after the sub-verb.  ``at
 and ``value`` read records with the local CLI's field flags and write its JSONL formats
 (``rise.cliutil``).  Errors are one line ``rise: error: ...`` with the exit code of the
 error class (rise.cli.main, which adds these verbs with ``add_remote_parser``, prints them).
+Calls are retried on UNAVAILABLE within ``--timeout`` (rise.client); index, append, delete
+and compact send a client request id, ``--request-id`` to reuse one: a script that runs
+the same command again after a lost answer gets the first job, never a second one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from tqdm import tqdm
 
 from rise import constants
-from rise.client import TERMINAL, RiseClient, error_of_job, state_name
+from rise.client import DEFAULT_TIMEOUT, TERMINAL, RiseClient, error_of_job, state_name
 from rise.cliutil import (
     add_field_args,
     add_scoring_args,
@@ -59,8 +62,9 @@ def _connection_args(p: argparse.ArgumentParser, group: bool) -> None:
                    **d(os.environ.get("RISE_TOKEN", "")))
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout",
                    **d(False))
-    p.add_argument("--timeout", type=float, help="seconds per call (default: 120)",
-                   **d(120.0))
+    p.add_argument("--timeout", type=float,
+                   help=f"seconds per call, retries included (default: {DEFAULT_TIMEOUT:g})",
+                   **d(DEFAULT_TIMEOUT))
 
 
 def _client(a: argparse.Namespace) -> RiseClient:
@@ -150,15 +154,15 @@ def cmd_index(a: argparse.Namespace) -> None:
               "seed": cfg["seed"], "weighting": cfg["weighting"], "max_length": cfg["max_length"]}
     with _client(a) as c:
         job = c.create_index(_name(a), a.data, a.pool, fields=fields_from_args(a), config=config,
-                             shard_size=a.shard_size)
+                             shard_size=a.shard_size, request_id=a.request_id)
         _job_out(a, c, job, "index")
 
 
 def cmd_append(a: argparse.Namespace) -> None:
     given = a.text_field != "text" or a.id_field != "id" or a.prompt_field or a.chat_template
     with _client(a) as c:
-        _job_out(a, c, c.append(_name(a), a.data, fields=fields_from_args(a) if given else None),
-                 "append")
+        _job_out(a, c, c.append(_name(a), a.data, fields=fields_from_args(a) if given else None,
+                                request_id=a.request_id), "append")
 
 
 def cmd_delete(a: argparse.Namespace) -> None:
@@ -166,7 +170,7 @@ def cmd_delete(a: argparse.Namespace) -> None:
     if not ids:
         raise InvalidInput("no ids: pass --ids FILE or --id ID")
     with _client(a) as c:
-        idx = c.delete_examples(_name(a), ids)
+        idx = c.delete_examples(_name(a), ids, request_id=a.request_id)
     emit(a, dict(to_dict(idx), deleted=len(ids)),
           f"tombstoned {len(ids)} ids in generation {idx.generation} of {idx.name} "
           "(run rise remote compact to erase them)")
@@ -174,7 +178,7 @@ def cmd_delete(a: argparse.Namespace) -> None:
 
 def cmd_compact(a: argparse.Namespace) -> None:
     with _client(a) as c:
-        _job_out(a, c, c.compact(_name(a)), "compact")
+        _job_out(a, c, c.compact(_name(a), request_id=a.request_id), "compact")
 
 
 def cmd_drop(a: argparse.Namespace) -> None:
@@ -294,6 +298,12 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
         if index is not None:
             sp.add_argument("--index", dest="index_opt", metavar="INDEX",
                             help="index name (instead of the positional one)")
+        if name in ("index", "append", "delete", "compact"):
+            sp.add_argument("--request-id", metavar="ID",
+                            help="client request id (up to 128 of [A-Za-z0-9._:-]; default: a "
+                                 "fresh uuid4): running the same command again with the same "
+                                 "id within 24 h returns the first run's job or index instead "
+                                 "of doing it twice")
         return sp
 
     sp = verb("index", cmd_index, "start a job that sketches a dataset into a new index")

@@ -5,12 +5,22 @@ are translated both ways, and ``rise remote`` prints one error line with the rig
 from __future__ import annotations
 
 import json
+import uuid
+from collections import Counter
 from concurrent import futures
 
 import grpc
 import pytest
 from rise import errors
-from rise.client import CODE_TO_ERROR, RiseClient, state_name
+from rise.client import (
+    CODE_TO_ERROR,
+    DEFAULT_TIMEOUT,
+    RETRY_POLICY,
+    SERVICE_CONFIG,
+    RiseClient,
+    state_name,
+)
+from rise.settings import Settings
 from rise.v1 import rise_pb2, rise_pb2_grpc
 
 CASES = [(code, cls) for code, cls in CODE_TO_ERROR.items()] + [
@@ -19,6 +29,7 @@ CASES = [(code, cls) for code, cls in CODE_TO_ERROR.items()] + [
     (grpc.StatusCode.DEADLINE_EXCEEDED, errors.RiseError),
 ]
 SEEN: list[tuple[str, object]] = []
+ATTEMPTS: Counter[str] = Counter()  # request id -> calls that reached the server
 
 
 def _status(context: grpc.ServicerContext, name: str) -> None:
@@ -40,6 +51,22 @@ class FakeIndex(rise_pb2_grpc.IndexServiceServicer):
 
     def ListIndexes(self, req, context):
         return rise_pb2.ListIndexesResponse(indexes=[rise_pb2.Index(name="a")])
+
+    def AppendToIndex(self, req, context):
+        """Index 'flaky-N': UNAVAILABLE for the first N attempts of each request id."""
+        SEEN.append(("append", req))
+        ATTEMPTS[req.request_id] += 1
+        if req.index.startswith("flaky-") and ATTEMPTS[req.request_id] <= int(req.index[6:]):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "gateway restarting")
+        return rise_pb2.Job(id=f"job-of-{req.request_id}", index=req.index)
+
+    def DeleteExamples(self, req, context):
+        SEEN.append(("delete", req))
+        return rise_pb2.Index(name=req.index, generation=2)
+
+    def CompactIndex(self, req, context):
+        SEEN.append(("compact", req))
+        return rise_pb2.Job(id="j2", index=req.index)
 
 
 class FakeJobs(rise_pb2_grpc.JobServiceServicer):
@@ -80,7 +107,14 @@ def address():
 
 
 @pytest.fixture
-def client(address):
+def fast_backoff(monkeypatch):
+    """The client's retry policy with millisecond backoffs (the tests retry a lot)."""
+    monkeypatch.setitem(RETRY_POLICY, "initialBackoff", "0.01s")
+    monkeypatch.setitem(RETRY_POLICY, "maxBackoff", "0.05s")
+
+
+@pytest.fixture
+def client(address, fast_backoff):
     SEEN.clear()
     with RiseClient(address, "tok-1", timeout=10) as c:
         yield c
@@ -106,9 +140,51 @@ def test_bearer_token_is_sent(client, address):
     assert SEEN[-1] == ("auth", None)
 
 
-def test_unreachable_gateway_is_unavailable():
-    with RiseClient("127.0.0.1:1", "t", timeout=2) as c, pytest.raises(errors.Unavailable):
+def test_unreachable_gateway_is_unavailable(fast_backoff):
+    # Five attempts with backoff, then UNAVAILABLE.
+    with RiseClient("127.0.0.1:1", "t", timeout=30) as c, pytest.raises(errors.Unavailable):
         c.list_indexes()
+
+
+def test_every_call_is_retried_on_unavailable_with_exponential_backoff():
+    assert RETRY_POLICY == {"maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "10s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    (config,) = SERVICE_CONFIG["methodConfig"]
+    assert config["retryPolicy"] is RETRY_POLICY
+    services = {n["service"] for n in config["name"]}
+    assert services == {f"rise.v1.{s.name}" for s in rise_pb2.DESCRIPTOR.services_by_name.values()}
+
+
+def test_unavailable_is_retried_with_the_same_request_id(client):
+    job = client.append("flaky-2", "s3://rise/tenants/a/d.jsonl")
+    rid = SEEN[-1][1].request_id
+    assert ATTEMPTS[rid] == 3 and job.id == f"job-of-{rid}"
+    assert [r.request_id for op, r in SEEN if op == "append"] == [rid] * 3
+    with pytest.raises(errors.Unavailable, match="gateway restarting"):
+        client.append("flaky-9", "s3://rise/tenants/a/d.jsonl")  # gives up after 5 attempts
+    assert ATTEMPTS[SEEN[-1][1].request_id] == 5
+
+
+def test_changing_calls_send_a_fresh_request_id_or_the_given_one(client):
+    client.create_index("docs", "s3://rise/tenants/a/d.jsonl", "pool")
+    client.append("docs", "s3://rise/tenants/a/d.jsonl")
+    client.append("docs", "s3://rise/tenants/a/d.jsonl")
+    client.delete_examples("docs", ["d1"])
+    client.compact("docs")
+    ids = [req.request_id for _, req in SEEN]
+    assert len(set(ids)) == 5 and all(uuid.UUID(i).version == 4 for i in ids)
+    assert client.append("docs", "x", request_id="retry-1").id == "job-of-retry-1"
+    client.create_index("docs", "x", "pool", request_id="retry-2")
+    client.delete_examples("docs", ["d1"], request_id="retry-3")
+    client.compact("docs", request_id="retry-4")
+    assert [req.request_id for _, req in SEEN[-4:]] == [f"retry-{i}" for i in range(1, 5)]
+
+
+def test_the_default_deadline_outlasts_the_gateways_own():
+    gateway = Settings().query_timeout_seconds
+    assert DEFAULT_TIMEOUT >= gateway + 30
+    with RiseClient("127.0.0.1:1", "t") as c:
+        assert c.timeout == DEFAULT_TIMEOUT
 
 
 def test_watch_and_wait(client):
@@ -175,6 +251,16 @@ def test_remote_cli_errors_are_one_line_with_the_class_exit_code(address, capsys
     assert rows == [{"query_id": "a", "results": [{"id": "d1", "score": 0.5},
                                                    {"id": "d0", "score": 0.25}]}]
     assert main(["remote", "--gateway", address, "--token", "", "list"]) == 10
+
+    for verb, extra in (("append", ["--data", "s3://rise/tenants/a/d.jsonl"]),
+                        ("delete", ["--id", "d1"]), ("compact", [])):
+        SEEN.clear()
+        assert main(["remote", "--gateway", address, "--token", "t", verb, "docs", *extra,
+                     "--request-id", f"script-{verb}"]) == 0
+        assert SEEN[-1][1].request_id == f"script-{verb}"
+        assert main(["remote", "--gateway", address, "--token", "t", verb, "docs",
+                     *extra]) == 0
+        assert uuid.UUID(SEEN[-1][1].request_id).version == 4
 
 
 REMOTE_VERBS = ["index", "append", "delete", "compact", "drop", "list", "show", "jobs", "job",

@@ -35,44 +35,52 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class CreateIndexRequest(_message.Message):
-    __slots__ = ("index", "dataset_uri", "pool", "fields", "config", "shard_size")
+    __slots__ = ("index", "dataset_uri", "pool", "fields", "config", "shard_size", "request_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     index: str
     dataset_uri: str
     pool: str
     fields: _common_pb2.FieldMap
     config: _common_pb2.SketchConfig
     shard_size: int
-    def __init__(self, index: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., pool: _Optional[str] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.SketchConfig, _Mapping]] = ..., shard_size: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, index: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., pool: _Optional[str] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.SketchConfig, _Mapping]] = ..., shard_size: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AppendToIndexRequest(_message.Message):
-    __slots__ = ("index", "dataset_uri", "fields")
+    __slots__ = ("index", "dataset_uri", "fields", "request_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     index: str
     dataset_uri: str
     fields: _common_pb2.FieldMap
-    def __init__(self, index: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, index: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteExamplesRequest(_message.Message):
-    __slots__ = ("index", "ids")
+    __slots__ = ("index", "ids", "request_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     index: str
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, index: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, index: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CompactIndexRequest(_message.Message):
-    __slots__ = ("index",)
+    __slots__ = ("index", "request_id")
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     index: str
-    def __init__(self, index: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, index: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteIndexRequest(_message.Message):
     __slots__ = ("index",)

@@ -15,7 +15,7 @@ the generation exist.  Shards without a manifest are never trusted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -202,7 +202,8 @@ def delete(store: Store, ids: Sequence[str]) -> int:
     return gen
 
 
-def compact(store: Store, *, shard_size: int | None = None) -> int | None:
+def compact(store: Store, *, shard_size: int | None = None,
+            before_write: Callable[[], None] | None = None) -> int | None:
     """Rewrite live records into new shards and erase deleted data physically.
 
     Returns the new generation, or None when there is nothing to erase.  The new manifest
@@ -228,7 +229,10 @@ def compact(store: Store, *, shard_size: int | None = None) -> int | None:
                 "config_sha256": m.config_sha256, "head_sha256": m.model.head_sha256,
                 "vocab": m.model.vocab}
         key = constants.shard_key(gen, n)
-        store.put(key, serialize(meta, concat_rows(pending)))
+        data = serialize(meta, concat_rows(pending))
+        if before_write is not None:
+            before_write()
+        store.put(key, data)
         entries.append(shard_entry(store, key, gen, n))
         pending, n_pending = [], 0
 
@@ -243,6 +247,8 @@ def compact(store: Store, *, shard_size: int | None = None) -> int | None:
                 flush()
     if n_pending:
         flush()
+    if before_write is not None:
+        before_write()
     write_manifest(store, Manifest.build(gen, model=m.model, config=m.config,
                                          ingests=m.ingests, shards=entries, tombstones=[]))
     _delete_unreferenced(store, read_manifest(store, gen))

@@ -252,11 +252,13 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
 def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
                 records: Sequence[Record], *, batch_size: int = constants.DEFAULT_BATCH_SIZE,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                ) -> ShardWrite:
+                before_write: Callable[[], None] | None = None) -> ShardWrite:
     """Write shard ``n`` of ``p`` from exactly its records, unless a valid copy is there.
 
     ``records`` are the shard's own (``source.read(*p.shard_range(n))``).  A skipped shard
     reports its examples and tokens to ``progress`` at once, so progress adds up either way.
+    ``before_write`` runs just before the shard is put (the services check there that the
+    job still owns the index: a store cannot check a token on PUT); it raises to refuse.
     """
     if not 0 <= n < p.n_shards:
         raise InvalidInput(f"shard {n} out of range: the plan has {p.n_shards} shards")
@@ -279,6 +281,8 @@ def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
     data = build_shard(p.shard_meta(n), [r.id for r in records],
                        [p.generation] * len(records), [r.number for r in records], feats,
                        p.config.storage_dtype, norms)
+    if before_write is not None:
+        before_write()
     store.put(key, data)
     return ShardWrite(True, len(records), tokens)
 
@@ -286,13 +290,15 @@ def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
 # ------------------------------------------------------------------------------ commit
 
 
-def commit(store: Store, p: IngestPlan) -> Manifest:
+def commit(store: Store, p: IngestPlan,
+           before_write: Callable[[], None] | None = None) -> Manifest:
     """Write the manifest of ``p``'s generation over its shards; returns it.
 
     Every shard must be present and describe this plan (ShardsPending otherwise).  An
     append stacks the new shards on the previous generation's, tombstones carried; the
     previous generation must still be the current one.  Rerunning after the manifest was
-    written returns that manifest when it holds exactly these shards.
+    written returns that manifest when it holds exactly these shards.  ``before_write`` as
+    in ``write_shard``, just before the manifest is written.
     """
     missing = [n for n in range(p.n_shards)
                if not shard_is_valid(store, p.shard_key(n), p.shard_meta(n))]
@@ -321,6 +327,8 @@ def commit(store: Store, p: IngestPlan) -> Manifest:
     else:
         manifest = Manifest.build(1, model=p.model, config=p.config,
                                   ingests=[p.ingest_entry()], shards=entries, tombstones=[])
+    if before_write is not None:
+        before_write()
     write_manifest(store, manifest)
     return manifest
 

@@ -7,13 +7,16 @@ script refuses to leave them), so a redelivered task can never resurrect a cance
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 import re
+import socket
 import time
 import uuid
 from typing import Any
 
-from rise.errors import InvalidInput, NotFound
+from rise.errors import InvalidInput, NotFound, RiseError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
@@ -23,17 +26,60 @@ KINDS = ("CREATE_INDEX", "APPEND", "COMPACT")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _COUNTERS = ("shards_total", "shards_done", "examples_total", "examples_done", "tokens_done",
-             "generation", "truncated", "tokens_total")
+             "generation", "truncated", "tokens_total", "fence")
 _FLOATS = ("created_at", "started_at", "finished_at")
 
-# Move to a state unless the job is already terminal; returns 1 if moved.
+# Move to a state unless the job is already terminal; returns 1 if moved.  A terminal
+# state also takes the job out of the active set (KEYS[2]) that the controller watches.
 _SET_STATE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return -1 end
 if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
+local new = ARGV[2]
+if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
+  redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
+end
 return 1
 """
+
+# Progress of one shard, counted once: the shard's own counters keep the highest values any
+# attempt reported, and the job's totals grow by what a report adds above them, so a retried
+# or redelivered shard never counts its examples twice.  KEYS: job hash, shard progress
+# hash; ARGV: shard number, examples, tokens (this attempt's totals so far).
+_SHARD_PROGRESS = """
+local ex_key, tok_key = ARGV[1] .. ':examples', ARGV[1] .. ':tokens'
+local ex_old = tonumber(redis.call('HGET', KEYS[2], ex_key) or '0')
+local tok_old = tonumber(redis.call('HGET', KEYS[2], tok_key) or '0')
+local ex_new, tok_new = tonumber(ARGV[2]), tonumber(ARGV[3])
+if ex_new > ex_old then
+  redis.call('HSET', KEYS[2], ex_key, ex_new)
+  redis.call('HINCRBY', KEYS[1], 'examples_done', ex_new - ex_old)
+end
+if tok_new > tok_old then
+  redis.call('HSET', KEYS[2], tok_key, tok_new)
+  redis.call('HINCRBY', KEYS[1], 'tokens_done', tok_new - tok_old)
+end
+return 1
+"""
+
+# Renew the controller's lease if this controller holds it (or take it if free).
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Fenced(RiseError):
+    """A write by a job that no longer owns its index (cancelled, failed, or its lock taken
+    over): refused before it reaches the store."""
+
+    grpc_code = "ABORTED"
+    exit_code = 130
 
 
 def check_name(name: str, what: str = "index") -> str:
@@ -57,9 +103,15 @@ class JobStore:
         self.r = redis
         self.ns = namespace
         self._set_state = redis.register_script(_SET_STATE)
+        self._shard_progress = redis.register_script(_SHARD_PROGRESS)
+        self._lease = redis.register_script(_LEASE)
 
     def _job(self, job_id: str) -> str:
         return f"{self.ns}:job:{job_id}"
+
+    @property
+    def _active(self) -> str:
+        return f"{self.ns}:jobs:active"
 
     # ----------------------------------------------------------------------- jobs
 
@@ -75,8 +127,25 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping={k: _enc(v) for k, v in job.items()})
         pipe.zadd(f"{self.ns}:jobs:{tenant}", {job_id: now})
+        pipe.sadd(self._active, job_id)
         pipe.execute()
         return self.get_any(job_id)
+
+    def restore(self, job: dict[str, Any]) -> bool:
+        """Recreate a job that Redis lost (same id), from its record in the store; active
+        unless its state is terminal.  False when the job is already here."""
+        key = self._job(job["id"])
+        if self.r.exists(key):
+            return False
+        full = {"started_at": 0.0, "finished_at": 0.0, "error_code": "", "error_message": "",
+                **{c: 0 for c in _COUNTERS}, **job}
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={k: _enc(v) for k, v in full.items()})
+        pipe.zadd(f"{self.ns}:jobs:{job['tenant']}", {job["id"]: float(job["created_at"])})
+        if job["state"] not in TERMINAL:
+            pipe.sadd(self._active, job["id"])
+        pipe.execute()
+        return True
 
     def get_any(self, job_id: str) -> dict[str, Any]:
         raw = self.r.hgetall(self._job(job_id))
@@ -117,7 +186,14 @@ class JobStore:
         args: list[str] = ["state", state]
         for k, v in fields.items():
             args += [k, _enc(v)]
-        return self._set_state(keys=[self._job(job_id)], args=args) == 1
+        return self._set_state(keys=[self._job(job_id), self._active], args=args) == 1
+
+    def active_ids(self) -> builtins.list[str]:
+        """Jobs not yet in a terminal state (the controller's work list)."""
+        return sorted(self.r.smembers(self._active))
+
+    def forget_active(self, job_id: str) -> None:
+        self.r.srem(self._active, job_id)
 
     def add_progress(self, job_id: str, shards: int = 0, examples: int = 0, tokens: int = 0) -> None:
         pipe = self.r.pipeline()
@@ -130,9 +206,90 @@ class JobStore:
             pipe.hincrby(key, "tokens_done", tokens)
         pipe.execute()
 
-    def is_shard_done(self, job_id: str, n: int) -> bool:
-        """Whether shard ``n`` of the job was already counted by ``mark_shard_done``."""
-        return bool(self.r.sismember(f"{self.ns}:jobshards:{job_id}", n))
+    def shard_progress(self, job_id: str, n: int, examples: int, tokens: int) -> None:
+        """Shard ``n``'s progress in its current attempt (totals so far); the job's counters
+        grow only past what any attempt of that shard reported before."""
+        key = f"{self.ns}:jobprogress:{job_id}"
+        self._shard_progress(keys=[self._job(job_id), key], args=[n, examples, tokens])
+        self.r.expire(key, 30 * 86400)
+
+    def shards_done(self, job_id: str) -> set[int]:
+        return {int(x) for x in self.r.smembers(f"{self.ns}:jobshards:{job_id}")}
+
+    # ------------------------------------------------------------- liveness
+
+    def _beat(self, job_id: str, part: str) -> str:
+        return f"{self.ns}:beat:{job_id}:{part}"
+
+    def heartbeat(self, job_id: str, part: str, ttl_seconds: float,
+                  claim: bool = False) -> bool:
+        """Say that ``part`` of the job (a shard number, or "prepare") is being worked on,
+        for ``ttl_seconds``.  With ``claim``, only if nobody else's heartbeat is alive;
+        returns whether the heartbeat is ours."""
+        ms = max(1, int(ttl_seconds * 1000))
+        key = self._beat(job_id, part)
+        if claim:
+            return bool(self.r.set(key, _host_id(), nx=True, px=ms))
+        self.r.set(key, _host_id(), px=ms)
+        return True
+
+    def end_heartbeat(self, job_id: str, part: str) -> None:
+        self.r.delete(self._beat(job_id, part))
+
+    def alive(self, job_id: str, parts: builtins.list[str]) -> set[str]:
+        """The parts of the job whose heartbeat has not expired."""
+        if not parts:
+            return set()
+        vals = self.r.mget([self._beat(job_id, p) for p in parts])
+        return {p for p, v in zip(parts, vals, strict=True) if v is not None}
+
+    def note_enqueued(self, job_id: str, part: str, by_controller: bool,
+                      now: float | None = None) -> int:
+        """Record that ``part`` of the job was (re-)enqueued ``now``; returns how often the
+        controller has re-enqueued it."""
+        key = f"{self.ns}:enqueued:{job_id}"
+        pipe = self.r.pipeline()
+        pipe.hset(key, f"{part}:at", time.time() if now is None else now)
+        if by_controller:
+            pipe.hincrby(key, f"{part}:requeued", 1)
+        pipe.hget(key, f"{part}:requeued")
+        pipe.expire(key, 30 * 86400)
+        out = pipe.execute()
+        return int(out[-2] or 0)
+
+    def enqueued(self, job_id: str) -> dict[str, float]:
+        """part -> when it was last enqueued (epoch seconds)."""
+        raw = self.r.hgetall(f"{self.ns}:enqueued:{job_id}")
+        return {k.removesuffix(":at"): float(v) for k, v in raw.items() if k.endswith(":at")}
+
+    # ------------------------------------------------------------- fencing
+
+    def fence_ok(self, job_id: str) -> bool:
+        """Whether the job may still write: not ended, and its index lock is still its own
+        with the fence it was given."""
+        job = self.r.hmget(self._job(job_id), ["state", "tenant", "index", "fence"])
+        state, tenant, index, fence = job
+        if state is None or state in TERMINAL:
+            return False
+        pipe = self.r.pipeline()
+        pipe.get(f"{self.ns}:lock:{tenant}:{index}")
+        pipe.get(f"{self.ns}:fence:{tenant}:{index}")
+        holder, current = pipe.execute()
+        return holder == job_id and str(current) == str(fence)
+
+    def check_fence(self, job_id: str) -> None:
+        """Fenced unless ``fence_ok``: called just before every shard write and commit (S3
+        cannot check a token on PUT, so the check is as late as possible)."""
+        if not self.fence_ok(job_id):
+            raise Fenced(f"job {job_id} no longer owns its index (ended or superseded); "
+                         "its write was refused")
+
+    # ------------------------------------------------------------- controller lease
+
+    def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew a named lease for ``holder``; False while someone else holds it."""
+        return self._lease(keys=[f"{self.ns}:lease:{name}"],
+                           args=[holder, max(1, int(seconds * 1000))]) == 1
 
     def mark_shard_done(self, job_id: str, n: int, ttl_seconds: int = 30 * 86400) -> bool:
         """Count shard ``n`` of the job once, however often its task runs; True the first
@@ -164,10 +321,23 @@ class JobStore:
     def _indexes(self, tenant: str) -> str:
         return f"{self.ns}:indexes:{tenant}"
 
-    def register_index(self, tenant: str, index: str, pool: str) -> bool:
-        """Claim an index name; False if the tenant already has it."""
-        entry = json.dumps({"pool": pool, "created_at": time.time()})
-        return bool(self.r.hsetnx(self._indexes(tenant), index, entry))
+    def register_index(self, tenant: str, index: str, entry: str | dict[str, Any]) -> bool:
+        """Claim an index name (``entry``: its pool, or the registry's entry); False if the
+        tenant already has it.  ``rise.registry`` keeps the store's record beside it."""
+        if isinstance(entry, str):
+            entry = {"pool": entry, "created_at": time.time()}
+        return bool(self.r.hsetnx(self._indexes(tenant), index, json.dumps(entry)))
+
+    def registry_complete(self) -> bool:
+        """Whether the registry copy here was rebuilt from the store since Redis last lost
+        its data (the marker goes with the data)."""
+        return bool(self.r.exists(f"{self.ns}:registry:complete"))
+
+    def mark_registry_complete(self) -> None:
+        self.r.set(f"{self.ns}:registry:complete", time.time())
+
+    def set_index_entry(self, tenant: str, index: str, entry: dict[str, Any]) -> None:
+        self.r.hset(self._indexes(tenant), index, json.dumps(entry))
 
     def index_entry(self, tenant: str, index: str) -> dict[str, Any]:
         raw = self.r.hget(self._indexes(tenant), index)
@@ -175,26 +345,91 @@ class JobStore:
             raise NotFound(f"index {index!r} not found")
         return json.loads(raw)
 
-    def index_names(self, tenant: str) -> list[str]:
+    def index_names(self, tenant: str) -> builtins.list[str]:
         return sorted(self.r.hkeys(self._indexes(tenant)))
 
     def drop_index(self, tenant: str, index: str) -> None:
         self.r.hdel(self._indexes(tenant), index)
 
     def lock_index(self, tenant: str, index: str, job_id: str, ttl_seconds: int) -> str | None:
-        """Take the index's writer lock for ``job_id``; returns the holder if taken."""
+        """Take the index's writer lock for ``job_id``; returns the holder if taken.  Each
+        lock taken raises the index's fence and records it in the job (``check_fence``)."""
         key = f"{self.ns}:lock:{tenant}:{index}"
-        if self.r.set(key, job_id, nx=True, ex=ttl_seconds):
-            return None
-        holder = self.r.get(key)
-        if holder is None:  # expired in between: try once more
-            return None if self.r.set(key, job_id, nx=True, ex=ttl_seconds) else self.r.get(key)
-        return holder
+        got = bool(self.r.set(key, job_id, nx=True, ex=ttl_seconds))
+        if not got:
+            holder = self.r.get(key)
+            if holder is not None:
+                return holder
+            got = bool(self.r.set(key, job_id, nx=True, ex=ttl_seconds))  # expired in between
+            if not got:
+                return self.r.get(key)
+        fence = self.r.incr(f"{self.ns}:fence:{tenant}:{index}")
+        self.r.hset(self._job(job_id), "fence", fence)
+        return None
 
     def unlock_index(self, tenant: str, index: str, job_id: str) -> None:
         key = f"{self.ns}:lock:{tenant}:{index}"
         if self.r.get(key) == job_id:
             self.r.delete(key)
+
+    # ------------------------------------------------------------- client request ids
+
+    def _request(self, tenant: str, request_id: str) -> str:
+        return f"{self.ns}:request:{tenant}:{request_id}"
+
+    def claim_request(self, tenant: str, request_id: str, fingerprint: str, owner: str,
+                      pending_seconds: float) -> dict[str, Any] | None:
+        """Claim a tenant's client request id (AIP-155) for the call ``owner`` is making
+        (SET NX, for ``pending_seconds`` until ``finish_request``).  None when claimed;
+        else the record holding it: ``fingerprint`` of its request and, once finished,
+        ``result`` (a record without one is still in progress)."""
+        key = self._request(tenant, request_id)
+        mine = _request_record(fingerprint, owner)
+        if self.r.set(key, mine, nx=True, px=max(1, int(pending_seconds * 1000))):
+            return None
+        raw = self.r.get(key)
+        if raw is None:  # released or expired in between: in progress, ask again
+            return {"fingerprint": fingerprint, "owner": ""}
+        return json.loads(raw)
+
+    def finish_request(self, tenant: str, request_id: str, fingerprint: str, owner: str,
+                       result: dict[str, Any], ttl_seconds: int) -> bool:
+        """Record the answer of a claimed request id for ``ttl_seconds``; False (nothing
+        written) when someone else holds the id now."""
+        done = json.dumps({"fingerprint": fingerprint, "owner": owner, "result": result},
+                          sort_keys=True)
+        return self.r.eval(_FINISH_REQUEST, 1, self._request(tenant, request_id),
+                           _request_record(fingerprint, owner), done, int(ttl_seconds)) == 1
+
+    def release_request(self, tenant: str, request_id: str, fingerprint: str,
+                        owner: str) -> None:
+        """Free a request id this call claimed but did not finish (the call failed), so a
+        retry of the same request does the work; another call's record is left alone."""
+        self.r.eval(_RELEASE_REQUEST, 1, self._request(tenant, request_id),
+                    _request_record(fingerprint, owner))
+
+
+# A request id's record: the pending claim (ARGV[1]) becomes the finished record (ARGV[2],
+# kept ARGV[3] seconds) only if it is still this call's claim or has expired meanwhile.
+_FINISH_REQUEST = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+_RELEASE_REQUEST = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _request_record(fingerprint: str, owner: str) -> str:
+    """The pending record of a claimed request id (compared byte for byte by the scripts)."""
+    return json.dumps({"fingerprint": fingerprint, "owner": owner}, sort_keys=True)
+
+
+def _host_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _enc(v: Any) -> str:

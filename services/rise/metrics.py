@@ -60,6 +60,27 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
         "counter", "sketch bytes scored", (), ("scorer",)),
     "rise_scorer_cache_bytes": (
         "gauge", "bytes of shards held in the scorer's cache", (), ("scorer",)),
+    "rise_controller_leader": (
+        "gauge", "1 while this controller holds the lease and drives jobs", (), ("controller",)),
+    "rise_controller_active_jobs": (
+        "gauge", "jobs not yet ended, as the controller last counted them", (),
+        ("controller",)),
+    "rise_controller_requeued_total": (
+        "counter", "lost tasks the controller enqueued again (prepare, shard, compact)",
+        ("part",), ("controller",)),
+    "rise_controller_commits_total": (
+        "counter", "generations the controller committed after a lost chord callback", (),
+        ("controller",)),
+    "rise_controller_jobs_failed_total": (
+        "counter", "jobs the controller ended FAILED (deadline, retry budget), by code",
+        ("code",), ("controller",)),
+    "rise_controller_swept_objects_total": (
+        "counter", "orphan objects the sweeper deleted", (), ("controller",)),
+    "rise_controller_errors_total": (
+        "counter", "controller passes that failed (Redis or the store away)", (),
+        ("controller",)),
+    "rise_controller_tick_seconds": (
+        "histogram", "time of one controller pass over the jobs", (), ("controller",)),
     "rise_errors_total": (
         "counter", "errors by service and gRPC status code name", ("service", "code"),
         ("gateway", "worker", "scorer")),

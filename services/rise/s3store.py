@@ -12,6 +12,7 @@ threads of one process.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import threading
@@ -22,6 +23,7 @@ from typing import TypeVar
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
+from minio.helpers import DictType
 
 from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageError
 from rise.store import check_key
@@ -155,8 +157,8 @@ class S3Store:
         in tests), while its conditional single PUT is atomic.  minio 7.2's public
         put_object cannot send extra headers, hence its (pinned) request helper.
         """
-        headers = {"Content-Type": "application/octet-stream", META: digest,
-                   "If-None-Match": "*"}
+        headers: DictType = {"Content-Type": "application/octet-stream", META: digest,
+                             "If-None-Match": "*"}
         self.client._put_object(self.bucket, name, data, headers)
 
     def _stored_sha256(self, name: str) -> str | None:
@@ -201,10 +203,14 @@ class S3Store:
         return True
 
     def list(self, prefix: str = "") -> list[str]:
-        def names() -> list[str]:  # the listing is lazy: errors surface while iterating
+        return [k for k, _ in self.list_times(prefix)]
+
+    def list_times(self, prefix: str = "") -> builtins.list[tuple[str, float]]:
+        def names() -> builtins.list[tuple[str, float]]:  # lazy: errors surface while iterating
             objs = self.client.list_objects(self.bucket, prefix=self.prefix + prefix,
                                             recursive=True)
-            return [o.object_name for o in objs if not o.is_dir]
+            return [(o.object_name, o.last_modified.timestamp() if o.last_modified else 0.0)
+                    for o in objs if not o.is_dir]
 
         try:
             found = self._call("list", names)
@@ -212,7 +218,7 @@ class S3Store:
             if e.code == "NoSuchBucket":
                 return []
             raise self._refused("list", e) from None
-        return sorted(n[len(self.prefix):] for n in found)
+        return sorted((n[len(self.prefix):], t) for n, t in found)
 
     def delete(self, key: str) -> None:
         name = self._name(key)

@@ -97,6 +97,30 @@ class Settings(BaseSettings):
     cache_dir: str = ""
     """Local cache of datasets and converted models; empty: ~/.cache/rise (see
     ``rise.constants.cache_dir``)."""
+    controller_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often the job controller (``python -m rise.controller``) looks at every job."""
+    controller_lease_seconds: float = Field(default=30.0, gt=0)
+    """The controller's leadership lease in Redis: a second controller takes over this long
+    after the first stops renewing it."""
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """How often a running ingest task renews its heartbeat (which lives 3x as long)."""
+    shard_stall_seconds: float = Field(default=60.0, gt=0)
+    """A shard task enqueued this long ago that is neither waiting in its queue nor
+    heartbeating is lost: the controller enqueues it again.  Long shards are unaffected
+    (they heartbeat); the broker's visibility timeout stays above the task time limit."""
+    shard_attempts: int = Field(default=5, ge=1)
+    """Times the controller re-enqueues one lost shard (or a lost prepare) before the job
+    fails (UNAVAILABLE)."""
+    job_deadline_seconds: float = Field(default=7 * 86400, gt=0)
+    """A job not ended this long after it was submitted fails with DEADLINE_EXCEEDED."""
+    storage_retry_budget_seconds: float = Field(default=300.0, ge=0)
+    """How long an ingest task waits out an unreachable store or broker (exponential
+    backoff with jitter) before its job fails with UNAVAILABLE."""
+    sweep_grace_seconds: float = Field(default=3600.0, ge=0)
+    """Objects younger than this are never swept: the sweeper deletes only objects that no
+    committed manifest, registry record or live job owns and that are older."""
+    sweep_interval_seconds: float = Field(default=300.0, gt=0)
+    """How often the controller sweeps the bucket for orphan objects."""
 
     def tokens(self) -> dict[str, str]:
         """Bearer token -> tenant, from auth_tokens_file."""

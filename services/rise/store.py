@@ -8,6 +8,7 @@ use it so two writers can never both commit the same generation.
 
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,6 +33,9 @@ class Store(Protocol):
 
     def list(self, prefix: str = "") -> list[str]:
         """Sorted keys that start with ``prefix``."""
+
+    def list_times(self, prefix: str = "") -> builtins.list[tuple[str, float]]:
+        """``list`` with each object's last-modified time (epoch seconds)."""
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error (deletes are idempotent)."""
@@ -117,6 +121,9 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        return [k for k, _ in self.list_times(prefix)]
+
+    def list_times(self, prefix: str = "") -> builtins.list[tuple[str, float]]:
         if not self.root.is_dir():
             return []
         keys = []
@@ -127,7 +134,10 @@ class LocalStore:
                     continue  # an interrupted put: never an object
                 key = (rel / name).as_posix() if rel != Path(".") else name
                 if key.startswith(prefix):
-                    keys.append(key)
+                    try:
+                        keys.append((key, os.stat(Path(dirpath) / name).st_mtime))
+                    except FileNotFoundError:
+                        continue  # deleted while listing
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -171,6 +181,9 @@ class CountingStore:
 
     def list(self, prefix: str = "") -> list[str]:
         return self.inner.list(prefix)
+
+    def list_times(self, prefix: str = "") -> builtins.list[tuple[str, float]]:
+        return self.inner.list_times(prefix)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)

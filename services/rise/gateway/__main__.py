@@ -10,10 +10,12 @@ import grpc
 import redis
 
 from rise.datasets import materialize, open_store
+from rise.errors import RiseError
 from rise.gateway.service import Auth, Deps, IndexService, JobService, ScoringService
 from rise.grpcutil import add_health_and_reflection, make_server, touch_rpc_metrics
 from rise.jobs import STATES, JobStore
 from rise.metrics import for_service, serve
+from rise.registry import Registry
 from rise.settings import Settings
 from rise.store import CountingStore
 from rise.taskclient import TaskClient
@@ -45,6 +47,12 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps]:
     rise_pb2_grpc.add_ScoringServiceServicer_to_server(servicers[2], server)
     touch_rpc_metrics(metrics, "gateway", servicers)
     add_health_and_reflection(server, SERVICES)
+    try:  # after Redis lost its data, the registry copy comes back from the store
+        restored = Registry(deps.jobs, deps.store).ensure_rebuilt()
+        if restored:
+            log.info("restored %d index names from the store's registry records", restored)
+    except RiseError as e:  # the controller retries; lookups fall back to the store meanwhile
+        log.warning("registry not rebuilt at start: %s", e)
     return server, deps
 
 

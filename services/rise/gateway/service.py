@@ -4,10 +4,15 @@ queues, the object store and the scorer replicas."""
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,7 +25,6 @@ from rise import v1convert as convert
 from rise.api import check_fraction, fetch_records, top_fraction_records
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
-    AlreadyExists,
     BudgetExceeded,
     InvalidInput,
     Mismatch,
@@ -32,13 +36,17 @@ from rise.errors import (
 )
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index
+from rise.jobrecords import JobRecords
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
 from rise.manifest import Manifest
 from rise.placement import format_placement, parse_bytes, plan_placement
+from rise.registry import RECORD_KEY, Registry
 from rise.score import ScoreSpec, merge_topk, rank_values
 from rise.settings import Settings
 from rise.store import Store
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc, scorer_pb2, scorer_pb2_grpc
+
+log = logging.getLogger("rise.gateway")
 
 
 @dataclass
@@ -64,7 +72,8 @@ class Auth:
 
     def tenant(self, context: grpc.ServicerContext) -> str:
         md = dict(context.invocation_metadata())
-        header = md.get("authorization", "")
+        raw = md.get("authorization", "")
+        header = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if not header.lower().startswith("bearer "):
             raise Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
         token = header[7:].strip()
@@ -82,10 +91,12 @@ class _Base:
         self.d = deps
         self.auth = auth
         self.metrics = deps.metrics
+        self.registry = Registry(deps.jobs, deps.store)
+        self.records = JobRecords(lambda: deps.store(""))
 
     def _index(self, tenant: str, name: str) -> tuple[dict[str, Any], Store]:
         check_name(name)
-        entry = self.d.jobs.index_entry(tenant, name)  # NOT_FOUND for other tenants' names
+        entry = self.registry.lookup(tenant, name)  # NOT_FOUND for other tenants' names
         return entry, self.d.store(index_prefix(tenant, name))
 
     def _manifest(self, store: Store) -> Manifest | None:
@@ -126,8 +137,92 @@ class _Base:
             raise PermissionDenied(f"dataset path {uri!r} is outside the allowed dataset roots")
 
 
+# Client request ids (AIP-155) of the mutating IndexService calls.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_TTL_SECONDS = 24 * 3600
+"""How long a request id keeps its answer: the idempotency window."""
+REQUEST_PENDING_SECONDS = 300.0
+"""How long a claimed id stays claimed without an answer (a gateway that died mid-call)."""
+REQUEST_WAIT_SECONDS = 5.0
+"""How long a duplicate of a call still in progress waits for its answer before ABORTED."""
+
+
+def check_request_id(request_id: str) -> str:
+    if not REQUEST_ID.fullmatch(request_id):
+        raise InvalidInput(f"request_id {request_id[:160]!r} must be 1-128 characters of "
+                           "[A-Za-z0-9._:-] (a uuid4, say)")
+    return request_id
+
+
+def request_fingerprint(method: str, req: Any) -> str:
+    """sha256 of the method and the request without its request_id: what a retry with
+    the same id must repeat exactly."""
+    bare = type(req)()
+    bare.CopyFrom(req)
+    bare.ClearField("request_id")
+    return hashlib.sha256(method.encode() + b"\0"
+                          + bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def once_per_request_id(fn: Callable) -> Callable:
+    """Make an IndexService call with a ``request_id`` answer its retries with the first
+    call's answer instead of doing the work again (see ``run_once``)."""
+
+    @functools.wraps(fn)
+    def call(self: IndexService, req: Any, context: grpc.ServicerContext) -> Any:
+        if not req.request_id:
+            return fn(self, req, context)
+        tenant = self.auth.tenant(context)
+        return run_once(self, tenant, fn.__name__, req, lambda: fn(self, req, context))
+
+    return call
+
+
+def run_once(svc: IndexService, tenant: str, method: str, req: Any,
+             work: Callable[[], Any]) -> Any:
+    """Do ``work`` at most once per tenant and request id.  The id is claimed in Redis
+    before the work (two concurrent retries cannot both create a job); a duplicate gets
+    the first call's answer as it is now (its job, or for DeleteExamples the index), waits
+    up to REQUEST_WAIT_SECONDS while the first call runs (then ABORTED), and is
+    INVALID_ARGUMENT when the request differs.  A call that fails frees its id."""
+    request_id = check_request_id(req.request_id)
+    fingerprint = request_fingerprint(method, req)
+    owner = uuid.uuid4().hex
+    jobs = svc.d.jobs
+    deadline = time.monotonic() + REQUEST_WAIT_SECONDS
+    while True:
+        held = jobs.claim_request(tenant, request_id, fingerprint, owner,
+                                  REQUEST_PENDING_SECONDS)
+        if held is None:
+            break
+        if held["fingerprint"] != fingerprint:
+            raise InvalidInput(f"request_id {request_id!r} was already used for a different "
+                               "request; a retry must repeat its request exactly, and a new "
+                               "request needs a new id")
+        result = held.get("result")
+        if result is not None:
+            if "job" in result:
+                return convert.job_to(jobs.get(tenant, result["job"]))
+            entry, store = svc._index(tenant, req.index)
+            return convert.index_to(req.index, entry["pool"], svc._manifest(store))
+        if time.monotonic() >= deadline:
+            raise error_from("ABORTED", f"a request with request_id {request_id!r} is in "
+                                        "progress; retry")
+        time.sleep(0.1)
+    try:
+        out = work()
+    except BaseException:
+        jobs.release_request(tenant, request_id, fingerprint, owner)
+        raise
+    result = ({"job": out.id} if isinstance(out, rise_pb2.Job)
+              else {"index": out.name, "generation": out.generation})
+    jobs.finish_request(tenant, request_id, fingerprint, owner, result, REQUEST_TTL_SECONDS)
+    return out
+
+
 class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
     @rpc("gateway")
+    @once_per_request_id
     def CreateIndex(self, req: rise_pb2.CreateIndexRequest, context) -> rise_pb2.Job:
         tenant = self.auth.tenant(context)
         check_name(req.index)
@@ -138,8 +233,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         config = convert.config_from(req.config)
         self._check_dataset(tenant, req.dataset_uri)
         check_fits(pool, config.max_length)
-        if not self.d.jobs.register_index(tenant, req.index, req.pool):
-            raise AlreadyExists(f"index {req.index!r} already exists")
+        self.registry.claim(tenant, req.index, req.pool, pool.model)
         return self._submit(tenant, "CREATE_INDEX", req.index, req.pool, {
             "dataset_uri": req.dataset_uri, "fields": fields.to_dict(),
             "config": config.to_dict(), "append": False,
@@ -147,6 +241,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
             drop_on_busy=True)
 
     @rpc("gateway")
+    @once_per_request_id
     def AppendToIndex(self, req: rise_pb2.AppendToIndexRequest, context) -> rise_pb2.Job:
         tenant = self.auth.tenant(context)
         entry, store = self._index(tenant, req.index)
@@ -164,6 +259,16 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
                 drop_on_busy: bool = False) -> rise_pb2.Job:
         request = dict(request, prefix=index_prefix(tenant, name), pool=pool)
         job = self.d.jobs.create(tenant, kind, name, request=request)
+        if kind == "CREATE_INDEX":
+            self.registry.set_job(tenant, name, job["id"])
+        try:
+            self.records.submitted(job)  # the job outlives Redis losing its data
+        except RiseError as e:
+            self.d.jobs.set_state(job["id"], "FAILED", error_code=e.grpc_code,
+                                  error_message="the job could not be recorded in the store")
+            if drop_on_busy:
+                self.registry.drop(tenant, name)
+            raise
         try:
             self._lock(tenant, name, job["id"])
         except RiseError as e:
@@ -180,13 +285,16 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
                                   error_message=f"could not enqueue: {e}")
             self.d.jobs.unlock_index(tenant, name, job["id"])
             if drop_on_busy:
-                self.d.jobs.drop_index(tenant, name)
+                self.registry.drop(tenant, name)
             raise Unavailable(f"the job queue is unavailable: {e}") from None
+        self.d.jobs.note_enqueued(job["id"], "compact" if kind == "COMPACT" else "prepare",
+                                  by_controller=False)
         if self.d.metrics is not None:
             self.d.metrics.jobs_submitted_total.labels(kind).inc()
         return convert.job_to(self.d.jobs.get(tenant, job["id"]))
 
     @rpc("gateway")
+    @once_per_request_id
     def DeleteExamples(self, req: rise_pb2.DeleteExamplesRequest, context) -> rise_pb2.Index:
         tenant = self.auth.tenant(context)
         entry, store = self._index(tenant, req.index)
@@ -201,6 +309,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         return convert.index_to(req.index, entry["pool"], self._manifest(store))
 
     @rpc("gateway")
+    @once_per_request_id
     def CompactIndex(self, req: rise_pb2.CompactIndexRequest, context) -> rise_pb2.Job:
         tenant = self.auth.tenant(context)
         entry, store = self._index(tenant, req.index)
@@ -217,11 +326,13 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         try:
             # Manifests first: once none is left the index is gone for every reader,
             # whatever happens to the shard deletes after that.
+            # The registry record goes last: until then a retried DeleteIndex finds the index.
             keys = store.list("")
             manifests = [k for k in keys if k.startswith(constants.MANIFEST_PREFIX)]
-            for k in manifests + [k for k in keys if k not in manifests]:
+            rest = [k for k in keys if k not in manifests and k != RECORD_KEY]
+            for k in manifests + rest:
                 store.delete(k)
-            self.d.jobs.drop_index(tenant, req.index)
+            self.registry.drop(tenant, req.index)
         finally:
             self.d.jobs.unlock_index(tenant, req.index, token)
         return rise_pb2.DeleteIndexResponse(objects_deleted=len(keys))
@@ -230,7 +341,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
     def ListIndexes(self, req: rise_pb2.ListIndexesRequest, context) -> rise_pb2.ListIndexesResponse:
         tenant = self.auth.tenant(context)
         out = []
-        for name in self.d.jobs.index_names(tenant):
+        for name in self.registry.names(tenant):
             entry, store = self._index(tenant, name)
             out.append(convert.index_to(name, entry["pool"], self._manifest(store)))
         return rise_pb2.ListIndexesResponse(indexes=out)
@@ -272,6 +383,10 @@ class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
         job = self.d.jobs.get(tenant, req.id)
         if job["state"] not in TERMINAL and self.d.jobs.set_state(req.id, "CANCELLED"):
             self.d.jobs.unlock_index(tenant, job["index"], req.id)
+            try:  # at once, so a Redis restarted from an older snapshot cannot revive it
+                self.records.ended(self.d.jobs.get(tenant, req.id))
+            except RiseError as e:  # the controller writes it when the store is back
+                log.warning("end of job %s not recorded yet: %s", req.id, e)
         return convert.job_to(self.d.jobs.get(tenant, req.id))
 
 

@@ -1,6 +1,7 @@
-"""The rise services (the gateway, one Celery worker per pool, the scorer) on a Redis and
-an S3 server of their own: ``Stack.up`` starts and checks all of it, ``stack.json`` in the
-stack's dir records it, ``Stack.down`` stops exactly what it records."""
+"""The rise services (the gateway, one Celery worker per pool, the scorer, the job
+controller) on a Redis and an S3 server of their own: ``Stack.up`` starts and checks all of
+it, ``stack.json`` in the stack's dir records it, ``Stack.down`` stops exactly what it
+records."""
 
 from __future__ import annotations
 
@@ -118,11 +119,13 @@ class Stack:
            worker_metrics_port: int | str | None = None,
            scorer_metrics_port: int | str | None = None, redis_port: int | str = "auto",
            s3_port: int | str = "auto", die_with_parent: bool = False,
-           log=None) -> Stack:
+           env: dict[str, str] | None = None, log=None) -> Stack:
         """Start everything and wait until it answers; on failure stop what was started.
 
-        ``pools``: name -> model folder; ``tokens``: tenant -> token.  Metrics ports of
-        the worker and scorer default to ``metrics_port`` + 1 and + 2 ("auto" when it is)."""
+        ``pools``: name -> model folder; ``tokens``: tenant -> token; ``env``: more RISE_*
+        settings for every service (e.g. the controller's intervals).  Metrics ports of
+        the worker, scorer and controller default to ``metrics_port`` + 1, + 2 and + 3
+        ("auto" when it is)."""
         say = log or (lambda msg: None)
         root = Path(dir).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -151,6 +154,7 @@ class Stack:
                             ("auto" if auto else int(metrics_port) + 1))
         smport = claim_port(scorer_metrics_port if scorer_metrics_port is not None else
                             ("auto" if auto else int(metrics_port) + 2))
+        cmport = claim_port("auto" if auto else int(metrics_port) + 3)
 
         procs: list[Proc] = []
         timings: dict[str, float] = {}
@@ -170,7 +174,8 @@ class Stack:
                     "RISE_SCORER_HOST": "127.0.0.1", "RISE_SCORER_PORT": str(sport),
                     "RISE_SCORER_ADDRESSES": f"127.0.0.1:{sport}",
                     "RISE_AUTH_TOKENS_FILE": str(tokens_file),
-                    "RISE_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+                    "RISE_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
             # Queue names as the services derive them (defaults: this process's RISE_*
             # variables are not passed on, so they must not count here either).
             settings = Settings.model_construct(
@@ -206,6 +211,11 @@ class Stack:
                        ports={"grpc": sport, "metrics": smport}, settings=base,
                        die_with_parent=die_with_parent)
             procs.append(sc)
+            ctl = spawn("controller", [py, "-m", "rise.controller"], root,
+                        clean_env({**base, "RISE_METRICS_PORT": str(cmport)}),
+                        ports={"metrics": cmport}, settings=base,
+                        die_with_parent=die_with_parent)
+            procs.append(ctl)
 
             t1 = time.monotonic()
             wait_ready(gw, lambda: grpc_serving(f"127.0.0.1:{gport}"), "gateway")
@@ -213,9 +223,15 @@ class Stack:
             wait_ready(sc, lambda: grpc_serving(f"127.0.0.1:{sport}"), "scorer")
             timings["scorer"] = time.monotonic() - t1
             for w in workers:
-                wait_ready(w, lambda w=w: celery_ping(redis.env["RISE_REDIS_URL"], w.env["node"])
-                           and bool(metrics_answer(w.ports["metrics"])), w.name)
+
+                def worker_ready(w: Proc = w) -> bool:
+                    return celery_ping(redis.env["RISE_REDIS_URL"], w.env["node"]) \
+                        and bool(metrics_answer(w.ports["metrics"]))
+
+                wait_ready(w, worker_ready, w.name)
                 timings[w.name] = time.monotonic() - t1
+            wait_ready(ctl, lambda: bool(metrics_answer(cmport)), "controller")
+            timings["controller"] = time.monotonic() - t1
             timings["total"] = time.monotonic() - t0
             stack = cls(
                 dir=str(root), procs=procs, tokens=tokens, tokens_file=str(tokens_file),
@@ -227,6 +243,7 @@ class Stack:
                            "s3": f"http://{s3.env['RISE_S3_ENDPOINT']}",
                            "metrics": {"gateway": f"http://127.0.0.1:{mport}/metrics",
                                        "scorer": f"http://127.0.0.1:{smport}/metrics",
+                                       "controller": f"http://127.0.0.1:{cmport}/metrics",
                                        **{w.name: f"http://127.0.0.1:{w.ports['metrics']}/metrics"
                                           for w in workers}}},
                 started_at=time.time(), start_seconds={k: round(v, 2) for k, v in timings.items()})

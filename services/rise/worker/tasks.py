@@ -44,8 +44,10 @@ from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
 from rise.index import compact as compact_index
 from rise.index import open_index
-from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, JobStore
+from rise.jobrecords import JobRecords
+from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, Fenced, JobStore
 from rise.model import LoadedModel
+from rise.registry import Registry, free_failed_create
 from rise.score import queryset_to_bytes
 from rise.settings import Settings
 from rise.store import CountingStore
@@ -58,8 +60,10 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     StorageError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
     urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 """Exceptions worth retrying: the store or Redis unreachable for a moment."""
-RETRY = dict(autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
-             retry_jitter=True)
+# Job tasks retry in ``_job_task`` on their own schedule, up to the storage retry budget
+# (``work.retry_delays``; max_retries=None here); past it the job fails with UNAVAILABLE.
+# Query sketching retries automatically, briefly: its caller waits at most the gateway's
+# query timeout.
 
 
 class RiseTask(Task):
@@ -104,23 +108,31 @@ class RiseTask(Task):
             message = (f"{self.name} exceeded the task time limit ({limit} s); raise "
                        "RISE_TASK_TIME_LIMIT_SECONDS or use smaller shards")
         elif code == "UNAVAILABLE":
-            message = f"storage unavailable after {self.max_retries} retries: {type(exc).__name__}"
+            budget = self.settings().storage_retry_budget_seconds
+            message = (f"the store or the broker stayed unreachable past the retry budget "
+                       f"({budget:g} s): {type(exc).__name__}")
         else:
             message = f"internal error in {self.name} ({type(exc).__name__}); see worker logs"
         try:
-            fail_job(work.job_store(self.settings()), job_id, code, message)
-        except Exception:  # noqa: BLE001 - Redis down too: nothing more to do here
+            fail_job(self.settings(), work.job_store(self.settings()), job_id, code, message)
+        except Exception:  # noqa: BLE001 - Redis down too: the controller ends the job later
             log.exception("cannot mark job %s failed", job_id)
 
 
-def fail_job(js: JobStore, job_id: str, code: str, message: str) -> None:
-    """FAILED with the error's code and message, and the index's writer lock released."""
+def fail_job(settings: Settings, js: JobStore, job_id: str, code: str, message: str) -> None:
+    """FAILED with the error's code and message, the index's writer lock released, and
+    the name of a create that never committed freed."""
     try:
         job = js.get_any(job_id)
     except NotFound:
         return
-    js.set_state(job_id, FAILED, error_code=code, error_message=message)
+    if not js.set_state(job_id, FAILED, error_code=code, error_message=message):
+        return  # ended already (cancelled, say): its own ending did the rest
     js.unlock_index(job["tenant"], job["index"], job_id)
+    try:
+        free_failed_create(Registry(js, lambda prefix: open_store(settings, prefix)), job)
+    except RiseError as e:  # the store is away: the controller frees it later
+        log.warning("name of failed job %s not freed yet: %s", job_id, e)
 
 
 def _unlock(js: JobStore, job: dict[str, Any]) -> None:
@@ -130,27 +142,39 @@ def _unlock(js: JobStore, job: dict[str, Any]) -> None:
 JobBody = Callable[[Settings, JobStore, dict[str, Any]], str]
 
 
-def _job_task(task: RiseTask, job_id: str, body: JobBody) -> str:
+def _job_task(task: RiseTask, job_id: str, body: JobBody, part: str) -> str:
     """Run ``body(settings, js, job)`` for a job: a RiseError fails the job and returns
-    "error"; retryable and unexpected errors propagate (see RiseTask.on_failure)."""
+    "error"; an unreachable store or broker is retried up to the budget (the task's
+    heartbeat for ``part`` covers the wait, so the controller does not take the part for
+    lost); unexpected errors propagate (see RiseTask.on_failure)."""
     start = time.perf_counter()
     settings = task.settings()
     js = work.job_store(settings)
     outcome = "error"
     try:
         try:
-            job = js.get_any(job_id)
-        except NotFound:
-            log.warning("%s: job %s not found; skipped", task.name, job_id)
-            outcome = "skipped"
-            return outcome
-        try:
+            try:
+                job = js.get_any(job_id)
+            except NotFound:
+                log.warning("%s: job %s not found; skipped", task.name, job_id)
+                outcome = "skipped"
+                return outcome
             outcome = body(settings, js, job)
-        except StorageError:
-            raise
+        except Fenced as e:
+            log.info("%s: %s", task.name, e)
+            outcome = "skipped"
+        except RETRYABLE as e:  # StorageError included: wait the outage out, up to the budget
+            budget = settings.storage_retry_budget_seconds
+            countdown = work.retry_countdown(task.request.retries, budget)
+            try:
+                js.heartbeat(job_id, part, countdown + 3 * settings.heartbeat_seconds)
+            except RETRYABLE:
+                pass  # Redis is what is away: the controller re-enqueues once it is back
+            raise task.retry(exc=e if isinstance(e, Exception) else None, countdown=countdown,
+                             max_retries=len(work.retry_delays(budget))) from None
         except RiseError as e:
             telemetry.record_error(e.grpc_code)
-            fail_job(js, job_id, e.grpc_code, str(e))
+            fail_job(settings, js, job_id, e.grpc_code, str(e))
             outcome = "error"
         return outcome
     except BaseException:
@@ -187,7 +211,8 @@ def _preload(**_kw: Any) -> None:
 # ------------------------------------------------------------------------------ ingest
 
 
-@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_PREPARE, job_arg=0, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_PREPARE, job_arg=0,
+             max_retries=None)
 def prepare(self: RiseTask, job_id: str) -> str:
     """Plan the ingest (the function ``rise.ingest.plan``), then run the shards and the
     commit as a chord."""
@@ -198,31 +223,44 @@ def prepare(self: RiseTask, job_id: str) -> str:
             return "skipped"
         if job.get("chord_id"):  # a redelivered prepare: its chord is already running
             return "skipped"
-        req = work.Request.of(job)
-        pool = work.pool_name(settings, req.pool)
-        store = _store(settings, req.prefix)
-        lm = _model(settings, pool)
-        p, records = ingest.plan(
-            store, lm, materialize(req.dataset_uri, settings), append=req.append,
-            fields=work.request_fields(req), config=work.request_config(req),
-            # An append keeps the index's shard size, whatever the request says.
-            shard_size=None if req.append else req.shard_size, dataset_uri=req.dataset_uri)
-        work.remember_records(p, records)
-        js.update(job_id, plan=p.model_dump(mode="json"), shards_total=p.n_shards,
-                  examples_total=p.n_records, truncated=p.truncated, tokens_total=p.tokens)
-        if not js.set_state(job_id, RUNNING):  # cancelled while planning
-            _unlock(js, job)
-            return "skipped"
-        queue = settings.queue_of(pool)
-        header = [self.app.signature(taskclient.INGEST_SHARD, args=[job_id, n], queue=queue,
-                                     immutable=True) for n in range(p.n_shards)]
-        callback = self.app.signature(taskclient.INGEST_COMMIT, args=[job_id],
-                                      queue=settings.control_queue)
-        result = chord(header, callback, app=self.app).apply_async()
-        js.update(job_id, chord_id=result.id)
-        return "ok"
+        with work.Heartbeat(js, job_id, "prepare", settings.heartbeat_seconds,
+                            claim=True) as beat:
+            if not beat.claimed:  # another worker is preparing this job right now
+                return "skipped"
+            return _prepare(self, settings, js, job)
 
-    return _job_task(self, job_id, body)
+    return _job_task(self, job_id, body, part="prepare")
+
+
+def _prepare(task: RiseTask, settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
+    """``rise.ingest.plan`` for the job's request, then the chord of its shards."""
+    job_id = job["id"]
+    req = work.Request.of(job)
+    pool = work.pool_name(settings, req.pool)
+    store = _store(settings, req.prefix)
+    lm = _model(settings, pool)
+    p, records = ingest.plan(
+        store, lm, materialize(req.dataset_uri, settings), append=req.append,
+        fields=work.request_fields(req), config=work.request_config(req),
+        # An append keeps the index's shard size, whatever the request says.
+        shard_size=None if req.append else req.shard_size, dataset_uri=req.dataset_uri)
+    work.remember_records(p, records)
+    js.update(job_id, plan=p.model_dump(mode="json"), shards_total=p.n_shards,
+              examples_total=p.n_records, truncated=p.truncated, tokens_total=p.tokens)
+    JobRecords(lambda: open_store(settings, "")).planned(job["tenant"], job_id, p.generation)
+    if not js.set_state(job_id, RUNNING):  # cancelled while planning
+        _unlock(js, job)
+        return "skipped"
+    queue = settings.queue_of(pool)
+    header = [task.app.signature(taskclient.INGEST_SHARD, args=[job_id, n], queue=queue,
+                                 immutable=True) for n in range(p.n_shards)]
+    callback = task.app.signature(taskclient.INGEST_COMMIT, args=[job_id],
+                                  queue=settings.control_queue)
+    result = chord(header, callback, app=task.app).apply_async()
+    js.update(job_id, chord_id=result.id)
+    for n in range(p.n_shards):
+        js.note_enqueued(job_id, str(n), by_controller=False)
+    return "ok"
 
 
 def _plan_of(job: dict[str, Any]) -> ingest.IngestPlan:
@@ -231,7 +269,8 @@ def _plan_of(job: dict[str, Any]) -> ingest.IngestPlan:
     return ingest.IngestPlan.model_validate(job["plan"])
 
 
-@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_SHARD, job_arg=0, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_SHARD, job_arg=0,
+             max_retries=None)
 def shard(self: RiseTask, job_id: str, n: int) -> str:
     """Write shard ``n`` of the job's plan (``rise.ingest.write_shard``)."""
 
@@ -244,26 +283,31 @@ def shard(self: RiseTask, job_id: str, n: int) -> str:
         lm = _model(settings, pool)
         store = _store(settings, req.prefix)
         rng = p.shard_range(int(n)) if 0 <= int(n) < p.n_shards else range(0)
-        records = work.dataset_source(settings, p).read(rng.start, rng.stop)
+        totals = [0, 0]
 
         def progress(examples: int, tokens: int) -> None:
-            js.add_progress(job_id, examples=examples, tokens=tokens)
+            totals[0] += examples
+            totals[1] += tokens
+            js.shard_progress(job_id, int(n), totals[0], totals[1])
             telemetry.sketched(examples, tokens)
 
-        first = not js.is_shard_done(job_id, int(n))
-        try:
-            done = ingest.write_shard(
-                store, lm, p, int(n), records, batch_size=settings.pool(pool).batch_size,
-                progress=progress if first else None, cancel=work.CancelPoll(js, job_id))
-        except Cancelled:
-            return "skipped"
-        js.mark_shard_done(job_id, int(n))
+        with work.Heartbeat(js, job_id, str(n), settings.heartbeat_seconds):
+            records = work.dataset_source(settings, p).read(rng.start, rng.stop)
+            try:
+                done = ingest.write_shard(
+                    store, lm, p, int(n), records, batch_size=settings.pool(pool).batch_size,
+                    progress=progress, cancel=work.CancelPoll(js, job_id),
+                    before_write=lambda: js.check_fence(job_id))
+            except Cancelled:
+                return "skipped"
+            js.mark_shard_done(job_id, int(n))
         return "ok" if done.written else "skipped"
 
-    return _job_task(self, job_id, body)
+    return _job_task(self, job_id, body, part=str(int(n)))
 
 
-@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_COMMIT, job_arg=1, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_COMMIT, job_arg=1,
+             max_retries=None)
 def commit(self: RiseTask, results: Any, job_id: str) -> str:
     """Chord callback: ``rise.ingest.commit``, then SUCCEEDED and unlock."""
 
@@ -273,17 +317,18 @@ def commit(self: RiseTask, results: Any, job_id: str) -> str:
             return "skipped"
         p = _plan_of(job)
         store = _store(settings, work.Request.of(job).prefix)
-        gen = ingest.commit(store, p).generation
+        gen = ingest.commit(store, p, before_write=lambda: js.check_fence(job_id)).generation
         if not js.set_state(job_id, SUCCEEDED, generation=gen):
             log.warning("job %s ended (%s) while generation %d was committed", job_id,
                         js.get_any(job_id)["state"], gen)
         _unlock(js, job)
         return "ok"
 
-    return _job_task(self, job_id, body)
+    return _job_task(self, job_id, body, part="commit")
 
 
-@shared_task(bind=True, base=RiseTask, name=taskclient.INDEX_COMPACT, job_arg=0, **RETRY)
+@shared_task(bind=True, base=RiseTask, name=taskclient.INDEX_COMPACT, job_arg=0,
+             max_retries=None)
 def compact(self: RiseTask, job_id: str) -> str:
     """Rewrite the live records into new shards and erase deleted data."""
 
@@ -291,25 +336,35 @@ def compact(self: RiseTask, job_id: str) -> str:
         if job["state"] in TERMINAL:
             _unlock(js, job)
             return "skipped"
-        js.set_state(job_id, RUNNING)
-        store = _store(settings, work.Request.of(job).prefix)
-        gen = compact_index(store)
-        m = open_index(store).manifest
-        n = len(m.shards)
-        js.update(job_id, shards_total=n, shards_done=n, examples_total=m.live_count,
-                  examples_done=m.live_count)
-        js.set_state(job_id, SUCCEEDED, generation=gen or m.generation)
-        _unlock(js, job)
-        return "ok"
+        with work.Heartbeat(js, job_id, "compact", settings.heartbeat_seconds, claim=True) as beat:
+            if not beat.claimed:  # another worker is compacting this index right now
+                return "skipped"
+            return _compact(settings, js, job)
 
-    return _job_task(self, job_id, body)
+    return _job_task(self, job_id, body, part="compact")
+
+
+def _compact(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
+    """``rise.index.compact`` of the job's index, fenced like every other write."""
+    job_id = job["id"]
+    js.set_state(job_id, RUNNING)
+    store = _store(settings, work.Request.of(job).prefix)
+    gen = compact_index(store, before_write=lambda: js.check_fence(job_id))
+    m = open_index(store).manifest
+    n = len(m.shards)
+    js.update(job_id, shards_total=n, shards_done=n, examples_total=m.live_count,
+              examples_done=m.live_count)
+    js.set_state(job_id, SUCCEEDED, generation=gen or m.generation)
+    _unlock(js, job)
+    return "ok"
 
 
 # ------------------------------------------------------------------------------ queries
 
 
 @shared_task(bind=True, base=RiseTask, name=taskclient.QUERIES_SKETCH, throws=(RiseError,),
-             **RETRY)
+             autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
+             retry_jitter=True)
 def sketch(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any]],
            fields: dict[str, Any] | None) -> str:
     """Sketch inline query records with the index's configuration; base64 features."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -70,6 +71,64 @@ class CancelPoll:
             self.last = now
             self.cancelled = self.js.is_cancelled(self.job_id)
         return self.cancelled
+
+
+class Heartbeat:
+    """A running task's heartbeat (``JobStore.heartbeat``), renewed by a background thread
+    every ``interval`` seconds and living three times as long, so the controller can tell
+    a slow task from a dead one.  ``claim`` makes entering fail (``claimed`` False) while
+    another live task holds the same part."""
+
+    def __init__(self, js: JobStore, job_id: str, part: str, interval: float,
+                 claim: bool = False) -> None:
+        self.js, self.job_id, self.part = js, job_id, part
+        self.interval, self.claim = interval, claim
+        self.claimed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self.claimed = self.js.heartbeat(self.job_id, self.part, 3 * self.interval,
+                                         claim=self.claim)
+        if self.claimed:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"heartbeat-{self.part}")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.js.heartbeat(self.job_id, self.part, 3 * self.interval)
+            except Exception:  # noqa: BLE001 - Redis away for a moment: beat again later
+                log.debug("heartbeat of %s/%s not renewed", self.job_id, self.part,
+                          exc_info=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval)
+            try:
+                self.js.end_heartbeat(self.job_id, self.part)
+            except Exception:  # noqa: BLE001 - it expires by itself
+                log.debug("heartbeat of %s/%s not ended", self.job_id, self.part)
+
+
+def retry_delays(budget_seconds: float, cap_seconds: float = 30.0) -> list[float]:
+    """Nominal waits before each retry (1, 2, 4, ... s, at most ``cap_seconds``) until they
+    add up to ``budget_seconds``: a task retries this many times before it gives up."""
+    delays: list[float] = []
+    while sum(delays) < budget_seconds:
+        delays.append(min(cap_seconds, 2.0 ** len(delays)))
+    return delays
+
+
+def retry_countdown(attempt: int, budget_seconds: float) -> float:
+    """The wait before retry ``attempt`` (0-based): its nominal delay with +-20% jitter, so
+    the tasks of one outage do not all come back in the same second."""
+    delays = retry_delays(budget_seconds)
+    nominal = delays[min(attempt, len(delays) - 1)] if delays else 1.0
+    return nominal * random.uniform(0.8, 1.2)
 
 
 # ------------------------------------------------------------------------------ models

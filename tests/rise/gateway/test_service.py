@@ -30,6 +30,9 @@ class NoJobs:
     def register_index(self, tenant, index, pool):
         return False  # every name is taken: reaching this means validation passed
 
+    def registry_complete(self):
+        return True  # the registry copy is whole: a missing name is NOT_FOUND at once
+
     def __getattr__(self, name):
         raise AssertionError(f"the gateway reached the job store ({name}) for a bad request")
 

@@ -351,6 +351,30 @@ def test_append_after_delete_is_refused_as_by_the_cli(env):
         assert (idx.generation, idx.live_count, idx.tombstones) == (2, len(ROWS) - 1, 1)
 
 
+def test_a_retried_append_makes_no_second_job(env):
+    """A retry with the same request id (a lost answer) gets the first job back, even after
+    it ended: no second job that would fail on the ids the first one added."""
+    more = "".join(json.dumps({"id": f"more-{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS))
+    env.s3.put_object("rise", "tenants/c/data/more.jsonl", io.BytesIO(more.encode()),
+                      len(more.encode()))
+    with RiseClient(env.gateway, TOKENS["c"]) as c:
+        create = c.create_index("rid", "s3://rise/tenants/c/data/c.jsonl", POOL,
+                                shard_size=4, request_id="stack-create")
+        assert c.create_index("rid", "s3://rise/tenants/c/data/c.jsonl", POOL, shard_size=4,
+                              request_id="stack-create").id == create.id
+        assert state_name(c.wait(create.id, timeout=120)) == "SUCCEEDED"
+        first = c.append("rid", "s3://rise/tenants/c/data/more.jsonl",
+                         request_id="stack-append")
+        assert c.append("rid", "s3://rise/tenants/c/data/more.jsonl",
+                        request_id="stack-append").id == first.id
+        assert state_name(c.wait(first.id, timeout=120)) == "SUCCEEDED"
+        again = c.append("rid", "s3://rise/tenants/c/data/more.jsonl", request_id="stack-append")
+        assert again.id == first.id and state_name(again) == "SUCCEEDED"
+        assert sorted(j.id for j in c.list_jobs("rid")) == sorted([create.id, first.id])
+        idx = c.get_index("rid")
+        assert (idx.generation, idx.live_count) == (2, len(ROWS) + len(TEXTS))
+
+
 def test_stack_down_leaves_no_process(env):
     stack = env.stack
     pids = sorted({pid for p in stack.procs for pid in p.members()})

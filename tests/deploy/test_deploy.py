@@ -9,13 +9,18 @@ With helm (``python tests/deploy_tools.py install-helm``, or any helm 3/4 on PAT
 ``helm lint``, ``helm template`` of every ci/ scenario, every rendered manifest validated
 against the Kubernetes JSON schemas of kubernetes-validate (strict: unknown fields rejected),
 the wiring between the rendered objects, and the values the chart must refuse.
+
+With promtool ($PROMTOOL or PATH; Debian's prometheus package ships it): the alert rules pass
+``promtool check rules``, and promtool's rule unit tests show the controller's alerts firing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +56,20 @@ TARGET_LABELS = {"namespace", "pod", "instance", "job", "container", "endpoint"}
 # Catalogue metrics the dashboard may leave out, with the reason. None at present.
 DASHBOARD_EXEMPT: dict[str, str] = {}
 REQUIRED_ALERTS = {"RiseGatewayErrorRatioHigh", "RiseQueueBacklogGrowing", "RiseWorkerTaskFailures",
-                   "RiseScorerLatencyHigh", "RiseNoWorkersConsuming"}
+                   "RiseScorerLatencyHigh", "RiseNoWorkersConsuming", "RiseNoControllerLeader",
+                   "RiseControllerFailedJobs"}
+# The containers that run the rise package and read rise.settings.Settings.
+RISE_CONTAINERS = ("gateway", "scorer", "worker", "controller")
+# Chart value -> the Settings field it sets: the controller's, and the workers' ingest timings.
+CONTROLLER_SETTINGS = {"intervalSeconds": "controller_interval_seconds",
+                       "leaseSeconds": "controller_lease_seconds",
+                       "shardStallSeconds": "shard_stall_seconds",
+                       "shardAttempts": "shard_attempts",
+                       "jobDeadlineSeconds": "job_deadline_seconds",
+                       "sweepGraceSeconds": "sweep_grace_seconds",
+                       "sweepIntervalSeconds": "sweep_interval_seconds"}
+WORKER_SETTINGS = {"heartbeatSeconds": "heartbeat_seconds",
+                   "storageRetryBudgetSeconds": "storage_retry_budget_seconds"}
 # Environment variables of RISE containers that do not carry the RISE_ prefix.
 NON_RISE_ENV = {"HOME", "PYTHONUNBUFFERED", "POD_NAME", "POD_NAMESPACE", "PROMETHEUS_MULTIPROC_DIR",
                 "HF_HOME"}
@@ -133,6 +151,16 @@ def test_ci_values_validate_against_schema(schema_validator, ci_file):
     ({"scorer": {"replicaIndexSource": "random"}}, "scorer/replicaIndexSource"),
     ({"auth": {"tokens": {"tenant": "short"}}}, "auth/tokens/tenant"),
     ({"redis": {"externalUrl": "http://not-redis"}}, "redis/externalUrl"),
+    ({"controller": {"replicas": -1}}, "controller/replicas"),
+    ({"controller": {"bogus": 1}}, "controller"),
+    ({"controller": {"settings": {"intervalSeconds": 0}}}, "controller/settings/intervalSeconds"),
+    ({"controller": {"settings": {"shardAttempts": 0}}}, "controller/settings/shardAttempts"),
+    ({"controller": {"settings": {"shardAttempts": 1.5}}}, "controller/settings/shardAttempts"),
+    ({"controller": {"settings": {"sweepGraceSeconds": -1}}},
+     "controller/settings/sweepGraceSeconds"),
+    ({"controller": {"settings": {"leaseSecs": 30}}}, "controller/settings"),
+    ({"workers": {"heartbeatSeconds": 0}}, "workers/heartbeatSeconds"),
+    ({"workers": {"storageRetryBudgetSeconds": "5m"}}, "workers/storageRetryBudgetSeconds"),
 ])
 def test_schema_rejects_bad_values(schema_validator, patch, where):
     values = coalesce(values_for(DEFAULT_CI), patch)
@@ -153,6 +181,20 @@ def test_gpu_memory_pattern_agrees_with_rise_plan(schema_validator):
         assert not pattern.match(bad), bad
         with pytest.raises(InvalidInput):
             parse_bytes(bad)
+
+
+def test_setting_defaults_are_the_services_defaults():
+    """The chart's defaults of the controller's and the workers' timings are those of
+    rise.settings.Settings, so leaving them alone means what the code means."""
+    from rise.settings import Settings
+
+    values = values_for(None)
+    fields = Settings.model_fields
+    for key, field in CONTROLLER_SETTINGS.items():
+        assert values["controller"]["settings"][key] == fields[field].default, key
+    for key, field in WORKER_SETTINGS.items():
+        assert values["workers"][key] == fields[field].default, key
+    assert set(values["controller"]["settings"]) == set(CONTROLLER_SETTINGS)
 
 
 def value_keys(text: str):
@@ -451,7 +493,7 @@ def test_rendered_release_wiring(helm, ci_file):
                 ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
                     check_secret_ref(ref["name"], ref["key"])
-            if c["name"] in ("gateway", "scorer", "worker"):
+            if c["name"] in RISE_CONTAINERS:
                 env = env_of(c)
                 bad = [k for k in env if not k.startswith("RISE_") and k not in NON_RISE_ENV]
                 assert bad == [], f"{where}: env without the RISE_ prefix: {bad}"
@@ -482,7 +524,8 @@ def test_rendered_release_wiring(helm, ci_file):
         redis_url = values["redis"]["externalUrl"]
         assert not [d for d in docs if d["metadata"]["name"] == f"{RELEASE}-redis"]
     rise_containers = [(w, c) for w, _, spec in workloads for c in spec["containers"]
-                       if c["name"] in ("gateway", "scorer", "worker")]
+                       if c["name"] in RISE_CONTAINERS]
+    assert {c["name"] for _, c in rise_containers} >= {"gateway", "scorer", "controller"}
     for _, c in rise_containers:
         env = env_of(c)
         assert env["RISE_REDIS_URL"] == redis_url
@@ -590,6 +633,41 @@ def test_rendered_release_wiring(helm, ci_file):
         wsvc = one(docs, "Service", f"{RELEASE}-worker-metrics")
         assert [p["port"] for p in wsvc["spec"]["ports"]] == [values["workers"]["metricsPort"]]
 
+    # the job controller: the gateway's image, broker, store, account and security context
+    # (checked above for every RISE container), the pools, its settings, /metrics liveness
+    ctl = one(docs, "Deployment", f"{RELEASE}-controller")
+    cspec = ctl["spec"]["template"]["spec"]
+    (cc,) = cspec["containers"]
+    assert ctl["spec"]["replicas"] == values["controller"]["replicas"]
+    assert cc["command"] == ["python", "-m", "rise.controller"]
+    cport = values["controller"]["metricsPort"]
+    assert cc["ports"] == [{"name": "metrics", "containerPort": cport, "protocol": "TCP"}]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert cc[probe]["httpGet"] == {"path": "/metrics", "port": cport}
+    assert "nvidia.com/gpu" not in cc["resources"]["limits"]
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext",
+                "imagePullSecrets"):
+        assert cspec.get(key) == gws.get(key), key
+    assert cc["image"] == gc["image"] and cc["securityContext"] == gc["securityContext"]
+    cenv = env_of(cc)
+    for key in ("RISE_REDIS_URL", "RISE_S3_ENDPOINT", "RISE_S3_BUCKET", "RISE_S3_SECURE",
+                "RISE_S3_REGION", "RISE_S3_ACCESS_KEY", "RISE_S3_SECRET_KEY", "RISE_POOLS",
+                "RISE_QUERY_QUEUE", "RISE_CONTROL_QUEUE"):
+        assert cenv.get(key) == genv.get(key), f"controller and gateway differ on {key}"
+    assert json.loads(cenv["RISE_POOLS"]) == expected_pools_setting(values)
+    assert cenv["RISE_METRICS_PORT"] == str(cport)
+    for key, field in CONTROLLER_SETTINGS.items():
+        assert float(cenv[f"RISE_{field.upper()}"]) == values["controller"]["settings"][key]
+    assert "RISE_AUTH_TOKENS_FILE" not in cenv and "RISE_SCORER_ADDRESSES" not in cenv
+    csvc = one(docs, "Service", f"{RELEASE}-controller")
+    assert csvc["spec"]["clusterIP"] == "None"
+    assert [(p["name"], p["port"]) for p in csvc["spec"]["ports"]] == [("metrics", cport)]
+    for name in pools:
+        wc = one(docs, "Deployment", f"{RELEASE}-worker-{name}")["spec"]["template"]["spec"]
+        wenv = env_of(wc["containers"][0])
+        for key, field in WORKER_SETTINGS.items():
+            assert float(wenv[f"RISE_{field.upper()}"]) == values["workers"][key]
+
     # PodDisruptionBudgets
     pdbs = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "PodDisruptionBudget")}
     assert (f"{RELEASE}-gateway" in pdbs) == values["gateway"]["podDisruptionBudget"]["enabled"]
@@ -611,7 +689,7 @@ def test_rendered_release_wiring(helm, ci_file):
                    if selects(sel["matchLabels"], s["metadata"]["labels"])
                    and s["metadata"]["labels"].get(expr["key"]) in expr["values"]]
         assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped) == \
-            sorted(["gateway", "scorer"] + (["worker"] if pools else []))
+            sorted(["gateway", "scorer", "controller"] + (["worker"] if pools else []))
         for s in scraped:
             assert "metrics" in {p["name"] for p in s["spec"]["ports"]}
         assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # keeps the `service` label
@@ -719,11 +797,48 @@ def test_pool_replicas_zero_and_disabled_pools(helm):
     (["--set", "workers.pools.default.queue=rise.control"], "give every pool its own queue"),
     (["--set", "workers.pools.default.queue=rise.queries.default"],
      "give every pool its own queue"),
+    (["--set", "controller.settings.shardAttempts=0"], "shardAttempts"),
+    (["--set", "controller.settings.leaseSeconds=0"], "leaseSeconds"),
 ])
 def test_helm_refuses_bad_values(helm, args, message):
     proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)
     assert proc.returncode != 0, f"helm accepted {args}"
     assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_controller_env_parses_as_its_settings(helm, ci_file, monkeypatch):
+    """The controller's environment, with every setting changed from its default, is read by
+    rise.settings.Settings as the values say (Redis, S3, pools, timings, metrics port)."""
+    from rise.settings import Settings
+
+    changed = {"intervalSeconds": 2.5, "leaseSeconds": 45, "shardStallSeconds": 120,
+               "shardAttempts": 3, "jobDeadlineSeconds": 86400, "sweepGraceSeconds": 0,
+               "sweepIntervalSeconds": 600}
+    args = ["--set", "controller.replicas=2", "--set", "controller.metricsPort=9500"]
+    # --set-json: a plain --set gives 2.5 to the chart as a string, which the schema refuses
+    args += ["--set-json", f"controller.settings={json.dumps(changed)}"]
+    docs = render(helm, ci_file, *args)
+    ctl = one(docs, "Deployment", f"{RELEASE}-controller")
+    assert ctl["spec"]["replicas"] == 2
+    (c,) = ctl["spec"]["template"]["spec"]["containers"]
+    for name in [n for n in os.environ if n.startswith("RISE_")]:
+        monkeypatch.delenv(name)
+    for e in c["env"]:
+        if e["name"].startswith("RISE_") and "value" in e:
+            monkeypatch.setenv(e["name"], e["value"])
+    settings = Settings()
+    for key, value in changed.items():
+        assert getattr(settings, CONTROLLER_SETTINGS[key]) == value, key
+    assert settings.metrics_port == 9500
+    assert set(settings.pools) == set(enabled_pools(values_for(ci_file)))
+    values = values_for(ci_file)
+    assert settings.s3_bucket == values["s3"]["bucket"]
+    assert settings.s3_endpoint == values["s3"]["endpoint"]
+    if values["redis"]["enabled"]:
+        assert settings.redis_url.startswith(f"redis://{RELEASE}-redis:")
+    else:
+        assert settings.redis_url == values["redis"]["externalUrl"]
 
 
 def test_chart_defaults_alone_do_not_render(helm):
@@ -943,6 +1058,67 @@ def test_alert_rules_are_well_formed():
         if used and deploy_tools.importlib.util.find_spec("promql_parser"):
             assert used <= output_labels(r["expr"]), \
                 f"{r['alert']}: annotations use labels the expression drops: {used}"
+
+
+@pytest.fixture(scope="module")
+def promtool():
+    found = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not found:
+        pytest.skip("promtool not found ($PROMTOOL or PATH; Debian's prometheus package has it)")
+    return found
+
+
+def test_alert_rules_pass_promtool(promtool, tmp_path):
+    """The PrometheusRule's groups as a plain rule file: promtool's own syntax check."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": load_yaml(ALERTS)["spec"]["groups"]}))
+    proc = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# promtool unit tests of the controller's alerts: (series, minutes, alert name, firing labels).
+CONTROLLER_ALERT_CASES = [
+    # a leader: quiet
+    ({'rise_controller_leader{namespace="a", pod="c0"}': "1+0x20",
+      'rise_controller_leader{namespace="a", pod="c1"}': "0+0x20",
+      'rise_jobs{namespace="a", state="RUNNING"}': "1+0x20"}, 15, "RiseNoControllerLeader", []),
+    # controllers up, none leading
+    ({'rise_controller_leader{namespace="a", pod="c0"}': "0+0x20",
+      'rise_jobs{namespace="a", state="RUNNING"}': "1+0x20"}, 15, "RiseNoControllerLeader",
+     [{"namespace": "a"}]),
+    # no controller scraped where the gateway reports jobs
+    ({'rise_jobs{namespace="b", state="RUNNING"}': "1+0x20"}, 15, "RiseNoControllerLeader",
+     [{"namespace": "b"}]),
+    # jobs failed by the controller
+    ({'rise_controller_jobs_failed_total{namespace="a", code="DEADLINE_EXCEEDED"}': "0 0 0 1 1 1",
+      'rise_controller_jobs_failed_total{namespace="a", code="UNAVAILABLE"}': "0+0x5"}, 5,
+     "RiseControllerFailedJobs", [{"namespace": "a", "code": "DEADLINE_EXCEEDED"}]),
+]
+
+
+@pytest.mark.parametrize("series, minutes, alert, firing", CONTROLLER_ALERT_CASES,
+                         ids=[f"{c[2]}-{i}" for i, c in enumerate(CONTROLLER_ALERT_CASES)])
+def test_controller_alerts_fire_under_promtool(promtool, tmp_path, series, minutes, alert,
+                                               firing):
+    groups = load_yaml(ALERTS)["spec"]["groups"]
+    for g in groups:  # labels only: the annotations' templates are promtool check's part
+        for r in g["rules"]:
+            r.pop("annotations", None)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    rule = next(r for r in alert_rules() if r.get("alert") == alert)
+    expected = [{"exp_labels": {**labels, **rule["labels"]}} for labels in firing]
+    tests = tmp_path / "tests.yaml"
+    tests.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m",
+                                     "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "alert_rule_test": [{"eval_time": f"{minutes}m", "alertname": alert,
+                             "exp_alerts": expected}]}]}))
+    proc = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dashboard_is_well_formed():

@@ -26,6 +26,7 @@
 {{- define "rise.gatewayName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "gateway") }}{{- end }}
 {{- define "rise.scorerName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "scorer") }}{{- end }}
 {{- define "rise.scorerHeadlessName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "scorer-headless") }}{{- end }}
+{{- define "rise.controllerName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "controller") }}{{- end }}
 {{- define "rise.redisName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "redis") }}{{- end }}
 {{- define "rise.workerMetricsName" -}}{{ include "rise.componentName" (dict "ctx" . "suffix" "worker-metrics") }}{{- end }}
 {{- define "rise.s3SecretName" -}}
@@ -158,6 +159,16 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Probe timings with the gRPC health check: (dict "port" 50051 "timings" map) */}}
 {{- define "rise.grpcProbe" -}}
 grpc:
+  port: {{ int .port }}
+{{- with .timings }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Probe timings with an HTTP GET of /metrics: (dict "port" 9467 "timings" map) */}}
+{{- define "rise.metricsProbe" -}}
+httpGet:
+  path: /metrics
   port: {{ int .port }}
 {{- with .timings }}
 {{ toYaml . }}

@@ -67,7 +67,12 @@ def test_attribution_finds_the_source_document(smollm, tmp_path):
 
 
 def test_real_head_gradient_is_exact_in_float64(smollm):
-    """Exact mode on the real head: RH inner products equal autograd's to 1e-6."""
+    """Exact mode on the real head: RH inner products equal float64 autograd's on the same
+    hidden states.  The model (and so the engine's head math) is float32 here, so the bound
+    is float32's: the relative difference depends on the CPU's summation kernels (1.7e-6
+    on one 2-core AMD machine, below 1e-6 on another); 1e-5 still catches any real error
+    (a wrong weight, target or softmax term moves it by orders of magnitude).  The float64
+    models of tests/rise/test_readout.py check the identities to 1e-9."""
     from rise import exact
     from rise.data import Record, encode_record
     from rise.featurize import featurize
@@ -88,4 +93,4 @@ def test_real_head_gradient_is_exact_in_float64(smollm):
         grads.append(w.grad)
     want = float((grads[0] * grads[1]).sum())
     got = exact.inner(feats.factors[0], feats.factors[1], "rh", lm.head.vocab)
-    assert abs(got - want) <= 1e-6 * abs(want)
+    assert abs(got - want) <= 1e-5 * abs(want)

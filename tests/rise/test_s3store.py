@@ -247,7 +247,7 @@ def test_storage_error_when_server_is_gone(tmp_path):
 
 
 def test_index_engine_on_s3(store: S3Store, tiny_model, tmp_path):
-    from rise import index
+    from rise import index, ingest
     from rise.config import make_config
     from rise.data import FieldMap
     from rise.model import load_model
@@ -256,14 +256,14 @@ def test_index_engine_on_s3(store: S3Store, tiny_model, tmp_path):
     path = write_jsonl(tmp_path / "corpus.jsonl",
                        [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS)])
     config = make_config(dims=(16, 8, 8))
-    index.create_index(store, lm, path, FieldMap(), config, shard_size=3)
+    ingest.create_index(store, lm, path, FieldMap(), config, shard_size=3)
     opened = index.open_index(store)
     assert opened.generation == 1 and opened.live_count == len(TEXTS)
     report = index.verify(store)
     assert report.ok and report.shards_checked == 3, report
 
     local = LocalStore(tmp_path / "local")
-    index.create_index(local, lm, path, FieldMap(), config, shard_size=3)
+    ingest.create_index(local, lm, path, FieldMap(), config, shard_size=3)
     assert store.list() == local.list()
     shard_keys = store.list("shards/")
     assert len(shard_keys) == 3

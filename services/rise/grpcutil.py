@@ -1,5 +1,5 @@
 """gRPC plumbing shared by the gateway and the scorer: one error translation, metrics,
-health and reflection.
+health and reflection, ports with or without TLS.
 
 Domain errors (rise.errors) carry their status code; ``translate`` is the one place they
 become gRPC statuses.  Anything else is INTERNAL with a generic message (and logged with
@@ -119,6 +119,30 @@ def make_server(max_message_bytes: int, threads: int = 16,
             ("grpc.max_send_message_length", max_message_bytes)]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=opts,
                        interceptors=list(interceptors))
+
+
+def add_port(server: grpc.Server, address: str, cert_file: str = "", key_file: str = "") -> int:
+    """Bind ``address``: TLS with the PEM certificate chain and key when both files are
+    given, else plaintext.  Returns the bound port (0 when the address could not be bound);
+    OSError when a file cannot be read, ValueError when only one is given."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("TLS needs both a certificate file and a key file")
+    if not cert_file:
+        return server.add_insecure_port(address)
+    with open(key_file, "rb") as f:
+        key = f.read()
+    with open(cert_file, "rb") as f:
+        chain = f.read()
+    return server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
+
+
+def health_server(health: Any, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server answering only grpc.health.v1 from ``health`` (the servicer the
+    main server's ``add_health_and_reflection`` returned), for probes that cannot speak
+    TLS; not started.  Returns it and its bound port (0: not bound)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server, server.add_insecure_port(address)
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> Any:

@@ -5,10 +5,12 @@
     rise remote attribute docs --queries q.jsonl --output hits.jsonl --top 5
 
 ``--gateway`` defaults to $RISE_GATEWAY (else 127.0.0.1:50051) and ``--token`` to
-$RISE_TOKEN; both, and ``--json``, may stand before or after the sub-verb.  ``attribute``
-and ``value`` read records with the local CLI's field flags and write its JSONL formats
-(``rise.cliutil``).  Errors are one line ``rise: error: ...`` with the exit code of the
-error class (rise.cli.main, which adds these verbs with ``add_remote_parser``, prints them).
+$RISE_TOKEN; both, ``--json`` and the TLS flags (``--tls``, ``--ca FILE`` for a gateway
+certificate the system does not trust, ``--tls-server-name``) may stand before or after
+the sub-verb.  ``attribute`` and ``value`` read records with the local CLI's field flags
+and write its JSONL formats (``rise.cliutil``).  Errors are one line ``rise: error: ...``
+with the exit code of the error class (rise.cli.main, which adds these verbs with
+``add_remote_parser``, prints them).
 Calls are retried on UNAVAILABLE within ``--timeout`` (rise.client); index, append, delete
 and compact send a client request id, ``--request-id`` to reuse one: a script that runs
 the same command again after a lost answer gets the first job, never a second one.
@@ -49,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _connection_args(p: argparse.ArgumentParser, group: bool) -> None:
-    """--gateway/--token/--json/--timeout: defaults on the ``remote`` group; on sub-verbs
+    """--gateway/--token/--json/--timeout/TLS: defaults on the ``remote`` group; on sub-verbs
     they only override what the group parsed (SUPPRESS leaves it in place)."""
 
     def d(value: Any) -> dict[str, Any]:
@@ -65,12 +67,22 @@ def _connection_args(p: argparse.ArgumentParser, group: bool) -> None:
     p.add_argument("--timeout", type=float,
                    help=f"seconds per call, retries included (default: {DEFAULT_TIMEOUT:g})",
                    **d(DEFAULT_TIMEOUT))
+    p.add_argument("--tls", action="store_true",
+                   help="speak TLS to the gateway (the system's root certificates)", **d(False))
+    p.add_argument("--ca", metavar="FILE",
+                   help="PEM root certificate(s) the gateway's certificate must chain to "
+                        "(implies --tls)", **d(None))
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name the gateway's certificate must carry, when it is not the "
+                        "--gateway host (implies --tls)", **d(None))
 
 
 def _client(a: argparse.Namespace) -> RiseClient:
     if not a.token:
         raise Unauthenticated("no token: pass --token or set RISE_TOKEN")
-    return RiseClient(a.gateway, a.token, timeout=a.timeout)
+    secure = bool(a.tls or a.ca or a.tls_server_name)
+    return RiseClient(a.gateway, a.token, timeout=a.timeout, secure=secure,
+                      root_certificates=a.ca, server_name=a.tls_server_name)
 
 
 def _name(a: argparse.Namespace) -> str:

@@ -281,3 +281,129 @@ def test_remote_help(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "see rise remote attribute --help" in err
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1, and its key (openssl CLI)."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_address(tls_files):
+    """The fake gateway bound with TLS the way the gateway binds it (grpcutil.add_port),
+    and a plaintext health-only port beside it (grpcutil.health_server)."""
+    from rise.grpcutil import add_health_and_reflection, add_port, health_server
+
+    cert, key = tls_files
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    rise_pb2_grpc.add_IndexServiceServicer_to_server(FakeIndex(), server)
+    rise_pb2_grpc.add_ScoringServiceServicer_to_server(FakeScoring(), server)
+    health = add_health_and_reflection(server, ["rise.v1.IndexService"])
+    port = add_port(server, "127.0.0.1:0", str(cert), str(key))
+    probes, health_port = health_server(health, "127.0.0.1:0")
+    assert port and health_port
+    server.start()
+    probes.start()
+    yield f"127.0.0.1:{port}", health_port
+    probes.stop(grace=None)
+    server.stop(grace=None)
+
+
+def test_tls_round_trip(tls_address, tls_files, fast_backoff):
+    address, _ = tls_address
+    cert, _ = tls_files
+    SEEN.clear()
+    for roots in (cert, str(cert), cert.read_bytes()):  # a path, or PEM bytes
+        with RiseClient(address, "tok-tls", secure=True, root_certificates=roots,
+                        timeout=10) as c:
+            assert c.get_index("ok").live_count == 12
+    assert SEEN[-1] == ("auth", "Bearer tok-tls")
+    # The certificate names localhost too; another name is refused unless overridden.
+    port = address.rsplit(":", 1)[1]
+    with RiseClient(f"localhost:{port}", "t", secure=True, root_certificates=cert,
+                    timeout=10) as c:
+        assert c.get_index("ok").name == "ok"
+    with RiseClient(address, "t", secure=True, root_certificates=cert,
+                    server_name="localhost", timeout=10) as c:
+        assert c.get_index("ok").name == "ok"
+
+
+def test_tls_refuses_plaintext_and_untrusted_certificates(tls_address, tls_files, fast_backoff):
+    address, _ = tls_address
+    cert, _ = tls_files
+    SEEN.clear()
+    with RiseClient(address, "t", timeout=3) as plain, pytest.raises(errors.Unavailable):
+        plain.get_index("ok")
+    # the system's roots do not trust a self-signed certificate
+    with RiseClient(address, "t", secure=True, timeout=3) as c, \
+            pytest.raises(errors.Unavailable):
+        c.get_index("ok")
+    with RiseClient(address, "t", secure=True, root_certificates=cert,
+                    server_name="gateway.example", timeout=3) as c, \
+            pytest.raises(errors.Unavailable):
+        c.get_index("ok")
+    assert SEEN == []  # no call reached the servicer, so no token was sent in the clear
+    with pytest.raises(errors.InvalidInput, match="secure=True"):
+        RiseClient(address, "t", root_certificates=cert)
+
+
+def test_health_port_answers_health_only_in_plaintext(tls_address):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    _, health_port = tls_address
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+                                                     timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            rise_pb2_grpc.IndexServiceStub(ch).GetIndex(rise_pb2.GetIndexRequest(index="ok"),
+                                                       timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_add_port_needs_both_files(tls_files):
+    from rise.grpcutil import add_port
+
+    cert, key = tls_files
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    with pytest.raises(ValueError, match="both"):
+        add_port(server, "127.0.0.1:0", str(cert), "")
+    with pytest.raises(OSError):
+        add_port(server, "127.0.0.1:0", str(cert), str(key.with_name("missing.pem")))
+
+
+def test_remote_cli_speaks_tls(tls_address, tls_files, capsys, fast_backoff):
+    from rise.cli import main
+
+    address, _ = tls_address
+    cert, _ = tls_files
+    capsys.readouterr()
+    assert main(["remote", "--gateway", address, "--token", "t", "--ca", str(cert),
+                 "show", "ok", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["live_count"] == 12
+    assert main(["remote", "show", "ok", "--gateway", address, "--token", "t", "--tls",
+                 "--ca", str(cert), "--timeout", "5"]) == 0
+    capsys.readouterr()
+    # plaintext to a TLS port, and TLS without the certificate: UNAVAILABLE (exit code 8)
+    code_plain = main(["remote", "--gateway", address, "--token", "t", "--timeout", "3",
+                       "show", "ok"])
+    code_untrusted = main(["remote", "--gateway", address, "--token", "t", "--tls",
+                           "--timeout", "3", "show", "ok"])
+    assert code_plain == code_untrusted != 0
+    assert "rise: error:" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 from rise import constants
 from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
+from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.index import Index, compact, delete, open_index, verify
 from rise.ingest import append, create_index, encode_all
@@ -64,12 +65,14 @@ def sketch_queries(index: Index, lm: LoadedModel, records: Sequence[Record],
                    fields: FieldMap, *, batch_size: int = constants.DEFAULT_BATCH_SIZE,
                    progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                    ) -> QuerySet:
-    """Sketch queries with the index's configuration; refuse a different model."""
+    """Sketch queries with the index's configuration; refuse a different model, and
+    features that are not finite (InvalidInput naming the query: no score is NaN)."""
     index.check_model(lm)
     config = index.config
     encoded = encode_all(records, lm, config, fields)
     feats = featurize(lm, encoded, config, batch_size=batch_size, progress=progress,
                       cancel=cancel)
+    check_finite(feats, [r.id for r in records], "query")
     return make_queryset([r.id for r in records], feats, config, lm.head.vocab)
 
 
@@ -224,9 +227,9 @@ def fetch_records(index: Index, ids: Iterable[str],
         path = resolve(uri) if resolve is not None else uri
         if not os.path.exists(path):
             raise Mismatch(f"dataset {uri} of ingest generation {ing.generation} is gone")
-        if file_sha256(path) != ing.dataset_sha256:
+        if file_sha256(path, uri) != ing.dataset_sha256:
             raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
-        for rec in iter_records(path, FieldMap(**ing.fields.model_dump())):
+        for rec in iter_records(path, FieldMap(**ing.fields.model_dump()), name=uri):
             if rec.number in numbers:
                 out[rec.id] = rec.raw
     return out

@@ -17,6 +17,22 @@ from rise.errors import InvalidInput, validation_message
 
 Mode = Literal["sketch", "exact", "nosketch"]
 
+TEMPERATURE_RANGE = (0.05, 100.0)
+"""Allowed softmax temperatures tau.  z / tau must stay finite in float32 (the head math)
+for any logits a model produces: tau = 1e-300 makes it inf and the softmax NaN.  Below
+0.05 nothing is gained anyway: softmax(z / 0.05) already puts all float32 mass on the top
+logit once it leads by 0.8 (e^-16 is float32's epsilon), and |z| <= 1e3 stays below 2e4
+after the division, far from overflow.  Above 100, logits spread over ~20 leave
+softmax(z / tau) within e^0.2 of uniform: the residual no longer says what the model
+predicted.  Both ends are refused (InvalidInput), never silently clamped."""
+MAX_SKETCH_DIM = 2**16
+"""Largest CountSketch width kr, kh or kg: the bucket hash takes 32 bits modulo k, whose
+bias k / 2^32 stays negligible up to here (``rise.sketch.make_map``)."""
+MAX_SKETCH_VALUES = 2**20
+"""Largest (kr + kg) * kh, the values one example stores (2 MiB in float16, 85x the
+default): a bound on every pool's memory before the planner's (``rise.placement``), which
+counts the sketch work on a GPU pool's head device at submit time."""
+
 
 class SketchConfig(BaseModel):
     """How each example is read out and compressed."""
@@ -61,8 +77,9 @@ class SketchConfig(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("temperature must be > 0")
+        lo, hi = TEMPERATURE_RANGE
+        if not lo <= v <= hi:  # NaN and inf fail too
+            raise ValueError(f"temperature must be in [{lo:g}, {hi:g}], got {v!r}")
         return v
 
     @field_validator("dims")
@@ -70,6 +87,12 @@ class SketchConfig(BaseModel):
     def _dims(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
         if any(k < 1 for k in v):
             raise ValueError("dims must be positive")
+        if any(k > MAX_SKETCH_DIM for k in v):
+            raise ValueError(f"dims must be at most {MAX_SKETCH_DIM} each, got {v}")
+        kr, kh, kg = v
+        if (kr + kg) * kh > MAX_SKETCH_VALUES:
+            raise ValueError(f"dims {v} store (kr + kg) * kh = {(kr + kg) * kh:,} values per "
+                             f"example; the limit is {MAX_SKETCH_VALUES:,}")
         return v
 
     @field_validator("max_length")
@@ -180,6 +203,9 @@ def make_config(
 def parse_dims(text: str) -> tuple[int, int, int]:
     """Parse ``KR,KH,KG``."""
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    # At most 9 digits each: int() of thousands of digits raises ValueError, and any
+    # width past MAX_SKETCH_DIM is refused by SketchConfig with the limit named.
+    if len(parts) != 3 or not all(p.strip().isdigit() and len(p.strip()) <= 9 and int(p) > 0
+                                  for p in parts):
         raise InvalidInput(f"--dims must be three positive integers KR,KH,KG, got {text!r}")
     return (int(parts[0]), int(parts[1]), int(parts[2]))

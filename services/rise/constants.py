@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rise.errors import InvalidInput
+
 FORMAT_VERSION = 1
 
 MANIFEST_PREFIX = "manifest-"
@@ -36,12 +38,35 @@ DEFAULT_LAMBDA = 0.5
 DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
 # Head work per chunk: logits, softmax and the residual each take chunk x V floats.
 DEFAULT_HEAD_CHUNK_BYTES = 256 * 1024**2
+# A data record (a JSONL line, a Parquet row's strings, an inline query) is refused above
+# this many bytes, before it is parsed or tokenized: a 20 MB record took 67 s and 3.9 GB to
+# tokenize, and max_length keeps only its first tokens anyway.  $RISE_MAX_RECORD_BYTES
+# changes it for every process (CLI, workers, gateway).
+DEFAULT_MAX_RECORD_BYTES = 1024**2
+MAX_RECORD_BYTES_ENV = "RISE_MAX_RECORD_BYTES"
+# Nesting of a JSON record (objects and arrays); deeper records are refused.
+MAX_JSON_DEPTH = 64
 
 
 def cache_dir(configured: str = "") -> Path:
     """The local cache folder (converted models, downloaded datasets): ``configured`` (the
     services' ``Settings.cache_dir``), else $RISE_CACHE_DIR, else ~/.cache/rise."""
     return Path(configured or os.environ.get("RISE_CACHE_DIR") or Path.home() / ".cache" / "rise")
+
+
+def max_record_bytes(configured: int | None = None) -> int:
+    """The record size cap: ``configured``, else $RISE_MAX_RECORD_BYTES, else
+    DEFAULT_MAX_RECORD_BYTES.  InvalidInput for a value that is not a positive integer."""
+    if configured is None:
+        raw = os.environ.get(MAX_RECORD_BYTES_ENV, "").strip()
+        if not raw:
+            return DEFAULT_MAX_RECORD_BYTES
+        if not raw.isdigit() or len(raw) > 15:
+            raise InvalidInput(f"{MAX_RECORD_BYTES_ENV}={raw[:40]!r} is not a positive integer")
+        configured = int(raw)
+    if isinstance(configured, bool) or not isinstance(configured, int) or configured < 1:
+        raise InvalidInput(f"the record size cap must be a positive integer, got {configured!r}")
+    return configured
 
 
 def manifest_key(generation: int) -> str:

@@ -3,6 +3,12 @@
 A record has an id and either a plain ``text`` or a prompt and a response.  Files are JSONL
 (``.jsonl``, ``.json``, ``.jsonl.gz``) or Parquet (``.parquet``), chosen by extension.  Every
 bad-input error is one line naming the problem, the file and the record.
+
+A record is refused before it is parsed or tokenized when it is over the size cap
+(``rise.constants.max_record_bytes``: 1 MiB, $RISE_MAX_RECORD_BYTES), nested deeper than
+``MAX_JSON_DEPTH``, or has an id over 256 UTF-8 bytes (integers included).  The readers
+take the name a message shows for the file (``name=``): the services pass the dataset URI
+the caller gave, never the local copy's path.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from rise import constants
 from rise.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -111,74 +119,148 @@ class Encoded:
         return len(self.input_ids) - max(self.sup_start, 1)
 
 
-def _format(path: StrPath) -> str:
-    """'jsonl', 'jsonl.gz' or 'parquet' from the file name, else InvalidInput."""
+def _format(path: StrPath, shown: str | None = None) -> str:
+    """'jsonl', 'jsonl.gz' or 'parquet' from the file name, else InvalidInput naming
+    ``shown`` (default: the path)."""
     name = os.fspath(path)
     for suffix, fmt in _FORMATS.items():
         if name.lower().endswith(suffix):
             return fmt
-    raise InvalidInput(f"{name}: unknown data file extension (use {', '.join(_FORMATS)})")
+    raise InvalidInput(f"{shown or name}: unknown data file extension "
+                       f"(use {', '.join(_FORMATS)})")
 
 
-def _open_binary(path: StrPath) -> IO[bytes]:
-    """Open a data file for reading, mapping OS errors onto the platform's errors."""
+def _open_binary(path: StrPath, name: str | None = None) -> IO[bytes]:
+    """Open a data file for reading, mapping OS errors onto the platform's errors;
+    messages show ``name`` (default: the path)."""
+    shown = name or os.fspath(path)
     try:
         return open(path, "rb")
     except FileNotFoundError:
-        raise NotFound(f"data file not found: {os.fspath(path)}") from None
+        raise NotFound(f"data file not found: {shown}") from None
     except IsADirectoryError:
-        raise InvalidInput(f"{os.fspath(path)}: is a directory, not a data file") from None
+        raise InvalidInput(f"{shown}: is a directory, not a data file") from None
     except PermissionError:
-        raise InvalidInput(f"{os.fspath(path)}: permission denied") from None
+        raise InvalidInput(f"{shown}: permission denied") from None
 
 
-def _jsonl_objects(path: StrPath, gz: bool) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (location, object) per non-blank line; location names line and record number."""
-    name = os.fspath(path)
+def _too_big(where: str, size: int | None, cap: int) -> InvalidInput:
+    """The error of a record over the cap (``size`` None: not read to its end)."""
+    what = f": {size:,} bytes" if size is not None else ""
+    return InvalidInput(f"{where}: the record is over the limit of {cap:,} bytes "
+                        f"({constants.MAX_RECORD_BYTES_ENV}){what}")
+
+
+def _check_depth(obj: Any, where: str, brackets: int) -> None:
+    """InvalidInput when ``obj`` nests objects and arrays deeper than MAX_JSON_DEPTH.
+    Iterative (no recursion to blow up), and skipped when the record has too few
+    brackets to be that deep."""
+    limit = constants.MAX_JSON_DEPTH
+    if brackets <= limit:
+        return
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            raise InvalidInput(f"{where}: JSON nested deeper than {limit} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads with every failure as InvalidInput naming the record."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # the decoder recurses per level: deep input ends here
+        raise InvalidInput(f"{where}: JSON nested deeper than {constants.MAX_JSON_DEPTH} "
+                           "levels") from None
+    except ValueError:  # an integer of more digits than int() converts
+        raise InvalidInput(f"{where}: invalid JSON: a number of more than "
+                           f"{sys.get_int_max_str_digits()} digits") from None
+
+
+def _jsonl_objects(path: StrPath, gz: bool, name: str, cap: int
+                   ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, object) per non-blank line; location names line and record number.
+    A line over ``cap`` bytes is refused after reading at most cap + 2 of its bytes."""
     number = 0
     with contextlib.ExitStack() as stack:
-        stream: IO[bytes] | gzip.GzipFile = stack.enter_context(_open_binary(path))
+        stream: IO[bytes] | gzip.GzipFile = stack.enter_context(_open_binary(path, name))
         if gz:
             stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
         try:
-            for lineno, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue  # blank lines are not records, so they do not advance number
+            lineno = 0
+            while line := stream.readline(cap + 2):
+                lineno += 1
                 loc = f"line {lineno} (record {number})"
                 where = f"{name} {loc}"
+                body = line[:-1] if line.endswith(b"\n") else line
+                body = body[:-1] if body.endswith(b"\r") else body
+                if len(body) > cap:
+                    whole = line.endswith(b"\n") or len(line) < cap + 2
+                    raise _too_big(where, len(body) if whole else None, cap)
+                if not body.strip():
+                    continue  # blank lines are not records, so they do not advance number
                 try:
                     # utf-8-sig on line 1 so a BOM written by some editors is not an error.
-                    text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    text = body.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise InvalidInput(f"{where}: invalid UTF-8 at byte {e.start}") from None
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    msg = f"{where}: invalid JSON: {e.msg} at column {e.colno}"
-                    raise InvalidInput(msg) from None
+                obj = _parse_json(text, where)
                 if not isinstance(obj, dict):
                     kind = "array" if isinstance(obj, list) else type(obj).__name__
                     raise InvalidInput(f"{where}: not a JSON object (got {kind})")
+                _check_depth(obj, where, body.count(b"{") + body.count(b"["))
                 yield loc, obj
                 number += 1
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise InvalidInput(f"{name}: not a valid gzip file ({e})") from None
 
 
-def _parquet_rows(path: StrPath) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (location, row) for each Parquet row, streamed in batches."""
+def _row_bytes(batch: Any) -> list[int]:
+    """Per row of a pyarrow RecordBatch, the bytes of its string and binary values (what
+    a tokenizer would read) plus its share of every other column."""
+    # start-up: pyarrow only for Parquet (note at the top)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    sizes = [0] * n
+    for col in batch.columns:
+        t = col.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+                or pa.types.is_large_binary(t):
+            lengths = pc.fill_null(pc.binary_length(col), 0).to_pylist()
+            sizes = [a + b for a, b in zip(sizes, lengths, strict=True)]
+        elif n:
+            share = col.nbytes // n
+            sizes = [a + share for a in sizes]
+    return sizes
+
+
+def _parquet_rows(path: StrPath, name: str, cap: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, row) for each Parquet row, streamed in batches; a row over ``cap``
+    bytes is refused before the batch becomes Python objects."""
     # start-up: pyarrow only for Parquet (note at the top)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for i, size in enumerate(_row_bytes(batch)):
+                if size > cap:
+                    raise _too_big(f"{name} record {number + i}", size, cap)
             for row in batch.to_pylist():
-                yield f"record {number}", row
+                loc = f"record {number}"
+                _check_depth(row, f"{name} {loc}", constants.MAX_JSON_DEPTH + 1)
+                yield loc, row
                 number += 1
     except (pa.ArrowException, OSError) as e:
-        raise InvalidInput(f"{os.fspath(path)}: not a valid Parquet file ({e})") from None
+        detail = str(e).replace(os.fspath(path), name)  # the local copy's path stays here
+        raise InvalidInput(f"{name}: not a valid Parquet file ({detail})") from None
 
 
 def _utf8_len(value: str, field: str, where: str) -> int:
@@ -197,6 +279,11 @@ def _parse_id(value: Any, field: str, number: int, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, int | str):
         kind = type(value).__name__
         raise InvalidInput(f"{where}: id field {field!r} must be a string or integer, got {kind}")
+    if isinstance(value, int) and abs(value) >= 10**MAX_ID_BYTES:
+        # More digits than an id may have bytes; checked before str(), which refuses
+        # integers of thousands of digits with a ValueError.
+        raise InvalidInput(f"{where}: id field {field!r} is an integer of more than "
+                           f"{MAX_ID_BYTES} digits, over {MAX_ID_BYTES} UTF-8 bytes")
     ident = str(value)
     size = _utf8_len(ident, field, where)
     if not 0 < size <= MAX_ID_BYTES:
@@ -218,29 +305,50 @@ def _string_field(obj: Mapping[str, Any], field: str, where: str, non_blank: boo
     return value
 
 
-def iter_records(path: StrPath, fields: FieldMap) -> Iterator[Record]:
+def iter_records(path: StrPath, fields: FieldMap, *, name: str | None = None,
+                 max_record_bytes: int | None = None) -> Iterator[Record]:
     """Stream validated records; a duplicate id raises when its second copy is reached.
 
-    The extension and the file's existence are checked now, not on first iteration, so a
-    caller's try block around this call sees those errors."""
-    fmt = _format(path)
-    _open_binary(path).close()
-    return _iter_records(path, fmt, fields)
+    ``name`` is what messages call the file (default: its path); ``max_record_bytes``
+    the size cap (default: ``rise.constants.max_record_bytes()``).  The extension, the
+    cap and the file's existence are checked now, not on first iteration, so a caller's
+    try block around this call sees those errors."""
+    shown = name or os.fspath(path)
+    fmt = _format(path, shown)
+    cap = constants.max_record_bytes(max_record_bytes)
+    _open_binary(path, shown).close()
+    return _iter_records(path, fmt, fields, shown, cap)
 
 
-def _iter_records(path: StrPath, fmt: str, fields: FieldMap) -> Iterator[Record]:
+def _iter_records(path: StrPath, fmt: str, fields: FieldMap, name: str, cap: int
+                  ) -> Iterator[Record]:
     """Generator behind iter_records."""
-    rows = _parquet_rows(path) if fmt == "parquet" else _jsonl_objects(path, fmt == "jsonl.gz")
-    return _validated(rows, fields, os.fspath(path))
+    rows = _parquet_rows(path, name, cap) if fmt == "parquet" else \
+        _jsonl_objects(path, fmt == "jsonl.gz", name, cap)
+    return _validated(rows, fields, name)
+
+
+def _inline_bytes(row: Mapping[str, Any]) -> int:
+    """UTF-8 bytes of an inline record's keys and string values (what is tokenized)."""
+    return sum(len(str(k).encode("utf-8", "surrogatepass"))
+               + (len(v.encode("utf-8", "surrogatepass")) if isinstance(v, str) else 0)
+               for k, v in row.items())
 
 
 def records_from_dicts(rows: Iterable[Mapping[str, Any]], fields: FieldMap,
-                       source: str = "request") -> list[Record]:
-    """Validate records sent inline (a gRPC request) exactly as file records are."""
+                       source: str = "request", *,
+                       max_record_bytes: int | None = None) -> list[Record]:
+    """Validate records sent inline (a gRPC request) exactly as file records are, the
+    size cap (``max_record_bytes``, default ``rise.constants.max_record_bytes()``)
+    included."""
+    cap = constants.max_record_bytes(max_record_bytes)
     objs = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise InvalidInput(f"{source} record {i}: expected an object")
+        size = _inline_bytes(row)
+        if size > cap:
+            raise _too_big(f"{source} record {i}", size, cap)
         objs.append((f"record {i}", dict(row)))
     return list(_validated(iter(objs), fields, source))
 
@@ -266,15 +374,18 @@ def _validated(rows: Iterator[tuple[str, dict[str, Any]]], fields: FieldMap,
         yield Record(ident, number, text, prompt, response, obj)
 
 
-def read_records(path: StrPath, fields: FieldMap) -> list[Record]:
-    """All validated records of a file, in file order."""
-    return list(iter_records(path, fields))
+def read_records(path: StrPath, fields: FieldMap, *, name: str | None = None,
+                 max_record_bytes: int | None = None) -> list[Record]:
+    """All validated records of a file, in file order (``name``, ``max_record_bytes``: as
+    for ``iter_records``)."""
+    return list(iter_records(path, fields, name=name, max_record_bytes=max_record_bytes))
 
 
-def file_sha256(path: StrPath) -> str:
-    """Hex sha256 of the file's bytes, read in 1 MiB blocks so large files stay cheap."""
+def file_sha256(path: StrPath, name: str | None = None) -> str:
+    """Hex sha256 of the file's bytes, read in 1 MiB blocks so large files stay cheap
+    (``name``: what an error calls the file)."""
     digest = hashlib.sha256()
-    with _open_binary(path) as f:
+    with _open_binary(path, name) as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()

@@ -7,9 +7,12 @@ these types, and none of the first three needs the last two.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from rise.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,30 @@ class Features:
     rh: torch.Tensor | None = None  # (n, kr*kh) float64 raw sketches (mode sketch)
     gh: torch.Tensor | None = None  # (n, kg*kh)
     factors: list[TokenFactors] | None = None  # modes exact / nosketch, one per example
+
+
+def check_finite(feats: Features, ids: Sequence[str], what: str = "record") -> None:
+    """InvalidInput naming the first example whose features hold a NaN or an infinity, or
+    whose sketch norm overflows float32 (the dtype norms are stored in): what an ingest
+    checks before it writes a shard, and query sketching before it answers, so that no
+    index or score is ever NaN."""
+    bad: list[tuple[int, str]] = []
+    for name, x in (("RH", feats.rh), ("GH", feats.gh)):
+        if x is not None and x.numel():
+            norms = x.norm(dim=1).to(torch.float32)
+            rows = (~torch.isfinite(x).all(dim=1) | ~torch.isfinite(norms)).nonzero()
+            if rows.numel():
+                bad.append((int(rows[0]), name))
+    for i, f in enumerate(feats.factors or []):
+        parts = [("h", f.h), ("g", f.g), ("r", f.r)] + ([("w", f.w)] if f.w is not None else [])
+        broken = [n for n, t in parts if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if broken:
+            bad.append((i, "/".join(broken)))
+            break
+    if bad:
+        i, where = min(bad)
+        ident = ids[i] if i < len(ids) else str(i)
+        raise InvalidInput(
+            f"{what} id {ident!r}: its features are not finite (NaN or infinity in {where}): "
+            "the model's logits or hidden states overflowed on it (refused: no index "
+            "stores and no answer carries a NaN)")

@@ -11,7 +11,8 @@ workers.  So a rule about what may be ingested (ids, budgets, models) is written
   nothing.
 - ``write_shard(n)`` takes only shard n's records, sketches them and writes the shard
   under a key that is a pure function of (generation, n); a valid shard already there is
-  kept, so a redelivered or rerun shard task does no harm.
+  kept, so a redelivered or rerun shard task does no harm.  Features that are not finite
+  (NaN, infinity) are refused before the put, naming the record: no index holds a NaN.
 - ``commit`` writes the manifest (create-only) once every shard is there; rerunning it
   after success is a no-op.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rise import constants, exact
@@ -38,6 +40,7 @@ from rise.data import (
     read_records,
 )
 from rise.errors import AlreadyExists, BudgetExceeded, InvalidInput, Mismatch, StorageError
+from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.index import (
     check_model,
@@ -181,6 +184,7 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
          config: SketchConfig | None = None, shard_size: int | None = None,
          dataset_uri: str | None = None,
          exact_budget: int = constants.DEFAULT_EXACT_BUDGET_BYTES,
+         max_record_bytes: int | None = None,
          ) -> tuple[IngestPlan, list[Record]]:
     """Check ``data`` against the index at ``store`` and fix the plan; writes nothing.
 
@@ -189,7 +193,9 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
     config, shard size and (unless ``fields`` is given) its first ingest's field map; the
     model must be the index's, and an id may not be live nor deleted-but-not-compacted (it
     still has a row in some shard, so the new record would be born deleted).
-    ``dataset_uri`` is what the manifest records (default: the file's absolute path).
+    ``dataset_uri`` is what the manifest records (default: the file's absolute path) and
+    what every message about the data names (never the local copy a worker reads).
+    ``max_record_bytes``: the record size cap (default ``constants.max_record_bytes()``).
     Returns the plan and the dataset's records.
     """
     taken: dict[str, str] | None = None
@@ -224,7 +230,7 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InvalidInput("shard size must be >= 1")
     uri = dataset_uri or os.path.abspath(data)
-    records = read_records(data, fields)
+    records = read_records(data, fields, name=uri, max_record_bytes=max_record_bytes)
     if not records:
         raise InvalidInput(f"{uri}: no records")
     check_unique_ids(records, taken)
@@ -238,7 +244,7 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
                 f"factors, over the budget of {exact_budget / 2**20:.1f} MiB; index fewer "
                 "records or raise --exact-budget")
     p = IngestPlan(
-        generation=generation, dataset_uri=uri, dataset_sha256=file_sha256(data),
+        generation=generation, dataset_uri=uri, dataset_sha256=file_sha256(data, uri),
         fields=_fields_entry(fields), config=config, model=model_entry(lm),
         n_records=len(records), shard_size=shard_size,
         tokens=sum(e.n_supervised for e in encoded),
@@ -277,8 +283,14 @@ def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
         return ShardWrite(False, len(records), tokens)
     feats = featurize(lm, encoded, p.config, batch_size=batch_size, progress=progress,
                       cancel=cancel)
+    ids = [r.id for r in records]
+    check_finite(feats, ids)  # InvalidInput naming the record: an index never holds a NaN
     norms = None if p.config.sketched else exact.norms(feats.factors or [], lm.head.vocab)
-    data = build_shard(p.shard_meta(n), [r.id for r in records],
+    if norms is not None and not bool(torch.isfinite(norms).all()):
+        bad = int((~torch.isfinite(norms).all(dim=1)).nonzero()[0])
+        raise InvalidInput(f"record id {ids[bad]!r}: the norm of its head gradient overflows "
+                           "float64 (refused: no index stores a NaN or an infinity)")
+    data = build_shard(p.shard_meta(n), ids,
                        [p.generation] * len(records), [r.number for r in records], feats,
                        p.config.storage_dtype, norms)
     if before_write is not None:

@@ -6,7 +6,8 @@ the head's work in token chunks.  The planner builds the model on the meta devic
 only: no weights, no download), counts its parameters, spreads the decoder layers over the
 GPUs with accelerate, pins the LM head and the final norm to the LAST GPU (the "head
 device", which also runs the sketches) and estimates each device's peak as CUDA context +
-its weights + one layer's activations (+ the float32 head workspace on the head device).
+its weights + one layer's activations (+ the float32 head workspace and the float64
+sketch work of the configuration's dims and top-K on the head device).
 
 Activations assume scaled-dot-product attention (SDPA or flash): the (B, heads, L, L)
 scores are never materialised, so there is no L^2 term (eager attention would add
@@ -128,6 +129,28 @@ def activation_bytes(batch: int, length: int, hidden: int, intermediate: int, nb
     """One decoder layer's live tensors under inference_mode: residual stream and attention
     output (2 * hidden) plus the MLP up/gate intermediates (2 * intermediate); no L^2."""
     return batch * length * (2 * hidden + 2 * intermediate) * nbytes
+
+
+def sketch_workspace_bytes(dims: tuple[int, int, int], hidden: int, batch: int, length: int,
+                           chunk: int, compute_bytes: int = FP32_BYTES) -> int:
+    """The sketch work of one batch on the head device (``rise.readout.sketch_batch``):
+    the float64 (batch, kr*kh) and (batch, kg*kh) accumulators, one chunk's flattened
+    float64 outer products (chunk, max(kr, kg)*kh) with their (batch, ...) product, the
+    chunk's sketched factors (kr, kh, kg columns, float64 and compute dtype), the token ->
+    example matrix, and the dense CountSketch matrices of h and g (hidden x kh, kg).
+
+    An upper bound: it is added to the head workspace, whose (chunk, V) temporaries are
+    freed before the outer products peak.  On an H200 (V = 49152, d = 2048, 8 x 512
+    tokens, chunk 341) the two together came to 1.2-1.4x the measured peak of
+    ``sketch_batch`` for dims from (16, 8, 8) to (960, 1024, 64)."""
+    kr, kh, kg = dims
+    tokens = min(chunk, batch * length)
+    widest = max(kr, kg) * kh
+    accumulators = batch * (kr + kg) * kh * 8
+    outer = (tokens + batch) * widest * 8
+    factors = tokens * (kr + kh + kg) * (8 + compute_bytes) + batch * tokens * 8
+    matrices = hidden * (kh + kg) * compute_bytes
+    return accumulators + outer + factors + matrices
 
 
 def head_workspace_bytes(vocab: int, hidden: int, batch: int, length: int, chunk: int,
@@ -290,11 +313,13 @@ def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_siz
                    max_length: int = 512, dtype: str = "bfloat16",
                    dims: tuple[int, int, int] = constants.DEFAULT_DIMS,
                    head_chunk_tokens: int | None = None,
-                   cpu_memory_bytes: int | str | None = None) -> Placement:
+                   cpu_memory_bytes: int | str | None = None,
+                   topk: int | None = constants.DEFAULT_TOPK) -> Placement:
     """Plan a RISE readout of ``model`` (folder or config.json) on ``gpus`` GPUs.
 
     Layers fill the GPUs, balanced, then ``cpu_memory_bytes`` of CPU offload if given; the
-    LM head and the final norm go on the last GPU.  ``fits`` is False, with a reason, when
+    LM head and the final norm go on the last GPU, with the head's workspace for ``topk``
+    (None: all V) and the sketch work of ``dims``.  ``fits`` is False, with a reason, when
     a device's estimated peak exceeds its budget or some weights find no room at all.
     """
     gpu_mem = _positive("gpu memory", parse_bytes(gpu_memory_bytes))
@@ -303,7 +328,8 @@ def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_siz
         raise InvalidInput(f"need dtype in {sorted(_DTYPES)}, dims (kr, kh, kg), chunk >= 1; "
                            f"got {dtype!r}, {tuple(dims)!r}, {head_chunk_tokens!r}")
     for what, v in (("gpus", gpus), ("batch_size", batch_size), ("max_length", max_length),
-                    ("head_chunk_tokens", head_chunk_tokens or 1), *(("dims", k) for k in dims)):
+                    ("head_chunk_tokens", head_chunk_tokens or 1), ("topk", topk or 1),
+                    *(("dims", k) for k in dims)):
         _positive(what, v)
     tdtype = _DTYPES[dtype]
     nbytes = torch.finfo(tdtype).bits // 8
@@ -319,7 +345,11 @@ def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_siz
     chunk = head_chunk_tokens or default_head_chunk_tokens(vocab)
     head_bytes = nbytes * sum(k for n, k in params if any(n.startswith(h + ".") for h in heads))
     act = activation_bytes(batch_size, max_length, hidden, intermediate, nbytes)
-    ws = head_workspace_bytes(vocab, hidden, batch_size, max_length, chunk, nbytes == FP32_BYTES)
+    # K >= V (or all) reads the dense residual out: no gathered (chunk, K+1, d) rows.
+    gathered = 0 if topk is None or topk >= vocab else topk
+    sketch_ws = sketch_workspace_bytes(dims, hidden, batch_size, max_length, chunk)
+    ws = head_workspace_bytes(vocab, hidden, batch_size, max_length, chunk,
+                              nbytes == FP32_BYTES, topk=gathered) + sketch_ws
 
     last = gpus - 1
     budgets: dict[int | str, int] = {i: gpu_mem - CUDA_CONTEXT_BYTES - act for i in range(gpus)}
@@ -358,6 +388,8 @@ def plan_placement(model: str, gpus: int, gpu_memory_bytes: int | str, batch_siz
                        f"{format_bytes(sum(budgets.values()))} after context, activations "
                        "and the head's weights and workspace")
     notes = ["attention assumed SDPA/flash: no B*heads*L^2 score term in activations",
+             f"head ws includes the sketch work of dims {tuple(dims)}: "
+             f"{format_bytes(sketch_ws)} (top-K {'all' if topk is None else topk})",
              "index bytes per example exclude the id's UTF-8 bytes, and each shard adds "
              "its channel sums and header once"]
     if offloaded := layer_dev.count("cpu"):
@@ -391,7 +423,8 @@ def format_placement(p: Placement) -> str:
         f"{'device':<9}{'layers':>6}  {'range':<12}{'weights':>12}{'activ.':>12}"
         f"{'head ws':>12}{'peak':>12}{'budget':>12}  ok"]
     for r in p.devices:
-        span = {0: "", 1: f"{r.layers[0]}"}.get(r.n_layers, f"{r.layers[0]}-{r.layers[-1]}")
+        span = "" if not r.layers else f"{r.layers[0]}" if r.n_layers == 1 else \
+            f"{r.layers[0]}-{r.layers[-1]}"  # a device may hold the head alone
         what = "+".join(x for x in (span, "head" if r.has_head else "") if x)  # fill is in order
         lines.append(f"{r.device:<9}{r.n_layers:>6}  {what or '-':<12}{g(r.weight_bytes):>12}"
                      f"{g(r.activation_bytes):>12}{g(r.head_workspace_bytes):>12}"

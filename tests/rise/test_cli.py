@@ -207,23 +207,41 @@ def test_raw_score_with_both_channels(capsys, tmp_path, tiny_model, built, data_
     assert code == 2 and "raw" in line and "--channel" in line
 
 
-@pytest.mark.parametrize("dims", ["1,2", "a,b,c", "0,4,4", "4,4,4,4", "-1,2,2"])
+@pytest.mark.parametrize("dims", ["1,2", "a,b,c", "0,4,4", "4,4,4,4", "-1,2,2",
+                                  "4294967295,64,64", "1" * 5000 + ",4,4", "65537,4,4"])
 def test_bad_dims(capsys, tmp_path, tiny_model, data_dir, dims):
     code, _, err = run(capsys, *index_args(tiny_model, data_dir / "corpus.jsonl",
                                            tmp_path / "i", f"--dims={dims}"))
     line = one_error(err)
-    assert code == 2 and "--dims" in line
+    assert code == 2 and ("--dims" in line or "dims must be" in line)
     assert not (tmp_path / "i").exists()
 
 
 @pytest.mark.parametrize(("flag", "value", "expect"),
                          [("--topk", "zero", "--topk"), ("--temperature", "0", "temperature"),
+                          ("--temperature", "1e-300", "temperature must be in [0.05, 100]"),
+                          ("--temperature", "1000", "temperature must be in [0.05, 100]"),
                           ("--max-length", "1", "max_length")])
 def test_bad_sketch_flags(capsys, tmp_path, tiny_model, data_dir, flag, value, expect):
     code, _, err = run(capsys, *index_args(tiny_model, data_dir / "corpus.jsonl",
                                            tmp_path / "i", flag, value))
     line = one_error(err)
     assert code == 2 and expect in line
+
+
+@pytest.mark.parametrize("line,expect", [
+    ('{"id": ' + "7" * 5000 + ', "text": "t"}', "more than 4300 digits"),
+    ('{"id": 1, "text": "t", "a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "nested deeper than 64 levels"),
+    ('{"id": 1, "text": "' + "a" * (2 * 2**20) + '"}', "over the limit of 1,048,576 bytes"),
+])
+def test_bad_records_exit_2_naming_the_record(capsys, tmp_path, tiny_model, line, expect):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"id": 0, "text": "fine"}\n' + line + "\n")
+    code, _, err = run(capsys, *index_args(tiny_model, data, tmp_path / "i"))
+    msg = one_error(err)
+    assert code == 2 and "bad.jsonl line 2 (record 1)" in msg and expect in msg
+    assert not (tmp_path / "i").exists()
 
 
 def test_empty_data_file(capsys, tmp_path, tiny_model):

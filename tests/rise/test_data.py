@@ -425,3 +425,127 @@ def test_prompt_response_invariants(
     assert kept == prompt_ids[len(prompt_ids) - len(kept) :]  # a suffix of the prompt
     assert enc.truncated == (len(kept) < len(prompt_ids))
     assert enc.n_supervised == len(response_ids) - (1 if enc.sup_start == 0 else 0)
+
+
+# --- bad input refused before parsing or tokenizing (docs/bad-input.md) -----------------
+
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_a_record_over_the_size_cap_is_refused_without_reading_it_whole(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    monkeypatch.delenv("RISE_MAX_RECORD_BYTES", raising=False)
+    big = _jsonl(tmp_path / "big.jsonl", ['{"id": 1, "text": "ok"}',
+                                          json.dumps({"id": 2, "text": "a" * (20 * 2**20)})])
+    with pytest.raises(InvalidInput) as e:
+        read_records(big, FieldMap())
+    msg = str(e.value)
+    assert "line 2 (record 1)" in msg and "over the limit of 1,048,576 bytes" in msg
+    assert "RISE_MAX_RECORD_BYTES" in msg
+
+
+def test_the_size_cap_is_configurable(tmp_path: Path, monkeypatch) -> None:
+    path = _jsonl(tmp_path / "d.jsonl", [json.dumps({"id": 1, "text": "x" * 100})])
+    assert len(read_records(path, FieldMap(), max_record_bytes=200)) == 1
+    with pytest.raises(InvalidInput, match="over the limit of 100 bytes"):
+        read_records(path, FieldMap(), max_record_bytes=100)
+    monkeypatch.setenv("RISE_MAX_RECORD_BYTES", "100")
+    with pytest.raises(InvalidInput, match="over the limit of 100 bytes"):
+        read_records(path, FieldMap())
+    monkeypatch.setenv("RISE_MAX_RECORD_BYTES", "lots")
+    with pytest.raises(InvalidInput, match="RISE_MAX_RECORD_BYTES"):
+        read_records(path, FieldMap())
+
+
+def test_a_line_exactly_at_the_cap_passes_whatever_its_line_ending(tmp_path: Path) -> None:
+    line = json.dumps({"id": 1, "text": "x" * 50})
+    cap = len(line.encode())
+    for ending in ("\n", "\r\n", ""):
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(line.encode() + ending.encode())
+        assert len(read_records(path, FieldMap(), max_record_bytes=cap)) == 1
+        with pytest.raises(InvalidInput, match="over the limit"):
+            read_records(path, FieldMap(), max_record_bytes=cap - 1)
+
+
+def test_the_size_cap_applies_to_gzip_and_parquet(tmp_path: Path) -> None:
+    rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y" * 5000}]
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(InvalidInput, match="line 2 .*over the limit of 1,000 bytes"):
+        read_records(gz, FieldMap(), max_record_bytes=1000)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with pytest.raises(InvalidInput, match="record 1: the record is over the limit of 1,000 "
+                                           "bytes .*: 5,001 bytes"):
+        read_records(tmp_path / "d.parquet", FieldMap(), max_record_bytes=1000)
+    assert len(read_records(tmp_path / "d.parquet", FieldMap(), max_record_bytes=10_000)) == 2
+
+
+def test_inline_records_over_the_cap_are_refused() -> None:
+    from rise.data import records_from_dicts
+
+    with pytest.raises(InvalidInput, match="request record 1: the record is over the limit"):
+        records_from_dicts([{"text": "a"}, {"text": "b" * 2000}], FieldMap(),
+                           max_record_bytes=1000)
+
+
+@pytest.mark.parametrize("depth,ok", [(63, True), (64, False), (70, False), (200_000, False)])
+def test_json_nesting_is_limited(tmp_path: Path, depth: int, ok: bool) -> None:
+    """The record object is level 1; 200k levels once blew Python's recursion limit
+    (RecursionError: INTERNAL)."""
+    line = '{"id": 1, "text": "t", "a": ' + "[" * depth + "]" * depth + "}"
+    path = _jsonl(tmp_path / "d.jsonl", [line])
+    if ok:
+        assert len(read_records(path, FieldMap())) == 1
+    else:
+        with pytest.raises(InvalidInput, match=r"line 1 \(record 0\): JSON nested deeper "
+                                               "than 64 levels"):
+            read_records(path, FieldMap())
+
+
+def test_deep_objects_are_refused_too(tmp_path: Path) -> None:
+    line = '{"id": 1, "text": "t", "a": ' + '{"b": ' * 80 + "1" + "}" * 80 + "}"
+    with pytest.raises(InvalidInput, match="nested deeper than 64"):
+        read_records(_jsonl(tmp_path / "d.jsonl", [line]), FieldMap())
+
+
+def test_integer_ids_are_bounded_like_strings(tmp_path: Path) -> None:
+    from rise.data import records_from_dicts
+
+    # 5,000 digits: more than int() converts, refused while parsing (was a ValueError)
+    path = _jsonl(tmp_path / "d.jsonl", ['{"id": ' + "7" * 5000 + ', "text": "t"}'])
+    with pytest.raises(InvalidInput, match="line 1 .*a number of more than 4300 digits"):
+        read_records(path, FieldMap())
+    # 300 digits parse, but are longer than an id may be
+    path = _jsonl(tmp_path / "d.jsonl", ['{"id": ' + "7" * 300 + ', "text": "t"}'])
+    with pytest.raises(InvalidInput, match="integer of more than 256 digits"):
+        read_records(path, FieldMap())
+    with pytest.raises(InvalidInput, match="integer of more than 256 digits"):
+        records_from_dicts([{"id": 10**5000, "text": "t"}], FieldMap())
+    with pytest.raises(InvalidInput, match="integer of more than 256 digits"):
+        records_from_dicts([{"id": -(10**256), "text": "t"}], FieldMap())
+    assert records_from_dicts([{"id": 10**255, "text": "t"}], FieldMap())[0].id == str(10**255)
+    with pytest.raises(InvalidInput, match="id field 'id' is 257 UTF-8 bytes"):
+        records_from_dicts([{"id": -(10**256) + 1, "text": "t"}], FieldMap())
+    with pytest.raises(InvalidInput, match="5000 UTF-8 bytes"):
+        records_from_dicts([{"id": "7" * 5000, "text": "t"}], FieldMap())
+
+
+def test_messages_name_the_file_as_the_caller_named_it(tmp_path: Path) -> None:
+    """A worker reads a local copy of s3://...: its errors must name the URI, not the copy."""
+    local = _jsonl(tmp_path / "cache-3f2a.jsonl", ['{"id": 1, "text": "t"}', "{bad"])
+    with pytest.raises(InvalidInput) as e:
+        read_records(local, FieldMap(), name="s3://rise/tenants/a/d.jsonl")
+    assert str(e.value).startswith("s3://rise/tenants/a/d.jsonl line 2 (record 1)")
+    assert str(tmp_path) not in str(e.value)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InvalidInput) as e:
+        read_records(tmp_path / "bad.parquet", FieldMap(), name="s3://rise/tenants/a/d.parquet")
+    assert str(tmp_path) not in str(e.value) and "s3://rise/tenants/a/d.parquet" in str(e.value)
+    with pytest.raises(NotFound) as nf:
+        file_sha256(tmp_path / "gone.jsonl", "s3://rise/tenants/a/gone.jsonl")
+    assert str(tmp_path) not in str(nf.value)

@@ -209,7 +209,9 @@ def test_model_folder_and_tied_embeddings(tmp_path: Path) -> None:
            "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    p = P.plan_placement(str(tmp_path), gpus=2, gpu_memory_bytes="1GiB", dtype="float32")
+    # 2 GiB: with V = 1000 a head chunk is 4096 tokens, whose float64 sketch outer
+    # products alone take 4096 x 8192 x 8 B = 256 MiB on the head device.
+    p = P.plan_placement(str(tmp_path), gpus=2, gpu_memory_bytes="2GiB", dtype="float32")
     layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert p.n_params == 1000 * 64 + 4 * layer + 64  # the tied head counted once
     dm = p.device_map
@@ -289,3 +291,40 @@ def test_head_work_never_allocates_tokens_by_vocab(tmp_path):
     full = 4 * 256 * 262144 * 4
     # 32-token chunks: a few (32, V) temporaries (~32 MiB each) plus the sketch maps.
     assert growth < full / 4, f"peak grew by {growth / 2**20:.0f} MiB"
+
+
+def test_sketch_dims_and_topk_count_on_the_head_device() -> None:
+    """The head device holds the sketch work of the configuration's dims and the gathered
+    top-K rows: a configuration the pool cannot hold is refused by the plan, at submit."""
+    kw = dict(gpus=1, gpu_memory_bytes="64GiB")
+    base = P.plan_placement(OLMO_32B, **kw)
+    assert base.fits, base.reason
+    wide = P.plan_placement(OLMO_32B, dims=(960, 1024, 64), **kw)
+    extra = P.sketch_workspace_bytes((960, 1024, 64), 5120, 8, 512, base.head_chunk_tokens) \
+        - P.sketch_workspace_bytes((128, 64, 64), 5120, 8, 512, base.head_chunk_tokens)
+    head_ws = [p.devices[0].head_workspace_bytes for p in (base, wide)]
+    assert head_ws[1] - head_ws[0] == extra > GiB
+    assert not wide.fits
+    many = P.plan_placement(OLMO_32B, topk=50_000, gpus=1, gpu_memory_bytes="141GiB")
+    assert not many.fits  # (chunk, K+1, d) float32 gathered head rows
+    dense = P.plan_placement(OLMO_32B, topk=None, gpus=1, gpu_memory_bytes="141GiB")
+    assert dense.fits, dense.reason  # K = V reads the dense residual: no gather
+    assert any("sketch work of dims (960, 1024, 64)" in n for n in wide.notes)
+
+
+def test_sketch_workspace_bytes() -> None:
+    kr, kh, kg, d, b, length, chunk = 16, 8, 4, 32, 2, 5, 4096
+    tokens = b * length  # a chunk never holds more tokens than the batch
+    want = (b * (kr + kg) * kh * 8 + (tokens + b) * kr * kh * 8
+            + tokens * (kr + kh + kg) * 12 + b * tokens * 8 + d * (kh + kg) * 4)
+    assert P.sketch_workspace_bytes((kr, kh, kg), d, b, length, chunk) == want
+
+
+def test_a_device_holding_only_the_head_formats(tmp_path: Path) -> None:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = P.plan_placement(str(tmp_path), gpus=2, gpu_memory_bytes="1GiB", dtype="float32")
+    assert [d.n_layers for d in p.devices] == [4, 0]  # cuda:1: the head alone
+    assert "cuda:1" in P.format_placement(p)

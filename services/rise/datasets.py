@@ -8,13 +8,16 @@ S3/MinIO normally, or a local folder when ``RISE_S3_ENDPOINT`` is ``file:///abs/
 ``s3://bucket/key`` is downloaded once into the cache (named by the sha256 of the URI and
 the object's ETag, so a changed object is fetched again), a local path is used in place.
 
-Neither function imports torch, so the gateway can use them.
+Neither function imports torch, so the gateway can use them.  Their errors name the
+bucket, the key or the URI a caller gave, never the endpoint's host:port nor a path of this
+machine (logged instead).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -28,6 +31,8 @@ from rise.errors import InvalidInput, NotFound, StorageError
 from rise.s3store import S3Store
 from rise.settings import Settings
 from rise.store import LocalStore, Store
+
+log = logging.getLogger("rise.datasets")
 
 FILE_SCHEME = "file://"
 # Longest suffix first: ".jsonl.gz" must not be read as ".gz" (same list as rise.data).
@@ -49,7 +54,10 @@ def open_store(settings: Settings, prefix: str) -> Store:
     """The store holding the objects under ``prefix`` (an index's folder in the bucket)."""
     root = local_root(settings)
     if root is not None:
-        return LocalStore(root / prefix.strip("/")) if prefix.strip("/") else LocalStore(root)
+        # Named as the S3 URI it stands for: the folder is this machine's business.
+        inner = prefix.strip("/")
+        label = f"s3://{settings.s3_bucket}/{inner + '/' if inner else ''}"
+        return LocalStore(root / inner if inner else root, label=label)
     return S3Store.from_url(
         settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
         settings.s3_bucket, prefix=prefix, secure=settings.s3_secure, region=settings.s3_region,
@@ -141,7 +149,12 @@ def _materialize_s3(uri: str, settings: Settings) -> Path:
     except MinioException as e:  # ServerError, InvalidResponseError: retryable
         raise StorageError(f"cannot download dataset {uri}: {type(e).__name__}") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:  # unreachable endpoint, local disk
-        raise StorageError(f"cannot download dataset {uri}: {type(e).__name__}: {e}") from None
+        # The detail names the endpoint's host:port or the cache's path: the log's, not
+        # the caller's (a job's message reaches the tenant).
+        log.warning("cannot download dataset %s: %s: %s", uri, type(e).__name__, e)
+        raise StorageError(f"cannot download dataset {uri}: {type(e).__name__} (the store "
+                           "is unreachable or the local cache failed; see the worker log)"
+                           ) from None
     finally:
         if tmp:
             for leftover in (tmp, tmp + ".part"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageE
 from rise.store import check_key
 
 T = TypeVar("T")
+log = logging.getLogger("rise.s3store")
 
 PART_SIZE = 16 * 1024 * 1024  # objects larger than this upload as multipart
 MAX_SINGLE_PUT = 5 * 1024**3  # S3's limit for one PUT, hence for create_only objects
@@ -96,7 +98,11 @@ class S3Store:
             except ServerError as e:
                 reason = f"HTTP {e.status_code}"
             except (urllib3.exceptions.HTTPError, OSError, MinioException) as e:
-                reason = _one_line(e)
+                # The detail names the endpoint (host:port): logged, never in the error,
+                # which reaches callers and tenants' job messages.
+                log.warning("cannot %s at %s (try %d of %d): %s", what, self.describe(),
+                            attempt, TRIES, _one_line(e))
+                reason = f"the store is unreachable ({_kind(e)})"
             if attempt == TRIES:
                 raise StorageError(f"cannot {what} at {self.describe()}: {reason} "
                                    f"(after {TRIES} tries)") from None
@@ -227,6 +233,12 @@ class S3Store:
         except S3Error as e:
             if e.code not in _MISSING:
                 raise self._refused(f"delete {key}", e) from None
+
+
+def _kind(e: BaseException) -> str:
+    """The class name of the real cause (urllib3 nests it), for messages: never its text,
+    which names the endpoint."""
+    return type(getattr(e, "reason", None) or e).__name__
 
 
 def _one_line(e: BaseException) -> str:

@@ -70,11 +70,14 @@ class LocalStore:
     exists, so exactly one of two racing writers wins).
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, label: str | None = None) -> None:
         self.root = Path(root)
+        # What messages call this store (default: its folder): a service names it as its
+        # callers address it, never by a path of its host.
+        self.label = label
 
     def describe(self) -> str:
-        return str(self.root)
+        return self.label or str(self.root)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -94,7 +97,7 @@ class LocalStore:
                     try:
                         os.link(tmp, path)
                     except FileExistsError:
-                        raise AlreadyExists(f"{key} already exists in {self.root}") from None
+                        raise AlreadyExists(f"{key} already exists in {self.describe()}") from None
                 else:
                     os.replace(tmp, path)
                     tmp = ""
@@ -107,15 +110,15 @@ class LocalStore:
             finally:
                 os.close(dir_fd)
         except OSError as e:
-            raise StorageError(f"cannot write {key} in {self.root}: {e.strerror}") from None
+            raise StorageError(f"cannot write {key} in {self.describe()}: {e.strerror}") from None
 
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"{key} not found in {self.root}") from None
+            raise NotFound(f"{key} not found in {self.describe()}") from None
         except OSError as e:
-            raise StorageError(f"cannot read {key} in {self.root}: {e.strerror}") from None
+            raise StorageError(f"cannot read {key} in {self.describe()}: {e.strerror}") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -147,7 +150,7 @@ class LocalStore:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise StorageError(f"cannot delete {key} in {self.root}: {e.strerror}") from None
+            raise StorageError(f"cannot delete {key} in {self.describe()}: {e.strerror}") from None
         # Keys are flat names: folders are an artefact of this store, so drop empty ones.
         parent = path.parent
         while parent != self.root:

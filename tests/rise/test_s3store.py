@@ -244,6 +244,8 @@ def test_storage_error_when_server_is_gone(tmp_path):
         msg = str(exc.value)
         assert "\n" not in msg and "after 3 tries" in msg, msg
         assert exc.value.grpc_code == "UNAVAILABLE"
+        host, port = server.endpoint.rsplit(":", 1)  # logged, never in the error
+        assert host not in msg and f":{port}" not in msg and "unreachable" in msg, msg
 
 
 def test_index_engine_on_s3(store: S3Store, tiny_model, tmp_path):

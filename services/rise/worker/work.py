@@ -25,7 +25,7 @@ from rise import constants
 from rise.config import SketchConfig, sketch_config
 from rise.data import FieldMap, Record, file_sha256, read_records
 from rise.datasets import materialize
-from rise.errors import BudgetExceeded, InvalidInput, Mismatch
+from rise.errors import BudgetExceeded, InvalidInput, Mismatch, RiseError
 from rise.ingest import IngestPlan, RecordList, RecordSource
 from rise.jobs import JobStore
 from rise.model import LoadedModel, load_model
@@ -173,7 +173,15 @@ def get_model(settings: Settings, name: str,
         lm = _models.get(name)
         if lm is None:
             start = time.perf_counter()
-            lm = load_pool_model(settings.pool(name))
+            try:
+                lm = load_pool_model(settings.pool(name))
+            except RiseError as e:
+                # Its message names the model's files (a path of this machine, the cache
+                # of converted models): the log's, while the job's message reaches the
+                # tenant.
+                log.error("pool %s: cannot load its model: %s", name, e)
+                raise type(e)(f"the model of pool {name!r} cannot be loaded "
+                              f"({type(e).__name__}); see the worker log") from None
             seconds = time.perf_counter() - start
             log.info("loaded model of pool %s in %.1f s", name, seconds)
             if on_load is not None:
@@ -212,11 +220,11 @@ def dataset_source(settings: Settings, p: IngestPlan) -> RecordSource:
         _records.move_to_end(key)
         return RecordList(_records[key])
     path = materialize(p.dataset_uri, settings)
-    got = file_sha256(path)
+    got = file_sha256(path, p.dataset_uri)
     if got != p.dataset_sha256:
         raise Mismatch(f"dataset {p.dataset_uri} changed since the job was planned (sha256 "
                        f"{got[:12]} vs {p.dataset_sha256[:12]})")
-    records = read_records(path, fields)
+    records = read_records(path, fields, name=p.dataset_uri)  # messages name the URI
     remember_records(p, records)
     return RecordList(records)
 

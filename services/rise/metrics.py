@@ -31,6 +31,9 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
         ("service", "method", "code"), ("gateway", "scorer")),
     "rise_grpc_request_duration_seconds": (
         "histogram", "gRPC request latency", ("service", "method"), ("gateway", "scorer")),
+    "rise_auth_tokens_stale": (
+        "gauge", "1 while the auth tokens file cannot be loaded and the last good token map "
+        "stays in force (revocations in the file are not applied)", (), ("gateway",)),
     "rise_jobs_submitted_total": (
         "counter", "jobs accepted by the gateway", ("kind",), ("gateway",)),
     "rise_jobs": (

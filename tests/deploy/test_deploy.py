@@ -72,7 +72,7 @@ WORKER_SETTINGS = {"heartbeatSeconds": "heartbeat_seconds",
                    "storageRetryBudgetSeconds": "storage_retry_budget_seconds"}
 # Environment variables of RISE containers that do not carry the RISE_ prefix.
 NON_RISE_ENV = {"HOME", "PYTHONUNBUFFERED", "POD_NAME", "POD_NAMESPACE", "PROMETHEUS_MULTIPROC_DIR",
-                "HF_HOME"}
+                "HF_HOME", "REDIS_PASSWORD"}
 
 
 # --- values, schema, templates (no helm needed) ----------------------------------------------
@@ -456,7 +456,10 @@ def test_rendered_release_wiring(helm, ci_file):
 
     secrets = {d["metadata"]["name"]: d for d in by_kind(docs, "Secret")}
     external_secrets = {values["s3"]["existingSecret"], values["auth"]["existingSecret"],
-                        values["redis"]["externalUrlSecret"]["name"]} - {""}
+                        values["redis"]["externalUrlSecret"]["name"],
+                        values["redis"]["auth"]["existingSecret"],
+                        values["internalAuth"]["existingSecret"],
+                        values["gateway"]["tls"]["secretName"]} - {""}
 
     def check_secret_ref(name, key):
         if name in secrets:
@@ -517,7 +520,9 @@ def test_rendered_release_wiring(helm, ci_file):
 
     # the broker and the object store: the same settings in every RISE container
     if values["redis"]["enabled"]:
-        redis_url = f"redis://{RELEASE}-redis:{values['redis']['port']}/{values['redis']['database']}"
+        password = ":$(REDIS_PASSWORD)@" if values["redis"]["auth"]["enabled"] else ""
+        redis_url = (f"redis://{password}{RELEASE}-redis:{values['redis']['port']}/"
+                     f"{values['redis']['database']}")
         one(docs, "Deployment", f"{RELEASE}-redis")
         one(docs, "Service", f"{RELEASE}-redis")
     else:
@@ -543,9 +548,15 @@ def test_rendered_release_wiring(helm, ci_file):
     (gc,) = gws["containers"]
     assert gc["command"] == ["python", "-m", "rise.gateway"]
     port, mport = values["gateway"]["port"], values["gateway"]["metricsPort"]
-    assert {p["name"]: p["containerPort"] for p in gc["ports"]} == {"grpc": port, "metrics": mport}
+    assert {p["name"]: p["containerPort"] for p in gc["ports"] if p["name"] != "health"} == \
+        {"grpc": port, "metrics": mport}
+    tls = values["gateway"]["tls"]
+    probed = tls["healthPort"] if tls["enabled"] else port
+    if tls["enabled"]:
+        mport_names = {p["name"]: p["containerPort"] for p in gc["ports"]}
+        assert mport_names.pop("health") == tls["healthPort"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gc[probe]["grpc"] == {"port": port}
+        assert gc[probe]["grpc"] == {"port": probed}
     genv = env_of(gc)
     assert genv["RISE_GATEWAY_PORT"] == str(port) and genv["RISE_METRICS_PORT"] == str(mport)
     assert gw["spec"]["replicas"] == values["gateway"]["replicas"]
@@ -704,7 +715,7 @@ def test_rendered_release_wiring(helm, ci_file):
         compile(script, "test-health", "exec")
         assert "grpc_health.v1" in script
         targets = env_of(tc)["RISE_TEST_TARGETS"].split(",")
-        assert targets[0] == f"{RELEASE}-gateway:{values['gateway']['port']}"
+        assert targets[0] == f"{RELEASE}-gateway:{probed}"
         assert targets[1:] == genv["RISE_SCORER_ADDRESSES"].split(",")
 
 
@@ -799,6 +810,9 @@ def test_pool_replicas_zero_and_disabled_pools(helm):
      "give every pool its own queue"),
     (["--set", "controller.settings.shardAttempts=0"], "shardAttempts"),
     (["--set", "controller.settings.leaseSeconds=0"], "leaseSeconds"),
+    (["--set", "gateway.tls.enabled=true"], "gateway.tls.secretName"),
+    (["--set", "internalAuth.secret=too-short"], "internalAuth/secret"),
+    (["--set", "redis.auth.password=not/url@safe-0123456789"], "redis/auth/password"),
 ])
 def test_helm_refuses_bad_values(helm, args, message):
     proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)
@@ -836,7 +850,7 @@ def test_controller_env_parses_as_its_settings(helm, ci_file, monkeypatch):
     assert settings.s3_bucket == values["s3"]["bucket"]
     assert settings.s3_endpoint == values["s3"]["endpoint"]
     if values["redis"]["enabled"]:
-        assert settings.redis_url.startswith(f"redis://{RELEASE}-redis:")
+        assert settings.redis_url.startswith(f"redis://:$(REDIS_PASSWORD)@{RELEASE}-redis:")
     else:
         assert settings.redis_url == values["redis"]["externalUrl"]
 
@@ -855,6 +869,232 @@ def test_auth_needs_tokens_or_secret(helm):
     proc = run_helm(helm, "template", RELEASE, CHART, "-f", ext, "--set", "auth.enabled=true",
                     check=False)
     assert proc.returncode != 0 and "auth.tokens" in proc.stderr, proc.stderr
+
+
+# --- security: network policies, the Redis password, the internal secret, TLS, metrics ----------
+
+def component_of(meta: dict) -> str | None:
+    return meta.get("labels", {}).get("app.kubernetes.io/component")
+
+
+def peer_pods(peers: list[dict], workloads) -> set[str]:
+    """Components of the release's pods that a NetworkPolicy peer list admits (only pod
+    selectors of the release's own namespace; anything else is not a release pod)."""
+    out = set()
+    for peer in peers:
+        sel = peer.get("podSelector")
+        if sel is None or "namespaceSelector" in peer:
+            continue
+        for _, meta, _ in workloads:
+            labels = meta["labels"]
+            if not selects(sel.get("matchLabels", {}), labels):
+                continue
+            if all(labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", [])
+                   if e["operator"] == "In"):
+                out.add(component_of(meta))
+    return out
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_network_policies(helm, ci_file):
+    """Only gateway pods reach the scorers' gRPC port, only the gateway, workers and
+    controller reach the bundled Redis, metrics ports only from networkPolicy.metricsFrom,
+    the gateway's gRPC port from networkPolicy.gatewayFrom (anyone when empty)."""
+    values = values_for(ci_file)
+    docs = render(helm, ci_file)
+    policies = by_kind(docs, "NetworkPolicy")
+    np = values["networkPolicy"]
+    if not np["enabled"]:
+        assert policies == []
+        return
+    workloads = [w for w in pod_specs(docs)]
+    by_component: dict[str, dict] = {}
+    for pol in policies:
+        spec = pol["spec"]
+        assert spec["policyTypes"] == ["Ingress"], "egress (S3, DNS, Redis) is never restricted"
+        selected = {component_of(meta) for _, meta, _ in workloads
+                    if selects(spec["podSelector"]["matchLabels"], meta["labels"])}
+        assert len(selected) == 1, (pol["metadata"]["name"], selected)
+        (comp,) = selected
+        assert comp not in by_component, f"two policies select the {comp} pods"
+        by_component[comp] = spec
+    want = {"gateway", "scorer", "worker", "controller"} | ({"redis"} if values["redis"]["enabled"]
+                                                          else set())
+    assert set(by_component) == want
+
+    def rules(comp: str) -> dict[str, list[dict]]:
+        """named port -> the `from` lists of the rules opening it (None: anyone)."""
+        out: dict[str, list] = {}
+        for rule in by_component[comp].get("ingress") or []:
+            for port in rule["ports"]:
+                assert port["protocol"] == "TCP"
+                out.setdefault(port["port"], []).append(rule.get("from"))
+        return out
+
+    container_ports = {}
+    for _, meta, spec in workloads:
+        names = {p["name"] for c in spec["containers"] for p in c.get("ports", [])}
+        container_ports.setdefault(component_of(meta), set()).update(names)
+    metrics_from = np["metricsFrom"]
+    for comp in ("gateway", "scorer", "worker", "controller"):
+        opened = rules(comp)
+        assert set(opened) <= container_ports[comp], (comp, opened)
+        assert opened.get("metrics") == ([metrics_from] if metrics_from else None), comp
+    scorer = rules("scorer")
+    assert set(scorer) == {"grpc", "metrics"}
+    (scorer_from,) = scorer["grpc"]
+    assert all("namespaceSelector" not in p and "ipBlock" not in p for p in scorer_from)
+    assert peer_pods(scorer_from, workloads) <= {"gateway", "test"}
+    assert "gateway" in peer_pods(scorer_from, workloads)
+    gateway = rules("gateway")
+    tls = values["gateway"]["tls"]["enabled"]
+    assert set(gateway) == {"grpc", "metrics"} | ({"health"} if tls else set())
+    (gateway_from,) = gateway["grpc"]
+    if np["gatewayFrom"]:
+        assert gateway_from[:len(np["gatewayFrom"])] == np["gatewayFrom"]
+        assert peer_pods(gateway_from[len(np["gatewayFrom"]):], workloads) <= {"test"}
+    else:
+        assert gateway_from is None  # the public API: anyone (bearer tokens guard it)
+    for comp in ("worker", "controller"):
+        assert set(rules(comp)) <= {"metrics"}
+    if values["redis"]["enabled"]:
+        redis = rules("redis")
+        assert set(redis) == {"redis"}
+        (redis_from,) = redis["redis"]
+        assert all(set(p) == {"podSelector"} for p in redis_from)
+        assert peer_pods(redis_from, workloads) == {"gateway", "worker", "controller"} & \
+            {component_of(meta) for _, meta, _ in workloads}
+
+
+def secret_value(docs, name: str, key: str) -> str | None:
+    import base64
+
+    found = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == name]
+    return base64.b64decode(found[0]["data"][key]).decode() if found else None
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_redis_password_reaches_every_component(helm, ci_file):
+    values = values_for(ci_file)
+    docs = render(helm, ci_file)
+    r = values["redis"]
+    rise = [c for _, _, spec in pod_specs(docs) for c in spec["containers"]
+            if c["name"] in RISE_CONTAINERS]
+    if not r["enabled"]:
+        assert all("REDIS_PASSWORD" not in env_of(c) for c in rise)
+        return
+    assert r["auth"]["enabled"], "the chart's scenarios keep the bundled Redis's password"
+    name = r["auth"]["existingSecret"] or f"{RELEASE}-redis-auth"
+    key = r["auth"]["existingSecretKey"]
+    ref = {"secretKeyRef": {"name": name, "key": key}}
+    for c in rise:
+        names = [e["name"] for e in c["env"]]
+        env = env_of(c)
+        # defined before the URL, or Kubernetes leaves $(REDIS_PASSWORD) unexpanded
+        assert names.index("REDIS_PASSWORD") < names.index("RISE_REDIS_URL"), c["name"]
+        assert env["REDIS_PASSWORD"] == ref, c["name"]
+        assert env["RISE_REDIS_URL"].startswith("redis://:$(REDIS_PASSWORD)@"), c["name"]
+    dep = one(docs, "Deployment", f"{RELEASE}-redis")
+    (rc,) = dep["spec"]["template"]["spec"]["containers"]
+    cmd = rc["command"]
+    assert cmd[cmd.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    renv = env_of(rc)
+    assert renv["REDIS_PASSWORD"] == ref and renv["REDISCLI_AUTH"] == "$(REDIS_PASSWORD)"
+    assert "redis-cli" in " ".join(rc["readinessProbe"]["exec"]["command"])
+    assert "checksum/secrets" in dep["spec"]["template"]["metadata"]["annotations"]
+    password = secret_value(docs, name, key)
+    if r["auth"]["existingSecret"]:
+        assert password is None  # the installer's Secret, never rendered
+    else:
+        assert password is not None and len(password) >= 32
+        assert re.fullmatch(r"[A-Za-z0-9._~-]+", password), "URL-safe: it goes into the URL"
+        again = secret_value(render(helm, ci_file), name, key)
+        assert again != password  # generated at random (upgrades keep it: lookup)
+        given = "given-redis-password-0123456789"
+        docs = render(helm, ci_file, "--set", f"redis.auth.password={given}")
+        assert secret_value(docs, name, key) == given
+    off = render(helm, ci_file, "--set", "redis.auth.enabled=false")
+    assert not [d for d in by_kind(off, "Secret") if d["metadata"]["name"] == name]
+    for _, _, spec in pod_specs(off):
+        for c in spec["containers"]:
+            assert "REDIS_PASSWORD" not in env_of(c) and "--requirepass" not in c.get("command", [])
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_internal_secret_reaches_gateway_and_scorers(helm, ci_file):
+    values = values_for(ci_file)
+    ia = values["internalAuth"]
+    for docs, enabled in ((render(helm, ci_file), ia["enabled"]),
+                          (render(helm, ci_file, "--set", "internalAuth.enabled=false"), False)):
+        name = ia["existingSecret"] or f"{RELEASE}-internal"
+        key = ia["existingSecretKey"]
+        gw = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]
+        sc = one(docs, "StatefulSet", f"{RELEASE}-scorer")["spec"]["template"]["spec"]
+        for spec in (gw, sc):
+            (c,) = spec["containers"]
+            env = env_of(c)
+            if not enabled:
+                assert env["RISE_INTERNAL_AUTH"] == "off"
+                assert "RISE_INTERNAL_SECRET_FILE" not in env
+                continue
+            assert "RISE_INTERNAL_AUTH" not in env and "RISE_INTERNAL_SECRET" not in env
+            path = env["RISE_INTERNAL_SECRET_FILE"]
+            mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+            assert mount["readOnly"] is True
+            vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            assert vol["secret"]["secretName"] == name
+            assert vol["secret"]["items"] == [{"key": key, "path": path.rsplit("/", 1)[1]}]
+        for _, _, spec in pod_specs(docs):  # the secret never travels as an env value
+            for c in spec["containers"]:
+                assert "RISE_INTERNAL_SECRET" not in env_of(c)
+        secret = secret_value(docs, name, key)
+        if not enabled or ia["existingSecret"]:
+            assert secret is None
+        else:
+            assert secret is not None and len(secret) >= 32
+            if ia["secret"]:
+                assert secret == ia["secret"]
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_metrics_bind_the_pod_ip(helm, ci_file):
+    for _, _, spec in pod_specs(render(helm, ci_file)):
+        for c in spec["containers"]:
+            if c["name"] in RISE_CONTAINERS:
+                assert env_of(c)["RISE_METRICS_HOST"] == {
+                    "fieldRef": {"fieldPath": "status.podIP"}}, c["name"]
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_gateway_tls_and_auth_mode(helm, ci_file):
+    values = values_for(ci_file)
+    args = [] if values["gateway"]["tls"]["enabled"] else \
+        ["--set", "gateway.tls.enabled=true", "--set", "gateway.tls.secretName=gw-tls"]
+    docs = render(helm, ci_file, *args)
+    secret = values["gateway"]["tls"]["secretName"] or "gw-tls"
+    health = values["gateway"]["tls"]["healthPort"]
+    gw = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]
+    (c,) = gw["containers"]
+    env = env_of(c)
+    for var, key in (("RISE_TLS_CERT_FILE", "tls.crt"), ("RISE_TLS_KEY_FILE", "tls.key")):
+        path = env[var]
+        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        vol = next(v for v in gw["volumes"] if v["name"] == mount["name"])
+        assert vol["secret"]["secretName"] == secret
+        assert {"key": key, "path": path.rsplit("/", 1)[1]} in vol["secret"]["items"]
+    assert env["RISE_HEALTH_PORT"] == str(health)
+    assert {"name": "health", "containerPort": health, "protocol": "TCP"} in c["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": health}  # the kubelet cannot probe over TLS
+    svc = one(docs, "Service", f"{RELEASE}-gateway")
+    assert {"name": "health", "port": health, "targetPort": "health", "protocol": "TCP",
+            "appProtocol": "grpc"} in svc["spec"]["ports"]
+    plain = render(helm, ci_file, "--set", "gateway.tls.enabled=false")
+    (pc,) = one(plain, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"][
+        "containers"]
+    assert not {"RISE_TLS_CERT_FILE", "RISE_TLS_KEY_FILE", "RISE_HEALTH_PORT"} & set(env_of(pc))
+    # auth off: every caller is the one default tenant
+    assert (env.get("RISE_AUTH_MODE") == "off") == (not values["auth"]["enabled"])
 
 
 # --- dashboards and alert rules ----------------------------------------------------------------

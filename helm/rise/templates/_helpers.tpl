@@ -35,6 +35,29 @@
 {{- define "rise.authSecretName" -}}
 {{- .Values.auth.existingSecret | default (include "rise.componentName" (dict "ctx" . "suffix" "auth")) }}
 {{- end }}
+{{- define "rise.redisSecretName" -}}
+{{- .Values.redis.auth.existingSecret | default (include "rise.componentName" (dict "ctx" . "suffix" "redis-auth")) }}
+{{- end }}
+{{- define "rise.internalSecretName" -}}
+{{- .Values.internalAuth.existingSecret | default (include "rise.componentName" (dict "ctx" . "suffix" "internal")) }}
+{{- end }}
+
+{{/* A value of a Secret the chart creates: (dict "ctx" $ "name" secretName "key" key
+     "given" value). The given value; else the one the release's Secret holds already (so
+     an upgrade keeps it); else a new random one. */}}
+{{- define "rise.secretValue" -}}
+{{- if .given }}
+{{- .given }}
+{{- else }}
+{{- $old := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- $data := ($old | default dict).data | default dict }}
+{{- if hasKey $data .key }}
+{{- index $data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum 48 }}
+{{- end }}
+{{- end }}
+{{- end }}
 
 {{- define "rise.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
@@ -89,13 +112,22 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Environment ------------------------------------------------------------------ */}}
 
+{{/* RISE_REDIS_URL; with the bundled Redis's password, REDIS_PASSWORD first, which
+     Kubernetes expands into the URL ($(REDIS_PASSWORD)). */}}
 {{- define "rise.redisUrlEnv" -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled -}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rise.redisSecretName" . }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+{{ end -}}
 - name: RISE_REDIS_URL
 {{- if .Values.redis.enabled }}
 {{- if or .Values.redis.externalUrl .Values.redis.externalUrlSecret.name }}
 {{- fail "redis.enabled is true: unset redis.externalUrl and redis.externalUrlSecret.name, or set redis.enabled=false" }}
 {{- end }}
-  value: {{ printf "redis://%s:%d/%d" (include "rise.redisName" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
+  value: {{ printf "redis://%s%s:%d/%d" (ternary ":$(REDIS_PASSWORD)@" "" .Values.redis.auth.enabled) (include "rise.redisName" .) (int .Values.redis.port) (int .Values.redis.database) | quote }}
 {{- else if .Values.redis.externalUrlSecret.name }}
   valueFrom:
     secretKeyRef:
@@ -151,9 +183,58 @@ app.kubernetes.io/component: {{ .component }}
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+- name: RISE_METRICS_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* The gateway's and the scorers' signed calls (rise.internalauth): the secret's file, or
+     internal auth off. */}}
+{{- define "rise.internalAuthEnv" -}}
+{{- if .Values.internalAuth.enabled -}}
+- name: RISE_INTERNAL_SECRET_FILE
+  value: {{ printf "/etc/rise/internal/%s" .Values.internalAuth.existingSecretKey | quote }}
+{{- else -}}
+- name: RISE_INTERNAL_AUTH
+  value: "off"
+{{- end }}
+{{- end }}
+
+{{/* The internal secret's mount and volume (include them only with internalAuth.enabled). */}}
+{{- define "rise.internalAuthMount" -}}
+- name: internal
+  mountPath: /etc/rise/internal
+  readOnly: true
+{{- end }}
+
+{{- define "rise.internalAuthVolume" -}}
+- name: internal
+  secret:
+    secretName: {{ include "rise.internalSecretName" . }}
+    items:
+      - key: {{ .Values.internalAuth.existingSecretKey }}
+        path: {{ .Values.internalAuth.existingSecretKey }}
+{{- end }}
+
+{{/* The ingress rule of a RISE pod's metrics port (NetworkPolicy): from
+     networkPolicy.metricsFrom; nothing when that is empty. */}}
+{{- define "rise.metricsIngress" -}}
+{{- with .Values.networkPolicy.metricsFrom -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  from:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* The port the gateway's probes and `helm test` check: its health-only port with TLS. */}}
+{{- define "rise.gatewayHealthPort" -}}
+{{- if .Values.gateway.tls.enabled }}{{ int .Values.gateway.tls.healthPort }}{{ else }}{{ int .Values.gateway.port }}{{ end }}
 {{- end }}
 
 {{/* Probe timings with the gRPC health check: (dict "port" 50051 "timings" map) */}}

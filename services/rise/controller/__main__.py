@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller = Controller(settings, js, TaskClient(settings).send,
                             lambda prefix: open_store(settings, prefix), metrics=metrics)
     try:
-        serve(settings.metrics_port, metrics.registry)
+        serve(settings.metrics_port, metrics.registry, addr=settings.metrics_host)
     except OSError as e:
         log.error("cannot serve /metrics on port %d: %s", settings.metrics_port, e)
         return 1

@@ -4,6 +4,10 @@ and exits 0.
 
 The log line ``scorer serving rise.v1.ScorerService on HOST:PORT, metrics on :PORT``
 names the bound ports (port 0 in the settings binds a free one).
+
+Without an internal secret (``RISE_INTERNAL_SECRET`` or ``RISE_INTERNAL_SECRET_FILE``) it
+refuses to start (exit 2), unless ``RISE_INTERNAL_AUTH=off``, which it logs as a warning:
+then it answers unsigned calls for any index.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from collections.abc import Sequence
 import torch
 
 from rise import grpcutil
-from rise.errors import RiseError
+from rise.errors import InvalidInput, RiseError
+from rise.internalauth import Verifier
 from rise.metrics import for_service, serve
 from rise.scorer.cache import StoreFactory
 from rise.scorer.server import SERVICE_NAME, Scorer, add_to_server
@@ -57,9 +62,17 @@ def main(argv: Sequence[str] | None = None, *, store_factory: StoreFactory | Non
     except Exception as e:  # noqa: BLE001 - pydantic's validation error: say it, exit 2
         log.error("bad settings: %s", e)
         return 2
+    try:
+        verifier = Verifier.from_settings(settings)
+    except InvalidInput as e:
+        log.error("refusing to start: %s", e.message)
+        return 2
+    if not verifier.enabled:
+        log.warning("RISE_INTERNAL_AUTH=off: this scorer answers UNSIGNED calls for ANY "
+                    "tenant's index; anyone who reaches its port reads every index")
     torch_threads = _share_cores(settings.scorer_threads)
     metrics = for_service("scorer")
-    scorer = Scorer(settings, metrics, store_factory=store_factory)
+    scorer = Scorer(settings, metrics, store_factory=store_factory, verifier=verifier)
     grpcutil.touch_rpc_metrics(metrics, "scorer", [scorer])
     server = grpcutil.make_server(settings.max_message_bytes)
     add_to_server(scorer, server)
@@ -74,7 +87,7 @@ def main(argv: Sequence[str] | None = None, *, store_factory: StoreFactory | Non
         log.error("cannot bind %s", address)
         return 1
     try:
-        started = serve(settings.metrics_port, metrics.registry)
+        started = serve(settings.metrics_port, metrics.registry, addr=settings.metrics_host)
     except (OSError, RiseError) as e:
         log.error("cannot serve /metrics on port %s: %s", settings.metrics_port, e)
         return 1
@@ -91,9 +104,10 @@ def main(argv: Sequence[str] | None = None, *, store_factory: StoreFactory | Non
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     log.info("scorer serving %s on %s:%d, metrics on :%d (replica %d of %d, %d scoring "
-             "threads x %d torch threads, cache %d bytes)", SERVICE_NAME, settings.scorer_host,
-             port, metrics_port, settings.scorer_replica, settings.scorer_replicas,
-             scorer.threads, torch_threads, settings.scorer_cache_bytes)
+             "threads x %d torch threads, cache %d bytes, internal auth %s)", SERVICE_NAME,
+             settings.scorer_host, port, metrics_port, settings.scorer_replica,
+             settings.scorer_replicas, scorer.threads, torch_threads,
+             settings.scorer_cache_bytes, "on" if verifier.enabled else "OFF")
     while not stop.wait(3600):
         pass
     health.enter_graceful_shutdown()  # health checks answer NOT_SERVING from now on

@@ -9,6 +9,10 @@ example's value.  Merging the replicas' answers with ``rise.score.merge_topk`` (
 order (score descending, then id), which contains every member of the global top that
 lives in its shards.  The centering mean is always taken over every shard of the
 generation, so all replicas use the same one.
+
+Every call must carry the gateway's signature for the index it reads
+(``rise.internalauth``): UNAUTHENTICATED without a valid one, PERMISSION_DENIED for a
+prefix other than the signed one or outside the signed tenant's ``tenants/<tenant>/``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rise.datasets import open_store
 from rise.errors import Cancelled, InvalidInput, Mismatch, RiseError
 from rise.grpcutil import rpc
 from rise.index import Index, read_manifest
+from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Verifier, authorize
 from rise.manifest import Manifest, ShardEntry
 from rise.metrics import Metrics, for_service
 from rise.score import (
@@ -175,12 +180,16 @@ class Scorer(pb_grpc.ScorerServiceServicer):
     ``rise.datasets.open_store`` with ``settings``); ``cache`` may be shared or injected
     (default: one of ``settings.scorer_cache_bytes``).  Methods are wrapped with
     ``rise.grpcutil.rpc("scorer")``, which counts and times them on ``self.metrics``.
+    ``verifier`` checks the gateway's signatures (default: from the settings' internal
+    secret; InvalidInput without one unless ``internal_auth`` is off).
     """
 
     def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None, *,
                  store_factory: StoreFactory | None = None, cache: ShardCache | None = None,
-                 threads: int | None = None, value_chunk: int = VALUE_CHUNK) -> None:
+                 threads: int | None = None, value_chunk: int = VALUE_CHUNK,
+                 verifier: Verifier | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
+        self.verifier = verifier or Verifier.from_settings(self.settings)
         self.metrics = metrics if metrics is not None else for_service("scorer")
         factory = store_factory or default_store_factory(self.settings)
         self.cache = cache or ShardCache(factory, self.settings.scorer_cache_bytes,
@@ -199,7 +208,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
 
     @rpc("scorer")
     def ScoreShards(self, request: pb.ScoreShardsRequest, context: Any) -> pb.ScoreShardsResponse:
-        prefix, index, entries = self._select(request.shards)
+        prefix, index, entries = self._select(request.shards, context, SCORE_SHARDS)
         spec = spec_from(request.scoring if request.HasField("scoring") else None)
         qs = decode_queries(request.queries, index, "queries")
         top = request.top or DEFAULT_TOP
@@ -219,7 +228,7 @@ class Scorer(pb_grpc.ScorerServiceServicer):
     @rpc("scorer")
     def ValueShards(self, request: pb.ValueShardsRequest, context: Any
                     ) -> Iterator[pb.ValueShardsResponse]:
-        prefix, index, entries = self._select(request.shards)
+        prefix, index, entries = self._select(request.shards, context, VALUE_SHARDS)
         spec = spec_from(request.scoring if request.HasField("scoring") else None)
         targets = decode_queries(request.targets, index, "targets")
         if len(targets) == 0:
@@ -238,9 +247,14 @@ class Scorer(pb_grpc.ScorerServiceServicer):
 
     # --------------------------------------------------------------------- helpers
 
-    def _select(self, sel: pb.ShardSelector) -> tuple[str, Index, list[ShardEntry]]:
-        """(prefix, opened generation, this call's shard entries)."""
+    def _select(self, sel: pb.ShardSelector, context: Any, method: str
+                ) -> tuple[str, Index, list[ShardEntry]]:
+        """(prefix, opened generation, this call's shard entries), once the call's signature
+        allows reading that prefix."""
+        metadata = context.invocation_metadata() if self.verifier.enabled else ()
+        grant = self.verifier.verify(method, metadata)
         prefix = check_prefix(sel.prefix)
+        authorize(grant, prefix)
         if sel.generation == 0:
             raise InvalidInput("shards.generation is required (manifest generations start at 1)")
         if sel.replicas == 0 and sel.replica != 0:

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gateway-port", default="50051")
     up.add_argument("--scorer-port", default="50052")
     up.add_argument("--metrics-port", default="9464",
-                    help="gateway /metrics; the worker uses +1, the scorer +2 (default: 9464)")
+                    help="gateway /metrics; the worker uses +1, the scorer +2, the controller +3 "
+                         "(default: 9464)")
     up.add_argument("--redis-port", default="auto")
     up.add_argument("--s3-port", default="auto")
     up.add_argument("--pool", action="append", metavar="NAME=MODEL_DIR",

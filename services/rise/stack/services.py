@@ -146,6 +146,12 @@ class Stack:
         tokens_file = root / "tokens.json"
         tokens_file.write_text(json.dumps({t: tenant for tenant, t in tokens.items()}, indent=2))
         tokens_file.chmod(0o600)
+        # The key of the gateway's signed scorer calls (rise.internalauth), fresh each up.
+        internal_key = root / "internal.key"
+        internal_key.unlink(missing_ok=True)
+        fd = os.open(internal_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
 
         auto = metrics_port in (0, "0", "auto", None)
         gport, sport = claim_port(gateway_port), claim_port(scorer_port)
@@ -174,6 +180,8 @@ class Stack:
                     "RISE_SCORER_HOST": "127.0.0.1", "RISE_SCORER_PORT": str(sport),
                     "RISE_SCORER_ADDRESSES": f"127.0.0.1:{sport}",
                     "RISE_AUTH_TOKENS_FILE": str(tokens_file),
+                    "RISE_INTERNAL_SECRET_FILE": str(internal_key),
+                    "RISE_METRICS_HOST": "127.0.0.1",
                     "RISE_CACHE_DIR": str(root / "cache"), "PYTHONUNBUFFERED": "1",
                     **(env or {})}
             # Queue names as the services derive them (defaults: this process's RISE_*

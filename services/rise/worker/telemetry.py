@@ -99,7 +99,7 @@ def _serve_metrics(sender=None, **_kw) -> None:
     settings = getattr(app, "rise_settings", None) or Settings()
     touch_labels()
     try:
-        serve(settings.metrics_port)
+        serve(settings.metrics_port, addr=settings.metrics_host)
     except OSError as e:  # a second worker on the same host and port: run without /metrics
         log.warning("cannot serve /metrics on port %s: %s", settings.metrics_port, e)
 

@@ -5,12 +5,16 @@ Merged answers of 1, 2 and 3 replicas must equal ``attribute_sketched`` /
 ``value_sketched`` exactly (ids and float scores), for every channel, raw and cosine,
 with and without centering, with tombstones.  Bad requests map to their status codes
 (never UNKNOWN or INTERNAL); health, reflection and /metrics are served; SIGTERM drains
-and exits 0.  The shard cache is also tested in-process (LRU by bytes, sha256 keys,
-verification, one read per shard under concurrency).
+and exits 0.  Only calls the gateway signed for the index they read are answered
+(``rise.internalauth``): the test channel signs like the gateway, and unsigned, expired,
+forged or foreign-prefix calls are refused; without a secret the scorer does not start.
+The shard cache is also tested in-process (LRU by bytes, sha256 keys, verification, one
+read per shard under concurrency).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -36,6 +40,7 @@ from rise.config import make_config
 from rise.data import FieldMap, read_records
 from rise.datasets import open_store
 from rise.errors import Corrupt
+from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
 from rise.metrics import names_for
 from rise.model import load_model
 from rise.score import QuerySet, ScoreSpec, merge_topk, queryset_to_bytes, rank_values
@@ -46,7 +51,9 @@ from rise.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-PREFIX = "tenant-a/main"
+PREFIX = "tenants/a/indexes/main/"
+SECRET = "test-internal-secret-0123456789abcdef0123"
+KEY = SECRET.encode()
 DIMS = (16, 8, 8)
 DELETED = ["doc-3", "dup-b"]
 EXTRA = [
@@ -114,7 +121,7 @@ def corpus(tmp_path_factory, lm) -> Corpus:
     rows.insert(5, {"id": "dup-c", "text": TEXTS[0]})
     rows.append({"id": "dup-a", "text": TEXTS[0]})
     data = write_jsonl(data_dir / "corpus.jsonl", rows)
-    settings = Settings(s3_endpoint=f"file://{root}")
+    settings = Settings(s3_endpoint=f"file://{root}", internal_secret=SECRET)
     store = open_store(settings, PREFIX)
     ingest.create_index(store, lm, data, FieldMap(), make_config(dims=DIMS), shard_size=2)
     index1 = I.open_index(store)
@@ -128,8 +135,45 @@ def corpus(tmp_path_factory, lm) -> Corpus:
                   qbytes=queryset_to_bytes(qs))
 
 
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata",
+                                                     "credentials", "wait_for_ready",
+                                                     "compression")),
+               grpc.ClientCallDetails):
+    pass
+
+
+class SigningInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Signs every scorer call the way the gateway does, for the prefix the request names
+    and the tenant that prefix belongs to (``tenants/<tenant>/...``) unless ``tenant`` is
+    given."""
+
+    def __init__(self, signer: Signer, tenant: str | None = None) -> None:
+        self.signer, self.tenant = signer, tenant
+
+    def _signed(self, details, request):
+        prefix = request.shards.prefix
+        parts = prefix.split("/")
+        tenant = self.tenant if self.tenant is not None else \
+            (parts[1] if parts[0] == "tenants" and len(parts) > 1 else "")
+        md = [*(details.metadata or ()), *self.signer.metadata(details.method, tenant, prefix)]
+        return _Details(details.method, details.timeout, md, details.credentials,
+                        details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._signed(details, request), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._signed(details, request), request)
+
+
+def signed_stub(channel, signer: Signer | None = None, tenant: str | None = None):
+    return scorer_pb2_grpc.ScorerServiceStub(grpc.intercept_channel(
+        channel, SigningInterceptor(signer or Signer(KEY), tenant)))
+
+
 class ScorerProcess:
-    """``python -m rise.scorer`` with its stderr collected; ports parsed from its log."""
+    """``python -m rise.scorer`` with its stderr collected; ports parsed from its log.
+    ``stub`` signs its calls like the gateway, ``unsigned`` does not."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "rise.scorer"], env=env,
@@ -141,7 +185,8 @@ class ScorerProcess:
         self.address, self.metrics_port = self._wait_ready(timeout=120)
         self.channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(self.channel).result(timeout=30)
-        self.stub = scorer_pb2_grpc.ScorerServiceStub(self.channel)
+        self.stub = signed_stub(self.channel)
+        self.unsigned = scorer_pb2_grpc.ScorerServiceStub(self.channel)
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -185,7 +230,8 @@ def scorer_env(root: Path, cache_bytes: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RISE_")}
     env.update(RISE_S3_ENDPOINT=f"file://{root}", RISE_SCORER_HOST="127.0.0.1",
                RISE_SCORER_PORT="0", RISE_METRICS_PORT="0", RISE_SCORER_THREADS="3",
-               RISE_SCORER_CACHE_BYTES=str(cache_bytes), OMP_NUM_THREADS="1")
+               RISE_SCORER_CACHE_BYTES=str(cache_bytes), OMP_NUM_THREADS="1",
+               RISE_INTERNAL_SECRET=SECRET)
     return env
 
 
@@ -318,7 +364,7 @@ def test_value_replicas_equal_value_sketched(scorer, corpus, spec):
 def test_recreated_index_is_never_served_stale(scorer, corpus, lm, tmp_path):
     """An index deleted and created again reuses shard keys and generation numbers with
     other bytes: the scorer must score the new bytes (cache keyed by sha256)."""
-    prefix = "tenant-b/again"
+    prefix = "tenants/b/indexes/again/"
     settings = corpus.settings
     spec = ScoreSpec(center=True)
 
@@ -388,9 +434,9 @@ def test_bad_requests_map_to_status_codes(scorer, corpus):
     cases = {
         "unknown generation": (score(selector(999)), NF),
         "unknown generation (values)": (value(selector(999)), NF),
-        "unknown index": (score(selector(1, prefix="tenant-a/nope")), NF),
+        "unknown index": (score(selector(1, prefix="tenants/a/indexes/nope/")), NF),
         "generation 0": (score(selector(0)), IA),
-        "prefix escapes": (score(selector(2, prefix="tenant-a/../../etc")), IA),
+        "prefix escapes": (score(selector(2, prefix="tenants/a/../../etc")), IA),
         "empty prefix": (score(selector(2, prefix="")), IA),
         "replica out of range": (score(selector(2, 3, 2)), IA),
         "replica without replicas": (score(selector(2, 1, 0)), IA),
@@ -417,6 +463,120 @@ def test_bad_requests_map_to_status_codes(scorer, corpus):
     ok, _ = score_replicas(stub, 2, q, ScoreSpec(), 3, 2)
     assert ok == expected(corpus.index2, corpus.queries, ScoreSpec(), 3)
     assert "Traceback" not in scorer.log()
+
+
+# ------------------------------------------------------------------ signed calls only
+
+
+def test_unsigned_expired_forged_and_foreign_calls_are_refused(scorer, corpus):
+    """Only a call the gateway signed, unexpired, for the prefix it reads inside the signed
+    tenant's area is answered: UNAUTHENTICATED without a valid signature, PERMISSION_DENIED
+    for any other index (another tenant's included).  Refused calls read nothing."""
+    UA, PD = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+    q = corpus.qbytes
+    other = "tenants/b/indexes/main/"
+    shutil.copytree(corpus.root / PREFIX, corpus.root / other, dirs_exist_ok=True)
+
+    def score(stub, prefix=PREFIX, metadata=None):
+        req = scorer_pb2.ScoreShardsRequest(shards=selector(2, prefix=prefix), queries=q, top=3)
+        return lambda: stub.ScoreShards(req, timeout=30, metadata=metadata)
+
+    def value(stub, prefix=PREFIX, metadata=None):
+        req = scorer_pb2.ValueShardsRequest(shards=selector(2, prefix=prefix), targets=q)
+        return lambda: list(stub.ValueShards(req, timeout=30, metadata=metadata))
+
+    def sign(method=SCORE_SHARDS, tenant="a", prefix=PREFIX, key=KEY, clock=time.time):
+        return Signer(key, clock=clock).metadata(method, tenant, prefix)
+
+    def edit(md, **changes):
+        return tuple((k, changes.get(k.removeprefix("x-rise-"), v)) for k, v in md)
+
+    raw = scorer.unsigned
+    good = sign()
+    cases = {
+        "no metadata": (score(raw), UA),
+        "no metadata (values)": (value(raw), UA),
+        "no metadata, another tenant": (score(raw, other), UA),
+        "signature missing": (score(raw, metadata=good[:3]), UA),
+        "another key": (score(raw, metadata=sign(key=b"k" * 40)), UA),
+        "expired": (score(raw, metadata=sign(clock=lambda: time.time() - 3600)), UA),
+        "far ahead": (score(raw, metadata=sign(clock=lambda: time.time() + 86400)), UA),
+        "expiry moved": (score(raw, metadata=edit(good, expires=str(int(time.time()) + 500))),
+                         UA),
+        "tenant swapped": (score(raw, metadata=edit(good, tenant="b")), UA),
+        "prefix swapped": (score(raw, other, metadata=edit(good, prefix=other)), UA),
+        "signed for ScoreShards, used for ValueShards": (value(raw, metadata=good), UA),
+        "bad expiry": (score(raw, metadata=edit(good, expires="soon")), UA),
+        "signature repeated": (score(raw, metadata=(*good, good[-1])), UA),
+        "another tenant's index": (score(raw, other, metadata=good), PD),
+        "another tenant's index (values)": (value(raw, other, metadata=sign(VALUE_SHARDS)), PD),
+        "signed by tenant a for b's prefix": (score(raw, other, metadata=sign(prefix=other)),
+                                              PD),
+        "a tenant's name as a prefix of another's": (
+            score(raw, "tenants/ab/indexes/x/",
+                  metadata=sign(prefix="tenants/ab/indexes/x/")), PD),
+        "outside every tenant": (score(raw, "shared/main/",
+                                       metadata=sign(prefix="shared/main/")), PD),
+        "tenant signing the bucket root": (score(raw, "tenants/a/",
+                                                 metadata=sign(tenant="", prefix="tenants/a/")),
+                                           PD),
+    }
+    got = {name: code_of(call) for name, (call, _) in cases.items()}
+    assert got == {name: code for name, (_, code) in cases.items()}
+    with pytest.raises(grpc.RpcError) as info:
+        score(raw)()
+    assert "signed" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        score(raw, metadata=sign(clock=lambda: time.time() - 3600))()
+    assert "expired" in info.value.details()
+    # The same calls signed properly are answered, for either tenant's own index.
+    assert len(score(raw, metadata=sign())().queries) == len(QUERIES)
+    assert len(score(raw, other, metadata=sign(tenant="b", prefix=other))().queries) == \
+        len(QUERIES)
+    assert value(raw, metadata=sign(VALUE_SHARDS))()
+    assert "Traceback" not in scorer.log()
+
+
+def _start_failure(env: dict[str, str]) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "rise.scorer"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def test_scorer_refuses_to_start_without_a_secret(corpus, tmp_path):
+    env = scorer_env(corpus.root, 1 << 20)
+    del env["RISE_INTERNAL_SECRET"]
+    code, err = _start_failure(env)
+    assert code == 2 and "no internal secret" in err and "RISE_INTERNAL_AUTH=off" in err
+    code, err = _start_failure({**env, "RISE_INTERNAL_SECRET": "short"})
+    assert code == 2 and "at least 32" in err
+    code, err = _start_failure({**env, "RISE_INTERNAL_SECRET_FILE": str(tmp_path / "none")})
+    assert code == 2 and "cannot read the internal secret file" in err
+    assert "Traceback" not in err
+
+
+def test_secret_file_and_explicit_auth_off(corpus, tmp_path):
+    """The secret may come from a file (a mounted Secret); RISE_INTERNAL_AUTH=off starts
+    a scorer that answers unsigned calls, with a warning."""
+    key_file = tmp_path / "internal.key"
+    key_file.write_text(SECRET + "\n")
+    env = scorer_env(corpus.root, 1 << 20)
+    del env["RISE_INTERNAL_SECRET"]
+    with_file = ScorerProcess({**env, "RISE_INTERNAL_SECRET_FILE": str(key_file)})
+    try:
+        req = scorer_pb2.ScoreShardsRequest(shards=selector(2), queries=corpus.qbytes, top=2)
+        assert len(with_file.stub.ScoreShards(req, timeout=60).queries) == len(QUERIES)
+        assert code_of(lambda: with_file.unsigned.ScoreShards(req, timeout=60)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert with_file.stop() == 0
+    off = ScorerProcess({**env, "RISE_INTERNAL_AUTH": "off"})
+    try:
+        assert len(off.unsigned.ScoreShards(req, timeout=60).queries) == len(QUERIES)
+        assert "RISE_INTERNAL_AUTH=off" in off.log() and "WARNING" in off.log()
+        assert "internal auth OFF" in off.log()
+    finally:
+        assert off.stop() == 0
 
 
 # ------------------------------------------------------------- health, reflection, metrics
@@ -593,14 +753,15 @@ def test_in_process_scorer_with_store_factory(corpus):
 
     metrics = for_service("scorer")
     cache = ShardCache(factory, 1 << 30, metrics)
-    scorer = Scorer(Settings(scorer_threads=1), metrics, store_factory=factory, cache=cache)
+    scorer = Scorer(Settings(scorer_threads=1, internal_secret=SECRET), metrics,
+                    store_factory=factory, cache=cache)
     server = make_server(16 * 1024**2, threads=4)
     add_to_server(scorer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = scorer_pb2_grpc.ScorerServiceStub(ch)
+            stub = signed_stub(ch)
             for spec in (ScoreSpec(center=True), ScoreSpec(channel="gh", score="raw")):
                 got, _ = score_replicas(stub, 2, corpus.qbytes, spec, 4, 2)
                 assert got == expected(corpus.index2, corpus.queries, spec, 4)
@@ -620,11 +781,16 @@ def test_in_process_scorer_with_store_factory(corpus):
 
 
 class _Context:
-    """A servicer context that goes inactive (client gone) after ``active`` checks."""
+    """A servicer context that goes inactive (client gone) after ``active`` checks; its
+    metadata signs ``method`` on PREFIX like the gateway."""
 
-    def __init__(self, active: int) -> None:
+    def __init__(self, active: int, method: str = SCORE_SHARDS) -> None:
         self.active = active
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.metadata = Signer(KEY).metadata(method, "a", PREFIX)
+
+    def invocation_metadata(self):
+        return self.metadata
 
     def is_active(self) -> bool:
         self.active -= 1
@@ -656,10 +822,11 @@ def test_a_cancelled_call_stops_scanning(corpus, method):
             out = getattr(scorer, method)(req, ctx)
             return out if method == "ScoreShards" else list(out)[-1]
 
-        full = call(_Context(active=100))
+        signed = SCORE_SHARDS if method == "ScoreShards" else VALUE_SHARDS
+        full = call(_Context(active=100, method=signed))
         assert full.shards_scored == 7 and len(loads) == 7
         loads.clear()
-        ctx = _Context(active=2)
+        ctx = _Context(active=2, method=signed)
         with pytest.raises(RuntimeError, match="aborted"):
             call(ctx)
         assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.CANCELLED
@@ -681,7 +848,7 @@ def test_values_stream_in_bounded_messages(corpus):
     for chunk in (3, 1000):
         scorer = Scorer(corpus.settings, threads=2, value_chunk=chunk)
         try:
-            msgs = list(scorer.ValueShards(req, _Context(active=1000)))
+            msgs = list(scorer.ValueShards(req, _Context(active=1000, method=VALUE_SHARDS)))
         finally:
             scorer.close()
         assert len(msgs) == -(-len(want) // chunk)

@@ -70,6 +70,14 @@ bench: install assets-model assets-lee
 	$(PY) tests/benchmarks/bench_scorer.py
 	$(PY) tests/benchmarks/bench_stack.py
 
+# Fairness under abuse (tests/benchmarks/bench_fairness.py): tenant A's 50 concurrent
+# Attribute calls alone and while tenant B holds 100 WatchJob streams and runs a long shard
+# on the same pool, health checks all along.  About 3 minutes on 2 cores; never in CI.
+# Writes the committed report tests/benchmarks/reports/fairness.{json,md}.
+.PHONY: bench-fairness
+bench-fairness: install assets-model assets-lee
+	$(PY) tests/benchmarks/bench_fairness.py
+
 # The evaluation harness (tests/benchmarks/eval/README.md): three real miniature tasks,
 # RISE configurations, ceilings, a full-gradient reference and baselines; resumable and
 # cached per (task, method) in $(CACHE)/eval.  Hours on 2 cores; never in CI.

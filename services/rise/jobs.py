@@ -24,7 +24,7 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 KINDS = ("CREATE_INDEX", "APPEND", "COMPACT")
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole names only: fullmatch, never $
 _COUNTERS = ("shards_total", "shards_done", "examples_total", "examples_done", "tokens_done",
              "generation", "truncated", "tokens_total", "fence")
 _FLOATS = ("created_at", "started_at", "finished_at")
@@ -43,11 +43,28 @@ end
 return 1
 """
 
+# Field writes to a job that exists: after Redis lost its data, a worker still running must
+# not recreate a job hash with a counter and nothing else (the controller restores the job
+# from its record).  KEYS[1]: job hash; ARGV: "set"|"incr", then field/value pairs.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local op = ARGV[1]
+for i = 2, #ARGV, 2 do
+  if op == 'set' then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
 # Progress of one shard, counted once: the shard's own counters keep the highest values any
 # attempt reported, and the job's totals grow by what a report adds above them, so a retried
 # or redelivered shard never counts its examples twice.  KEYS: job hash, shard progress
 # hash; ARGV: shard number, examples, tokens (this attempt's totals so far).
 _SHARD_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local ex_key, tok_key = ARGV[1] .. ':examples', ARGV[1] .. ':tokens'
 local ex_old = tonumber(redis.call('HGET', KEYS[2], ex_key) or '0')
 local tok_old = tonumber(redis.call('HGET', KEYS[2], tok_key) or '0')
@@ -83,9 +100,10 @@ class Fenced(RiseError):
 
 
 def check_name(name: str, what: str = "index") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = name[:80] if isinstance(name, str) else name  # an echo, not a megabyte
         raise InvalidInput(
-            f"{what} name {name!r} must be 1-63 characters of [a-z0-9._-] starting with a "
+            f"{what} name {shown!r} must be 1-63 characters of [a-z0-9._-] starting with a "
             "letter or digit"
         )
     return name
@@ -105,6 +123,7 @@ class JobStore:
         self._set_state = redis.register_script(_SET_STATE)
         self._shard_progress = redis.register_script(_SHARD_PROGRESS)
         self._lease = redis.register_script(_LEASE)
+        self._update = redis.register_script(_UPDATE)
 
     def _job(self, job_id: str) -> str:
         return f"{self.ns}:job:{job_id}"
@@ -135,8 +154,9 @@ class JobStore:
         """Recreate a job that Redis lost (same id), from its record in the store; active
         unless its state is terminal.  False when the job is already here."""
         key = self._job(job["id"])
-        if self.r.exists(key):
+        if self.r.hexists(key, "state"):
             return False
+        self.r.delete(key)  # a stray counter a worker wrote after the loss
         full = {"started_at": 0.0, "finished_at": 0.0, "error_code": "", "error_message": "",
                 **{c: 0 for c in _COUNTERS}, **job}
         pipe = self.r.pipeline()
@@ -149,7 +169,7 @@ class JobStore:
 
     def get_any(self, job_id: str) -> dict[str, Any]:
         raw = self.r.hgetall(self._job(job_id))
-        if not raw:
+        if not raw or "state" not in raw or "tenant" not in raw:  # absent, or a stray counter
             raise NotFound(f"job {job_id!r} not found")
         return _dec(raw)
 
@@ -166,14 +186,18 @@ class JobStore:
         out = []
         for job_id in ids:
             raw = self.r.hgetall(self._job(job_id))
-            if raw and (not index or raw.get("index") == index):
+            if raw and "state" in raw and (not index or raw.get("index") == index):
                 out.append(_dec(raw))
                 if len(out) >= limit:
                     break
         return out
 
     def update(self, job_id: str, **fields: Any) -> None:
-        self.r.hset(self._job(job_id), mapping={k: _enc(v) for k, v in fields.items()})
+        """Set fields of a job that exists (a job Redis lost is not recreated half)."""
+        args: list[str] = ["set"]
+        for k, v in fields.items():
+            args += [k, _enc(v)]
+        self._update(keys=[self._job(job_id)], args=args)
 
     def set_state(self, job_id: str, state: str, **fields: Any) -> bool:
         """Move to ``state`` unless terminal already; stamps started/finished times."""
@@ -192,19 +216,29 @@ class JobStore:
         """Jobs not yet in a terminal state (the controller's work list)."""
         return sorted(self.r.smembers(self._active))
 
+    def active_of(self, tenant: str) -> builtins.list[str]:
+        """The tenant's jobs not yet ended, oldest first (ties by id): the gateway's
+        per-tenant job limit counts them."""
+        ids = self.active_ids()
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hmget(self._job(job_id), ["tenant", "state", "created_at"])
+        mine = [(float(created or 0), job_id)
+                for job_id, (owner, state, created) in zip(ids, pipe.execute(), strict=True)
+                if owner == tenant and state is not None and state not in TERMINAL]
+        return [job_id for _, job_id in sorted(mine)]
+
     def forget_active(self, job_id: str) -> None:
         self.r.srem(self._active, job_id)
 
     def add_progress(self, job_id: str, shards: int = 0, examples: int = 0, tokens: int = 0) -> None:
-        pipe = self.r.pipeline()
-        key = self._job(job_id)
-        if shards:
-            pipe.hincrby(key, "shards_done", shards)
-        if examples:
-            pipe.hincrby(key, "examples_done", examples)
-        if tokens:
-            pipe.hincrby(key, "tokens_done", tokens)
-        pipe.execute()
+        args: list[str | int] = ["incr"]
+        for field, n in (("shards_done", shards), ("examples_done", examples),
+                         ("tokens_done", tokens)):
+            if n:
+                args += [field, n]
+        if len(args) > 1:
+            self._update(keys=[self._job(job_id)], args=args)
 
     def shard_progress(self, job_id: str, n: int, examples: int, tokens: int) -> None:
         """Shard ``n``'s progress in its current attempt (totals so far); the job's counters

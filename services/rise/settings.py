@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rise.errors import InvalidInput
@@ -65,8 +66,36 @@ class Settings(BaseSettings):
     """Shards scored in parallel by one scorer."""
     metrics_port: int = 9464
     """Port of /metrics for this process (worker processes share one in multiprocess mode)."""
+    metrics_host: str = "127.0.0.1"
+    """Address /metrics binds: loopback unless a scraper must reach it (the chart binds the
+    pod IP, ``status.podIP``); never needed on every interface."""
     auth_tokens_file: str = ""
     """JSON file mapping bearer token -> tenant. Empty: every call is UNAUTHENTICATED."""
+    auth_mode: Literal["tokens", "off"] = "tokens"
+    """How the gateway finds a caller's tenant: ``tokens`` (bearer token -> tenant, from
+    auth_tokens_file) or ``off`` (no credentials: every caller is default_tenant; for a
+    private network only)."""
+    default_tenant: str = "default"
+    """The one tenant of every caller when auth_mode is ``off`` (its data lives under
+    tenants/<default_tenant>/ like any tenant's)."""
+    internal_auth: Literal["on", "off"] = "on"
+    """``on``: the gateway signs each scorer call (HMAC-SHA256 with the internal secret over
+    method, tenant, index prefix and expiry) and the scorer refuses any other call; the
+    gateway and the scorer refuse to start without a secret.  ``off`` (RISE_INTERNAL_AUTH=off):
+    the scorer answers anyone for any index; only where nothing else can reach it."""
+    internal_secret: SecretStr = SecretStr("")
+    """Key of the gateway's signatures on scorer calls (at least 32 characters), shared by
+    the gateway and every scorer; or internal_secret_file."""
+    internal_secret_file: str = ""
+    """File holding the internal secret (a mounted Secret); read at start-up."""
+    tls_cert_file: str = ""
+    """PEM certificate chain the gateway serves TLS with (with tls_key_file); empty: the
+    gateway serves plaintext gRPC."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    health_port: int = 0
+    """A plaintext port of the gateway serving only grpc.health.v1, for probes of a TLS
+    gateway (Kubernetes' gRPC probes cannot speak TLS); 0: none."""
     pools: dict[str, Pool] = Field(default_factory=dict)
     """Worker pools by name (JSON in RISE_POOLS)."""
     worker_pool: str = ""
@@ -82,6 +111,25 @@ class Settings(BaseSettings):
     """Queries (or targets) per Attribute/Value call."""
     query_timeout_seconds: float = 120.0
     """How long the gateway waits for query sketches from a worker."""
+    gateway_threads: int = Field(default=128, ge=4)
+    """Threads of the gateway's gRPC server.  Every call in progress holds one (a WatchJob
+    stream for as long as it is open), so admission control (``rise.gateway.limits``)
+    keeps ``gateway_reserved_threads`` of them out of reach of admitted calls."""
+    gateway_reserved_threads: int = Field(default=8, ge=1)
+    """Threads no admitted call may hold: the health check, which is never limited, and
+    the refusals of calls over a limit always find one.  Unary calls may hold at most
+    ``gateway_threads - gateway_reserved_threads - max_streams`` at once."""
+    max_streams: int = Field(default=32, ge=1)
+    """Server streams (WatchJob, health Watch, reflection) open at once over all tenants;
+    one more is UNAVAILABLE (retried by clients)."""
+    max_streams_per_tenant: int = Field(default=8, ge=1)
+    """Streams one tenant may hold open; one more is RESOURCE_EXHAUSTED.  Unauthenticated
+    streams (health Watch, reflection) share one such allowance."""
+    max_calls_per_tenant: int = Field(default=64, ge=1)
+    """Unary calls of one tenant in progress at once; one more is RESOURCE_EXHAUSTED."""
+    max_active_jobs_per_tenant: int = Field(default=16, ge=1)
+    """Jobs of one tenant not yet ended (queued or running); CreateIndex, AppendToIndex and
+    CompactIndex beyond it are RESOURCE_EXHAUSTED."""
     task_time_limit_seconds: int = 3600
     """Hard limit of one shard task; the broker's visibility timeout is set above it."""
     dataset_roots: list[str] = Field(default_factory=list)

@@ -4,6 +4,7 @@ queues, the object store and the scorer replicas."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +25,7 @@ import grpc
 from rise import constants, taskclient
 from rise import v1convert as convert
 from rise.api import check_fraction, fetch_records, top_fraction_records
+from rise.config import SketchConfig
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
     BudgetExceeded,
@@ -33,9 +36,12 @@ from rise.errors import (
     RiseError,
     Unauthenticated,
     Unavailable,
+    UnsupportedModel,
 )
+from rise.gateway.limits import check_active_jobs
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index
+from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
 from rise.jobrecords import JobRecords
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
 from rise.manifest import Manifest
@@ -44,6 +50,7 @@ from rise.registry import RECORD_KEY, Registry
 from rise.score import ScoreSpec, merge_topk, rank_values
 from rise.settings import Settings
 from rise.store import Store
+from rise.tokenfile import TokenFile
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 
 log = logging.getLogger("rise.gateway")
@@ -60,27 +67,36 @@ class Deps:
     scorers: Sequence[scorer_pb2_grpc.ScorerServiceStub]
     materialize: Callable[[str], str]  # dataset URI -> local path
     metrics: Any = None
+    signer: Signer | None = None  # signs scorer calls (rise.internalauth); None: unsigned
 
 
 class Auth:
-    """Bearer token -> tenant; reloaded from the tokens file on every miss so a rotated
-    secret takes effect without a restart."""
+    """Bearer token -> tenant, from the tokens file (``rise.tokenfile``: reloaded within
+    about a second of a change, so a removed token stops working without a restart; keys
+    may be ``sha256:<hex>`` digests; looked up by digest).  InvalidInput when the file
+    cannot be loaded at start; later a bad file keeps the last good map (logged, and
+    ``rise_auth_tokens_stale`` is 1).  No answer names the file.  With ``auth_mode`` off
+    every caller is ``default_tenant`` (logged loudly at start)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Any = None) -> None:
         self.settings = settings
-        self.tokens = settings.tokens()
+        self.off = settings.auth_mode == "off"
+        if self.off:
+            log.warning("AUTHENTICATION IS OFF (RISE_AUTH_MODE=off): every caller is tenant "
+                        "%r; use only behind a trusted network", settings.default_tenant)
+            return
+        stale = metrics.auth_tokens_stale.set if metrics is not None else None
+        self.tokens = TokenFile(settings.auth_tokens_file, on_stale=stale)
 
     def tenant(self, context: grpc.ServicerContext) -> str:
+        if self.off:
+            return self.settings.default_tenant
         md = dict(context.invocation_metadata())
         raw = md.get("authorization", "")
         header = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if not header.lower().startswith("bearer "):
             raise Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
-        token = header[7:].strip()
-        tenant = self.tokens.get(token)
-        if tenant is None:
-            self.tokens = self.settings.tokens()
-            tenant = self.tokens.get(token)
+        tenant = self.tokens.tenant(header[7:].strip())
         if tenant is None:
             raise Unauthenticated("invalid bearer token")
         return tenant
@@ -232,7 +248,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         fields = convert.fields_from(req.fields if req.HasField("fields") else None)
         config = convert.config_from(req.config)
         self._check_dataset(tenant, req.dataset_uri)
-        check_fits(pool, config.max_length)
+        check_fits(pool, config, req.pool)
         self.registry.claim(tenant, req.index, req.pool, pool.model)
         return self._submit(tenant, "CREATE_INDEX", req.index, req.pool, {
             "dataset_uri": req.dataset_uri, "fields": fields.to_dict(),
@@ -258,9 +274,24 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
     def _submit(self, tenant: str, kind: str, name: str, pool: str, request: dict[str, Any],
                 drop_on_busy: bool = False) -> rise_pb2.Job:
         request = dict(request, prefix=index_prefix(tenant, name), pool=pool)
+        limit = self.d.settings.max_active_jobs_per_tenant
+        try:
+            check_active_jobs(self.d.jobs, tenant, limit)
+        except RiseError:
+            if drop_on_busy:
+                self.registry.drop(tenant, name)
+            raise
         job = self.d.jobs.create(tenant, kind, name, request=request)
         if kind == "CREATE_INDEX":
             self.registry.set_job(tenant, name, job["id"])
+        try:  # again with the job counted: of two submits at once, only one may pass
+            check_active_jobs(self.d.jobs, tenant, limit, job["id"])
+        except RiseError as e:
+            self.d.jobs.set_state(job["id"], "FAILED", error_code=e.grpc_code,
+                                  error_message=e.message)
+            if drop_on_busy:
+                self.registry.drop(tenant, name)
+            raise
         try:
             self.records.submitted(job)  # the job outlives Redis losing its data
         except RiseError as e:
@@ -282,11 +313,14 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
             self.d.send_task(task, args=[job["id"]], queue=queue)
         except Exception as e:  # noqa: BLE001 - broker down: the job must not vanish silently
             self.d.jobs.set_state(job["id"], "FAILED", error_code="UNAVAILABLE",
-                                  error_message=f"could not enqueue: {e}")
+                                  error_message=f"could not enqueue: {type(e).__name__}")
             self.d.jobs.unlock_index(tenant, name, job["id"])
             if drop_on_busy:
                 self.registry.drop(tenant, name)
-            raise Unavailable(f"the job queue is unavailable: {e}") from None
+            # The broker's error names its host:port: the log's, not the caller's.
+            log.warning("could not enqueue job %s: %s", job["id"], e)
+            raise Unavailable(f"the job queue is unavailable ({type(e).__name__}); "
+                              "retry") from None
         self.d.jobs.note_enqueued(job["id"], "compact" if kind == "COMPACT" else "prepare",
                                   by_controller=False)
         if self.d.metrics is not None:
@@ -370,12 +404,14 @@ class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
         interval = req.interval_seconds or 1.0
         if not 0.05 <= interval <= 60:
             raise InvalidInput("interval_seconds must be in [0.05, 60]")
+        ended = threading.Event()  # the stream ended (client gone, deadline): stop at once,
+        context.add_callback(ended.set)  # not up to a whole interval later, holding a thread
         while context.is_active():
             job = self.d.jobs.get(tenant, req.id)
             yield convert.job_to(job)
             if job["state"] in TERMINAL:
                 return
-            time.sleep(interval)
+            ended.wait(interval)
 
     @rpc("gateway")
     def CancelJob(self, req: rise_pb2.CancelJobRequest, context) -> rise_pb2.Job:
@@ -398,10 +434,11 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         if len(records) > self.d.settings.max_queries_per_call:
             raise_exhausted(f"{len(records)} {what} in one call; the limit is "
                             f"{self.d.settings.max_queries_per_call}")
-        entry, store = self._index(tenant, name)
         fields = convert.fields_from(fields_msg if has_fields else None)
         rows = convert.record_dicts(records, fields)
-        records_from_dicts(rows, fields)  # validate here: INVALID_ARGUMENT before any work
+        # Validate here (size cap included): INVALID_ARGUMENT before any lookup or work.
+        records_from_dicts(rows, fields)
+        entry, store = self._index(tenant, name)
         index = open_index(store)
         spec.centered(index.config.sketched, index.live_count)  # InvalidInput before any work
         payload = self._sketch(tenant, name, entry["pool"], rows, fields)
@@ -415,11 +452,20 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                 tenant, index_prefix(tenant, name), rows, fields.to_dict()])
             out = res.get(timeout=self.d.settings.query_timeout_seconds, propagate=False)
         except Exception as e:  # noqa: BLE001 - broker or worker unreachable
-            raise Unavailable(f"query sketching failed: the {pool!r} pool did not answer ({e})") from None
+            log.warning("query sketching on pool %s failed: %s: %s", pool, type(e).__name__, e)
+            raise Unavailable(f"query sketching failed: the {pool!r} pool did not answer "
+                              f"({type(e).__name__})") from None
+        if isinstance(out, RiseError):
+            # The task's own refusal (a query with no supervised token, say), rebuilt by
+            # Celery as its rise.errors class: the caller's error, with its code, never
+            # UNAVAILABLE (which a client retries).
+            raise out from None
         if isinstance(out, dict) and "error_code" in out:
             raise error_from(out["error_code"], out["error_message"])
-        if not isinstance(out, str):
-            raise Unavailable(f"query sketching failed on the {pool!r} pool: {out!r}")
+        if not isinstance(out, str):  # the worker crashed or was lost: worth a retry
+            log.warning("query sketching on pool %s failed: %r", pool, out)
+            raise Unavailable(f"query sketching failed on the {pool!r} pool "
+                              f"({type(out).__name__}); retry")
         return out
 
     def _fan_out(self, call: Callable[[Any, int, int], Any]) -> list[Any]:
@@ -434,9 +480,24 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                     out.append(f.result())
                 except grpc.RpcError as e:
                     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise Unavailable(f"scorer unavailable: {e.details()}") from None
+                        # gRPC's details name the scorer's address: logged, not answered.
+                        log.warning("scorer unavailable: %s: %s", e.code().name, e.details())
+                        raise Unavailable(f"scorer unavailable ({e.code().name}); "
+                                          "retry") from None
+                    if e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                    grpc.StatusCode.PERMISSION_DENIED):
+                        # the deployment's fault (internal secrets differ), not the caller's
+                        log.error("a scorer refused the gateway's signed call: %s", e.details())
+                        raise error_from("INTERNAL", "a scorer refused the gateway's call "
+                                                     "(internal secret mismatch?)") from None
                     raise error_from(e.code().name, e.details() or "") from None
         return out
+
+    def _signed(self, method: str, tenant: str, name: str) -> tuple[tuple[str, str], ...]:
+        """Metadata proving to the scorer that the gateway sends this call, for this
+        tenant's index only."""
+        signer = self.d.signer
+        return signer.metadata(method, tenant, index_prefix(tenant, name)) if signer else ()
 
     def _selector(self, tenant: str, name: str, index: Index, i: int, n: int):
         return scorer_pb2.ShardSelector(prefix=index_prefix(tenant, name),
@@ -455,7 +516,8 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
         replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
             shards=self._selector(tenant, req.index, index, i, n), queries=qbytes,
-            scoring=scoring, top=top), timeout=self.d.settings.query_timeout_seconds))
+            scoring=scoring, top=top), timeout=self.d.settings.query_timeout_seconds,
+            metadata=self._signed(SCORE_SHARDS, tenant, req.index)))
         n_queries = len(replies[0].queries)
         merged = [merge_topk([[(c.score, c.id) for c in r.queries[q].candidates]
                               for r in replies], top) for q in range(n_queries)]
@@ -485,7 +547,8 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         replies = self._fan_out(lambda stub, i, n: list(stub.ValueShards(
             scorer_pb2.ValueShardsRequest(shards=self._selector(tenant, req.index, index, i, n),
                                           targets=tbytes, scoring=scoring),
-            timeout=self.d.settings.query_timeout_seconds)))
+            timeout=self.d.settings.query_timeout_seconds,
+            metadata=self._signed(VALUE_SHARDS, tenant, req.index))))
         ranked = rank_values((c.id, c.score) for chunks in replies for r in chunks
                              for c in r.values)
         shown = ranked[: req.top] if req.top else ranked
@@ -542,15 +605,24 @@ def error_from(code: str, message: str) -> RiseError:
     return err
 
 
-def check_fits(pool: Any, max_length: int) -> None:
-    """Refuse at submit time a model its pool's GPUs cannot hold (not halfway through)."""
+def check_fits(pool: Any, config: SketchConfig, name: str = "") -> None:
+    """Refuse at submit time a model and sketch configuration (max_length, dims, top-K)
+    that the pool's GPUs cannot hold, not halfway through.  The answer names the pool,
+    never its model's path; a model config the planner cannot read is the deployment's
+    problem, logged with its path."""
     if pool.gpus <= 0:
         return
-    placement = plan_placement(pool.model, gpus=pool.gpus,
-                               gpu_memory_bytes=parse_bytes(pool.gpu_memory),
-                               batch_size=pool.batch_size, max_length=max_length,
-                               dtype=pool.dtype)
+    try:
+        placement = plan_placement(pool.model, gpus=pool.gpus,
+                                   gpu_memory_bytes=parse_bytes(pool.gpu_memory),
+                                   batch_size=pool.batch_size, max_length=config.max_length,
+                                   dtype=pool.dtype, dims=config.dims, topk=config.topk)
+    except (NotFound, UnsupportedModel, InvalidInput) as e:  # the config is valid already
+        log.error("pool %s: cannot plan its model: %s", name, e)
+        raise Mismatch(f"the model of pool {name!r} cannot be planned (a deployment "
+                       "problem; see the gateway log)") from None
     if not placement.fits:
+        placement = dataclasses.replace(placement, model=f"pool {name}")
         detail = " | ".join(line.strip() for line in format_placement(placement).splitlines()
                             if line.strip())
         raise Mismatch(f"model does not fit the pool's {pool.gpus} x {pool.gpu_memory} GPUs: "

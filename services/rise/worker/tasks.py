@@ -13,6 +13,9 @@ rise.queries.sketch     ``<query_queue>.<pool>``               sketch inline que
                                                                return base64 features
 ======================  =====================================  ==========================
 
+A query never waits for a whole shard: a running shard task answers the pool's waiting
+query tasks between two of its batches, with the model it holds (``QueryDrain``).
+
 The names are ``rise.taskclient``'s.  The ingest tasks run the functions ``plan``,
 ``write_shard`` and ``commit`` of the module ``rise.ingest``, as the CLI does.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +40,8 @@ import redis
 import urllib3
 from celery import Task, chord, shared_task, signals
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from kombu import Queue
+from kombu.exceptions import KombuError
 
 from rise import ingest, taskclient
 from rise.api import sketch_queries
@@ -142,7 +148,8 @@ def _unlock(js: JobStore, job: dict[str, Any]) -> None:
 JobBody = Callable[[Settings, JobStore, dict[str, Any]], str]
 
 
-def _job_task(task: RiseTask, job_id: str, body: JobBody, part: str) -> str:
+def _job_task(task: RiseTask, job_id: str, body: JobBody, part: str,
+              outage_since: float | None = None) -> str:
     """Run ``body(settings, js, job)`` for a job: a RiseError fails the job and returns
     "error"; an unreachable store or broker is retried up to the budget (the task's
     heartbeat for ``part`` covers the wait, so the controller does not take the part for
@@ -164,14 +171,21 @@ def _job_task(task: RiseTask, job_id: str, body: JobBody, part: str) -> str:
             log.info("%s: %s", task.name, e)
             outcome = "skipped"
         except RETRYABLE as e:  # StorageError included: wait the outage out, up to the budget
+            # The budget is wall time since this task first met the outage (carried in the
+            # retries' kwargs), however long each attempt itself took to fail.
             budget = settings.storage_retry_budget_seconds
-            countdown = work.retry_countdown(task.request.retries, budget)
+            since = outage_since if outage_since is not None else time.time()
+            left = budget - (time.time() - since)
+            if left <= 0:
+                raise  # on_failure: the job fails UNAVAILABLE, past the budget
+            countdown = max(0.5, min(left, work.retry_countdown(task.request.retries, budget)))
             try:
                 js.heartbeat(job_id, part, countdown + 3 * settings.heartbeat_seconds)
             except RETRYABLE:
                 pass  # Redis is what is away: the controller re-enqueues once it is back
+            kwargs = dict(task.request.kwargs or {}, outage_since=since)
             raise task.retry(exc=e if isinstance(e, Exception) else None, countdown=countdown,
-                             max_retries=len(work.retry_delays(budget))) from None
+                             kwargs=kwargs, max_retries=None) from None
         except RiseError as e:
             telemetry.record_error(e.grpc_code)
             fail_job(settings, js, job_id, e.grpc_code, str(e))
@@ -213,7 +227,7 @@ def _preload(**_kw: Any) -> None:
 
 @shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_PREPARE, job_arg=0,
              max_retries=None)
-def prepare(self: RiseTask, job_id: str) -> str:
+def prepare(self: RiseTask, job_id: str, outage_since: float | None = None) -> str:
     """Plan the ingest (the function ``rise.ingest.plan``), then run the shards and the
     commit as a chord."""
 
@@ -229,7 +243,7 @@ def prepare(self: RiseTask, job_id: str) -> str:
                 return "skipped"
             return _prepare(self, settings, js, job)
 
-    return _job_task(self, job_id, body, part="prepare")
+    return _job_task(self, job_id, body, part="prepare", outage_since=outage_since)
 
 
 def _prepare(task: RiseTask, settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
@@ -271,7 +285,7 @@ def _plan_of(job: dict[str, Any]) -> ingest.IngestPlan:
 
 @shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_SHARD, job_arg=0,
              max_retries=None)
-def shard(self: RiseTask, job_id: str, n: int) -> str:
+def shard(self: RiseTask, job_id: str, n: int, outage_since: float | None = None) -> str:
     """Write shard ``n`` of the job's plan (``rise.ingest.write_shard``)."""
 
     def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
@@ -284,12 +298,14 @@ def shard(self: RiseTask, job_id: str, n: int) -> str:
         store = _store(settings, req.prefix)
         rng = p.shard_range(int(n)) if 0 <= int(n) < p.n_shards else range(0)
         totals = [0, 0]
+        queries = QueryDrain(self.app, settings, pool, lm)
 
         def progress(examples: int, tokens: int) -> None:
             totals[0] += examples
             totals[1] += tokens
             js.shard_progress(job_id, int(n), totals[0], totals[1])
             telemetry.sketched(examples, tokens)
+            queries()  # between two batches: the pool's waiting queries go first
 
         with work.Heartbeat(js, job_id, str(n), settings.heartbeat_seconds):
             records = work.dataset_source(settings, p).read(rng.start, rng.stop)
@@ -303,12 +319,13 @@ def shard(self: RiseTask, job_id: str, n: int) -> str:
             js.mark_shard_done(job_id, int(n))
         return "ok" if done.written else "skipped"
 
-    return _job_task(self, job_id, body, part=str(int(n)))
+    return _job_task(self, job_id, body, part=str(int(n)), outage_since=outage_since)
 
 
 @shared_task(bind=True, base=RiseTask, name=taskclient.INGEST_COMMIT, job_arg=1,
              max_retries=None)
-def commit(self: RiseTask, results: Any, job_id: str) -> str:
+def commit(self: RiseTask, results: Any, job_id: str,
+           outage_since: float | None = None) -> str:
     """Chord callback: ``rise.ingest.commit``, then SUCCEEDED and unlock."""
 
     def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
@@ -324,12 +341,12 @@ def commit(self: RiseTask, results: Any, job_id: str) -> str:
         _unlock(js, job)
         return "ok"
 
-    return _job_task(self, job_id, body, part="commit")
+    return _job_task(self, job_id, body, part="commit", outage_since=outage_since)
 
 
 @shared_task(bind=True, base=RiseTask, name=taskclient.INDEX_COMPACT, job_arg=0,
              max_retries=None)
-def compact(self: RiseTask, job_id: str) -> str:
+def compact(self: RiseTask, job_id: str, outage_since: float | None = None) -> str:
     """Rewrite the live records into new shards and erase deleted data."""
 
     def body(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
@@ -341,7 +358,7 @@ def compact(self: RiseTask, job_id: str) -> str:
                 return "skipped"
             return _compact(settings, js, job)
 
-    return _job_task(self, job_id, body, part="compact")
+    return _job_task(self, job_id, body, part="compact", outage_since=outage_since)
 
 
 def _compact(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
@@ -370,16 +387,146 @@ def sketch(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any
     """Sketch inline query records with the index's configuration; base64 features."""
     start = time.perf_counter()
     settings = self.settings()
+    out = sketch_inline(settings, work.pool_name(settings), tenant, prefix, records, fields)
+    telemetry.record_outcome(self.name, "ok", time.perf_counter() - start)
+    return out
+
+
+def sketch_inline(settings: Settings, pool: str, tenant: str, prefix: str,
+                  records: list[dict[str, Any]], fields: dict[str, Any] | None,
+                  lm: LoadedModel | None = None) -> str:
+    """What ``rise.queries.sketch`` does, with the pool's model (``lm``, else loaded)."""
     if not isinstance(prefix, str) or not prefix.startswith(f"tenants/{tenant}/indexes/"):
         raise InvalidInput(f"index prefix {prefix!r} is not an index of tenant {tenant!r}")
     if not isinstance(records, list) or not records:
         raise InvalidInput("no query records")
-    pool = work.pool_name(settings)
-    lm = _model(settings, pool)
+    if lm is None:
+        lm = _model(settings, pool)
     index = open_index(_store(settings, prefix))
     fm = FieldMap.from_dict(fields) if fields else index.default_fields
     recs = records_from_dicts(records, fm)
     qs = sketch_queries(index, lm, recs, fm, batch_size=settings.pool(pool).batch_size)
-    out = base64.b64encode(queryset_to_bytes(qs, index.config.storage_dtype)).decode("ascii")
-    telemetry.record_outcome(self.name, "ok", time.perf_counter() - start)
-    return out
+    return base64.b64encode(queryset_to_bytes(qs, index.config.storage_dtype)).decode("ascii")
+
+
+QUERY_DRAIN_BUDGET_S = 30.0
+"""Longest a shard task answers queries between two of its batches: under a flood of
+queries its shard still moves one batch per this long."""
+BROKER_RETRY_S = 5.0
+"""After the broker failed a drain, the next drain waits this long (the shard goes on)."""
+
+DRAIN_ERRORS: tuple[type[BaseException], ...] = (*RETRYABLE, KombuError)
+"""Broker or store errors that skip a drain."""
+_drain_queues: dict[tuple[int, str], tuple[Any, Any]] = {}
+"""(pid, queue) -> (kombu connection, bound queue) of this process's drains."""
+
+
+class QueryDrain:
+    """Answers the query tasks waiting for a pool while one of its shard tasks runs.
+
+    A prefork worker process runs one task at a time, and with acks_late and prefetch 1
+    its parent takes no message while the child works: a query sent to the pool's query
+    queue would wait for the whole shard.  The shard task calls this between two batches
+    (featurize's progress callback): it takes the ``rise.queries.sketch`` messages
+    waiting in ``<query_queue>.<pool>`` from the broker itself (kombu ``Queue.get``,
+    acked once answered), sketches them with the model this process already holds (never
+    a second copy of the weights) and stores each answer in the result backend under the
+    task's id, exactly as the task would: the gateway waiting on ``AsyncResult.get``
+    cannot tell the difference.  A query therefore waits at most one batch of the shard
+    (plus the queries ahead of it); an idle worker runs the task as usual.
+
+    Each call answers until the queue is empty or ``QUERY_DRAIN_BUDGET_S`` passed.  A
+    message that is not a query task, or whose sketch hit an unreachable store, goes back
+    to the queue (its end) and ends the call.  A broker error is logged and skipped for
+    ``BROKER_RETRY_S``: queries never fail the shard.
+    """
+
+    def __init__(self, app: Any, settings: Settings, pool: str, lm: LoadedModel,
+                 budget_s: float = QUERY_DRAIN_BUDGET_S) -> None:
+        self.app, self.settings, self.pool, self.lm = app, settings, pool, lm
+        self.queue = f"{settings.query_queue}.{pool}"
+        self.budget_s = budget_s
+        self.answered = 0
+        self._retry_at = 0.0
+
+    def __call__(self) -> int:
+        """Answer the waiting queries; returns how many."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return 0
+        deadline = now + self.budget_s
+        done = 0
+        try:
+            queue = self._bound_queue()
+            while time.monotonic() < deadline:
+                msg = queue.get(no_ack=False, accept=["json"])
+                if msg is None or not self._answer(msg):
+                    break
+                done += 1
+        except DRAIN_ERRORS as e:
+            log.warning("query drain of %s skipped for %.0f s: %s: %s", self.queue,
+                        BROKER_RETRY_S, type(e).__name__, e)
+            self._retry_at = time.monotonic() + BROKER_RETRY_S
+            self._forget_queue()
+        self.answered += done
+        return done
+
+    def _bound_queue(self) -> Any:
+        key = (os.getpid(), self.queue)  # a connection is never shared across a fork
+        held = _drain_queues.get(key)
+        if held is None:
+            conn = self.app.connection_for_read()
+            held = (conn, Queue(self.queue, no_declare=True).bind(conn.default_channel))
+            _drain_queues[key] = held
+        return held[1]
+
+    def _forget_queue(self) -> None:
+        held = _drain_queues.pop((os.getpid(), self.queue), None)
+        if held is not None:
+            try:
+                held[0].release()
+            except Exception:  # noqa: BLE001 - a broken connection: nothing to give back
+                log.debug("drain connection not released", exc_info=True)
+
+    def _answer(self, msg: Any) -> bool:
+        """Answer one message; False when it went back to the queue (stop this drain)."""
+        headers = msg.headers or {}
+        task_id = headers.get("id")
+        if headers.get("task") != taskclient.QUERIES_SKETCH or not isinstance(task_id, str):
+            msg.requeue()  # not a query task: its own consumer takes it
+            return False
+        try:
+            body = msg.decode()
+            args, kwargs = body[0], body[1]  # task protocol 2: [args, kwargs, embed]
+            if not isinstance(args, list) or len(args) != 4 or kwargs:
+                raise TypeError("not the four arguments of rise.queries.sketch")
+        except Exception as e:  # noqa: BLE001 - the caller still gets an answer
+            log.error("query message %s is not a rise.queries.sketch call: %s", task_id, e)
+            self.app.backend.mark_as_failure(task_id, e)
+            msg.ack()
+            return True
+        start = time.perf_counter()
+        try:
+            tenant, prefix, records, fields = args
+            out = sketch_inline(self.settings, self.pool, tenant, prefix, records, fields,
+                                lm=self.lm)
+        except SoftTimeLimitExceeded:
+            msg.requeue()  # the shard's own time is up: its task ends, the query waits
+            raise
+        except RETRYABLE as e:
+            log.warning("query %s put back (store or broker unreachable): %s", task_id, e)
+            msg.requeue()
+            return False
+        except Exception as e:  # noqa: BLE001 - the caller's answer, as the task would give it
+            code = e.grpc_code if isinstance(e, RiseError) else "INTERNAL"
+            if not isinstance(e, RiseError):
+                log.exception("query %s failed between batches", task_id)
+            telemetry.record_outcome(taskclient.QUERIES_SKETCH, "error")
+            telemetry.record_error(code)
+            self.app.backend.mark_as_failure(task_id, e)
+            msg.ack()
+            return True
+        self.app.backend.mark_as_done(task_id, out)
+        telemetry.record_outcome(taskclient.QUERIES_SKETCH, "ok", time.perf_counter() - start)
+        msg.ack()
+        return True

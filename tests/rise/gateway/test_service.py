@@ -3,7 +3,10 @@ pools, dataset areas, limits, and the planner refusing a model its pool cannot h
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import grpc
@@ -48,7 +51,10 @@ def gateway(tmp_path_factory):
                "small-gpus": Pool(model=str(CONFIGS / "olmo-2-32b.json"), gpus=2,
                                   gpu_memory="24GiB"),
                "h200": Pool(model=str(CONFIGS / "olmo-2-32b.json"), gpus=1,
-                            gpu_memory="141GiB")})
+                            gpu_memory="141GiB"),
+               "h200-64": Pool(model=str(CONFIGS / "olmo-2-32b.json"), gpus=1,
+                               gpu_memory="64GiB"),
+               "no-config": Pool(model=str(tmp / "missing-model"), gpus=1)})
 
     def no(*a, **k):
         raise AssertionError("the gateway reached a queue or store for a bad request")
@@ -98,11 +104,28 @@ def test_missing_and_wrong_tokens_are_unauthenticated(gateway):
     ({"dataset_uri": "/etc/passwd.jsonl"}, "PERMISSION_DENIED", "dataset roots"),
     ({"config": common_pb2.SketchConfig(mode="exact")}, "INVALID_ARGUMENT", "exact mode"),
     ({"config": common_pb2.SketchConfig(temperature=-1)}, "INVALID_ARGUMENT", "temperature"),
+    # bad input refused at the door (docs/bad-input.md)
+    ({"index": "docs\n"}, "INVALID_ARGUMENT", "index name"),
+    ({"config": common_pb2.SketchConfig(temperature=1e-300)}, "INVALID_ARGUMENT",
+     "temperature must be in [0.05, 100]"),
+    ({"config": common_pb2.SketchConfig(temperature=1e6)}, "INVALID_ARGUMENT",
+     "temperature must be in [0.05, 100]"),
+    ({"config": common_pb2.SketchConfig(kr=2**32 - 1)}, "INVALID_ARGUMENT",
+     "dims must be at most 65536"),
+    ({"config": common_pb2.SketchConfig(kr=4096, kh=4096)}, "INVALID_ARGUMENT",
+     "values per example"),
+    ({"pool": "h200-64", "config": common_pb2.SketchConfig(kr=960, kh=1024, kg=64)},
+     "FAILED_PRECONDITION", "does not fit the pool's 1 x 64GiB GPUs"),
+    ({"pool": "h200", "config": common_pb2.SketchConfig(topk=50_000)}, "FAILED_PRECONDITION",
+     "does not fit"),
+    ({"pool": "no-config"}, "FAILED_PRECONDITION", "model of pool 'no-config' cannot be "
+     "planned"),
 ])
 def test_create_index_validation(gateway, kw, code, words):
     idx, _ = gateway
     got, msg = call(idx.CreateIndex, create(**kw))
     assert got.name == code and words in msg, (got, msg)
+    assert str(CONFIGS) not in msg and "missing-model" not in msg  # no path of the host
 
 
 def test_a_model_too_large_for_its_pool_is_refused_at_submit_time(gateway):
@@ -118,6 +141,13 @@ def test_a_model_that_fits_passes_the_planner(gateway):
     # ALREADY_EXISTS proves the 1 x 141 GiB pool was accepted.
     code, msg = call(idx.CreateIndex, create(pool="h200"))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "already exists" in msg
+    # The 64 GiB pool holds the default sketch (its wide dims are refused above) ...
+    code, _ = call(idx.CreateIndex, create(pool="h200-64"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    # ... and every top-K when the residual is read out dense (K = all).
+    code, _ = call(idx.CreateIndex, create(pool="h200", config=common_pb2.SketchConfig(
+        topk_all=True)))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
 
 
 def test_queries_per_call_are_limited(gateway):
@@ -171,3 +201,218 @@ def test_values_that_cannot_fit_one_response_are_refused_with_advice():
         check_values_fit(values, size + 1024**2 - 1)
     # ... and not a loose one
     check_values_fit(values, size + 1024**2 + size // 4)
+
+
+# --- bad input refused at the door, before any work (docs/bad-input.md) ------------------
+
+
+@pytest.mark.parametrize("record,words", [
+    (common_pb2.Record(text="x" * (2**20 + 1)), "over the limit of 1,048,576 bytes"),
+    (common_pb2.Record(id="7" * 5000, text="x"), "5000 UTF-8 bytes"),
+    (common_pb2.Record(text="   "), "empty or whitespace-only"),
+])
+def test_bad_queries_are_refused_before_any_work(gateway, record, words):
+    _, scoring = gateway  # its store and queues fail the test if reached
+    code, msg = call(scoring.Attribute, rise_pb2.AttributeRequest(index="docs",
+                                                                  queries=[record]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in msg, msg
+    code, msg = call(scoring.Value, rise_pb2.ValueRequest(index="docs", targets=[record]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in msg, msg
+
+
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden" / "sketch"
+
+
+class Result:
+    def __init__(self, out):
+        self.out = out
+
+    def get(self, timeout, propagate):
+        assert propagate is False
+        return self.out
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory):
+    """A ScoringService over the golden index, its query pool and scorer faked: what comes
+    back from them must reach the caller with the right code and no host in it."""
+    from rise.store import LocalStore
+    from rise.v1 import scorer_pb2_grpc
+
+    tmp = tmp_path_factory.mktemp("gw-scoring")
+    tokens = tmp / "tokens.json"
+    tokens.write_text(json.dumps({"tok-a": "a"}))
+    settings = Settings(auth_tokens_file=str(tokens), pools={"cpu": Pool(model="unused")})
+    sketch: dict = {}
+
+    def send_task(name, *, args, queue):
+        if "raise" in sketch:
+            raise sketch["raise"]
+        return Result(sketch["out"])
+
+    port = closed_port()
+    scorer = grpc.insecure_channel(f"127.0.0.1:{port}")
+    deps = Deps(settings=settings, jobs=NoJobs(), send_task=send_task,
+                store=lambda prefix: LocalStore(GOLDEN), materialize=lambda uri: uri,
+                scorers=[scorer_pb2_grpc.ScorerServiceStub(scorer)])
+    server = make_server(settings.max_message_bytes)
+    rise_pb2_grpc.add_ScoringServiceServicer_to_server(ScoringService(deps, Auth(settings)),
+                                                       server)
+    server_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server_port}")
+    yield rise_pb2_grpc.ScoringServiceStub(channel), sketch, port
+    channel.close()
+    scorer.close()
+    server.stop(0)
+
+
+def attribute(text="a"):
+    return rise_pb2.AttributeRequest(index="docs", queries=[common_pb2.Record(text=text)])
+
+
+def test_a_query_the_worker_refuses_is_invalid_argument_not_unavailable(scoring):
+    """A one-token query has no supervised position: the worker's sketch task raises
+    InvalidInput, which Celery hands back as that exception.  It was answered UNAVAILABLE,
+    which clients retry five times for nothing."""
+    from rise.errors import InvalidInput
+
+    stub, sketch, _ = scoring
+    sketch.clear()
+    sketch["out"] = InvalidInput("record id '0': text has 1 token(s), so no position is "
+                                 "supervised")
+    code, msg = call(stub.Attribute, attribute())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no position is supervised" in msg
+
+
+def test_a_lost_worker_or_an_unreachable_broker_is_unavailable_without_its_host(scoring):
+    import redis
+    from billiard.exceptions import WorkerLostError
+
+    stub, sketch, _ = scoring
+    sketch.clear()
+    sketch["out"] = WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL).")
+    code, msg = call(stub.Attribute, attribute("a fox"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "WorkerLostError" in msg
+    sketch.clear()
+    sketch["raise"] = redis.exceptions.ConnectionError(
+        "Error 111 connecting to 10.9.8.7:6379. Connection refused.")
+    code, msg = call(stub.Attribute, attribute("a fox"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "did not answer" in msg
+    assert "10.9.8.7" not in msg and "6379" not in msg
+
+
+def test_an_unreachable_scorer_is_unavailable_without_its_address(scoring):
+    stub, sketch, port = scoring
+    sketch.clear()
+    sketch["out"] = ""  # empty query features: the scorer is never reached anyway
+    code, msg = call(stub.Attribute, attribute("a fox"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "scorer unavailable" in msg
+    assert str(port) not in msg and "127.0.0.1" not in msg
+
+
+# --- tokens: revocable, hashed, a bad file neither fatal nor named ----------------------
+
+
+@pytest.fixture
+def auth_gateway(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tok-a": "a", "tok-gone": "b"}))
+    settings = Settings(auth_tokens_file=str(tokens), pools={"cpu": Pool(model="unused")})
+
+    def no(*a, **k):
+        raise AssertionError("not reached")
+
+    deps = Deps(settings=settings, jobs=NoJobs(), send_task=no, store=no, scorers=[],
+                materialize=no)
+    server = make_server(settings.max_message_bytes)
+    rise_pb2_grpc.add_IndexServiceServicer_to_server(IndexService(deps, Auth(settings)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield rise_pb2_grpc.IndexServiceStub(channel), tokens
+    channel.close()
+    server.stop(0)
+
+
+def authenticated(idx, token) -> bool:
+    """Past authentication: the bad name is refused after the token was accepted."""
+    code, _ = call(idx.CreateIndex, create(index="Bad Name"), token=token)
+    return code != grpc.StatusCode.UNAUTHENTICATED
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_a_removed_token_stops_working_within_5_seconds(auth_gateway):
+    idx, tokens = auth_gateway
+    assert authenticated(idx, "tok-gone")
+    digest = "sha256:" + hashlib.sha256(b"tok-new").hexdigest()
+    replace_file(tokens, json.dumps({"tok-a": "a", digest: "c"}))
+    start = time.monotonic()
+    while authenticated(idx, "tok-gone"):
+        assert time.monotonic() - start < 5, "a removed token still works after 5 s"
+        time.sleep(0.1)
+    assert authenticated(idx, "tok-new")  # a hashed key works like a token
+    assert not authenticated(idx, digest)  # and the hash itself is no token
+    assert authenticated(idx, "tok-a")
+
+
+def test_an_unreadable_token_file_keeps_the_last_good_map_and_is_never_named(auth_gateway):
+    idx, tokens = auth_gateway
+    assert authenticated(idx, "tok-a")
+    replace_file(tokens, '{"tok-a": "a", "tok-gone"')  # a half-written edit
+    time.sleep(1.2)
+    assert authenticated(idx, "tok-a")
+    code, msg = call(idx.CreateIndex, create(), token="nope")
+    assert code == grpc.StatusCode.UNAUTHENTICATED and msg == "invalid bearer token"
+    assert str(tokens.parent) not in msg
+    tokens.unlink()
+    time.sleep(1.2)
+    assert authenticated(idx, "tok-a")
+    code, msg = call(idx.CreateIndex, create(), token="nope")
+    assert code == grpc.StatusCode.UNAUTHENTICATED and str(tokens.parent) not in msg
+
+
+def test_an_unreadable_token_file_at_start_fails_the_start(tmp_path):
+    from rise.errors import InvalidInput
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text("{not json")
+    with pytest.raises(InvalidInput, match="auth tokens file .*cannot be loaded"):
+        Auth(Settings(auth_tokens_file=str(tokens)))
+
+
+class _Context:
+    def __init__(self, metadata):
+        self._md = metadata
+
+    def invocation_metadata(self):
+        return self._md
+
+
+def test_auth_off_maps_every_caller_to_the_default_tenant(tmp_path):
+    """RISE_AUTH_MODE=off (the chart's auth.enabled: false): no tokens file needed, every
+    caller, with or without a token, is the one documented default tenant."""
+    auth = Auth(Settings(auth_mode="off", default_tenant="shared"))
+    assert auth.tenant(_Context([])) == "shared"
+    assert auth.tenant(_Context([("authorization", "Bearer anything")])) == "shared"
+    # With tokens on, the same calls are refused.
+    tokens = tmp_path / "t.json"
+    tokens.write_text(json.dumps({"tok": "a"}))
+    on = Auth(Settings(auth_tokens_file=str(tokens)))
+    from rise.errors import Unauthenticated
+    with pytest.raises(Unauthenticated):
+        on.tenant(_Context([]))
+    assert on.tenant(_Context([("authorization", "Bearer tok")])) == "a"

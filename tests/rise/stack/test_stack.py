@@ -10,9 +10,11 @@ catalogue; ``python -m rise.stack down`` leaves no process behind.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -295,6 +297,64 @@ def test_deleted_examples_are_never_returned(built, a):
         a.delete_examples("c", [])
 
 
+def test_the_scorer_answers_only_the_gateway(built, a, env):
+    """The gateway's scorer calls are signed (Attribute works, tests above); a call
+    straight to the scorer's port is refused, for the tenant's own index as for any other,
+    and a signature for one tenant does not open another tenant's index."""
+    import os
+    import stat
+
+    import grpc
+    from rise.internalauth import SCORE_SHARDS, Signer
+    from rise.v1 import scorer_pb2, scorer_pb2_grpc
+
+    key_file = Path(env.stack.proc("scorer").env["RISE_INTERNAL_SECRET_FILE"])
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert a.attribute("c", ["A fox."], top=1)
+    generation = a.get_index("c").generation
+    a_prefix = "tenants/a/indexes/c/"
+
+    def score(prefix: str, metadata=()):
+        with grpc.insecure_channel(env.stack.endpoints["scorer"]) as ch:
+            req = scorer_pb2.ScoreShardsRequest(shards=scorer_pb2.ShardSelector(
+                prefix=prefix, generation=generation), queries=b"", top=1)
+            try:
+                scorer_pb2_grpc.ScorerServiceStub(ch).ScoreShards(req, timeout=30,
+                                                                  metadata=metadata)
+            except grpc.RpcError as e:
+                return e.code()
+        return grpc.StatusCode.OK
+
+    assert score(a_prefix) == grpc.StatusCode.UNAUTHENTICATED
+    assert score("tenants/b/indexes/c/") == grpc.StatusCode.UNAUTHENTICATED
+    signer = Signer(key_file.read_text().strip().encode())
+    as_b = signer.metadata(SCORE_SHARDS, "b", "tenants/b/indexes/c/")
+    assert score(a_prefix, as_b) == grpc.StatusCode.PERMISSION_DENIED  # signed for b's index
+    foreign = signer.metadata(SCORE_SHARDS, "b", a_prefix)
+    assert score(a_prefix, foreign) == grpc.StatusCode.PERMISSION_DENIED
+    # signed for its own tenant and prefix, the call gets past the checks (to the payload)
+    own = signer.metadata(SCORE_SHARDS, "a", a_prefix)
+    assert score(a_prefix, own) == grpc.StatusCode.INVALID_ARGUMENT
+    # every /metrics listens on loopback only (RISE_METRICS_HOST), never on every interface
+    from urllib.parse import urlsplit
+
+    for name, url in env.stack.endpoints["metrics"].items():
+        assert listening_addresses(urlsplit(url).port) == {"0100007F"}, name
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) of the sockets listening on
+    ``port``, IPv4 and IPv6."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                out.add(address)
+    return out
+
+
 def test_metrics_endpoints_serve_the_catalogue(built, env):
     from rise.metrics import CATALOGUE, names_for
 
@@ -373,6 +433,80 @@ def test_a_retried_append_makes_no_second_job(env):
         assert sorted(j.id for j in c.list_jobs("rid")) == sorted([create.id, first.id])
         idx = c.get_index("rid")
         assert (idx.generation, idx.live_count) == (2, len(ROWS) + len(TEXTS))
+
+
+def test_bad_input_is_refused_at_the_door_with_its_code(built, a):
+    """docs/bad-input.md through the real stack: refused at submit or query time with
+    INVALID_ARGUMENT, not accepted to fail later (INTERNAL) nor retried (UNAVAILABLE)."""
+    src = "s3://rise/tenants/a/data/c.jsonl"
+    for config, words in (({"temperature": 1e-300}, "temperature must be in"),
+                          ({"kr": 2**32 - 1}, "dims must be at most")):
+        with pytest.raises(errors.InvalidInput, match=words):
+            a.create_index("never", src, POOL, config=config)
+    with pytest.raises(errors.InvalidInput, match="index name"):
+        a.create_index("never\n", src, POOL)
+    # A one-token query has no supervised position: the worker refuses it, and the
+    # gateway answers the worker's code (it was UNAVAILABLE, which clients retry).
+    with pytest.raises(errors.InvalidInput, match="no position is supervised"):
+        a.attribute("c", ["a"])
+    with pytest.raises(errors.InvalidInput, match="over the limit of 1,048,576 bytes"):
+        a.attribute("c", ["x" * (2**20 + 1)])
+    assert [n for n in (i.name for i in a.list_indexes()) if n.startswith("never")] == []
+
+
+BAD_DATASETS = {
+    "deep": '{"id": "d", "text": "t", "a": ' + "[" * 200_000 + "]" * 200_000 + "}\n",
+    "digits": '{"id": ' + "7" * 5000 + ', "text": "t"}\n',
+    "huge": json.dumps({"id": "h", "text": "a" * (2 * 2**20)}) + "\n",
+}
+
+
+@pytest.mark.parametrize("kind,words", [("deep", "nested deeper than 64 levels"),
+                                        ("digits", "a number of more than 4300 digits"),
+                                        ("huge", "over the limit of 1,048,576 bytes")])
+def test_bad_records_fail_their_job_as_invalid_argument_naming_the_uri(env, kind, words):
+    """They were INTERNAL; and a job's message named the worker's cached copy."""
+    data = BAD_DATASETS[kind].encode()
+    key = f"tenants/c/data/bad-{kind}.jsonl"
+    env.s3.put_object("rise", key, io.BytesIO(data), len(data))
+    with RiseClient(env.gateway, TOKENS["c"], timeout=120) as c:
+        job = c.wait(c.create_index(f"bad-{kind}", f"s3://rise/{key}", POOL).id, timeout=120)
+    assert state_name(job) == "FAILED" and job.error_code == "INVALID_ARGUMENT", job
+    assert job.error_message.startswith(f"s3://rise/{key} line 1 (record 0): ")
+    assert words in job.error_message and str(env.root) not in job.error_message
+
+
+def test_a_removed_token_stops_working_within_5_seconds(env):
+    path = Path(env.stack.tokens_file)
+    original = path.read_text()
+    current = json.loads(original)
+
+    def write(mapping):
+        tmp = path.with_suffix(".new")
+        tmp.write_text(json.dumps(mapping))
+        os.replace(tmp, path)
+
+    digest = "sha256:" + hashlib.sha256(b"tok-d-5e8a").hexdigest()
+    try:
+        write({**current, digest: "d"})  # a hashed key: the file need not hold the token
+        deadline = time.monotonic() + 5
+        with RiseClient(env.gateway, "tok-d-5e8a", timeout=30) as d:
+            while True:
+                try:
+                    assert d.list_indexes() == []
+                    break
+                except errors.Unauthenticated:
+                    assert time.monotonic() < deadline, "a new token not accepted in 5 s"
+                    time.sleep(0.2)
+            write(current)
+            start = time.monotonic()
+            with pytest.raises(errors.Unauthenticated):
+                while True:
+                    d.list_indexes()
+                    assert time.monotonic() - start < 5, "a removed token works after 5 s"
+                    time.sleep(0.2)
+    finally:
+        write(json.loads(original))
 
 
 def test_stack_down_leaves_no_process(env):

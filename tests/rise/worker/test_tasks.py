@@ -515,3 +515,100 @@ def test_datasets_uris_and_file_store(tmp_path):
     store.put("a/b", b"1")
     assert (tmp_path / "tenants" / TENANT / "indexes" / "idx" / "a" / "b").read_bytes() == b"1"
     assert isinstance(open_store(Settings(s3_endpoint="127.0.0.1:9"), "p/"), S3Store)
+
+
+SLOW = "slow"  # a pool of its own queues, so no idle worker can take its queries
+SLOW_BATCH = 2
+SLOW_SLEEP_S = 0.5  # added to every forward pass (slow_batches.py)
+SLOW_QUEUES = {"pool": "rise.test.slow.pool", "queries": f"rise.test.slowq.{SLOW}",
+               "control": "rise.test.slow.control"}
+
+
+@pytest.fixture(scope="module")
+def slow_worker(env):
+    """One worker process (concurrency 1) of pool ``slow``, every batch 0.5 s longer."""
+    pools = json.loads(env.env["RISE_POOLS"])
+    pools[SLOW] = dict(pools[POOL], batch_size=SLOW_BATCH, queue=SLOW_QUEUES["pool"])
+    w = env.start_worker(
+        "slow", queues=",".join(SLOW_QUEUES.values()), extra=["-I", "slow_batches"],
+        RISE_POOLS=json.dumps(pools), RISE_WORKER_POOL=SLOW,
+        RISE_QUERY_QUEUE="rise.test.slowq", RISE_CONTROL_QUEUE=SLOW_QUEUES["control"],
+        TEST_BATCH_SLEEP_S=str(SLOW_SLEEP_S),
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.env.get("PYTHONPATH", "")]))
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_a_query_is_answered_between_batches_of_a_running_shard(env, app, lm, slow_worker):
+    """The pool's only worker process is deep in a long shard (one shard of 40 records,
+    20 batches of 0.5 s or more); a query sent meanwhile is answered before the shard
+    ends, after about one batch (the running one, then its own), by the shard task itself
+    (QueryDrain) with the model it holds, and equals the embedded sketch.  Errors come
+    back as the task's would."""
+    # The queried index, built here into the store (same model, so the worker accepts it).
+    qprefix = index_prefix(TENANT, "slow-queried")
+    qstore = env.s3(qprefix)
+    if not qstore.list(constants.MANIFEST_PREFIX):
+        ingest.create_index(qstore, lm, write_jsonl(env.tmp / "slow-q.jsonl", texts(6)),
+                            FieldMap(), CONFIG, shard_size=3, batch_size=BATCH)
+    # The long job: one shard of 40 records.
+    name, rows = "slow-long", texts(40)
+    uri = env.upload("data/slow-long.jsonl", rows)
+    request = {"prefix": index_prefix(TENANT, name), "dataset_uri": uri,
+               "fields": FieldMap().to_dict(), "config": CONFIG.to_dict(), "shard_size": 40,
+               "pool": SLOW, "append": False}
+    job = env.js.create(TENANT, "CREATE_INDEX", name, request=request)
+    assert env.js.register_index(TENANT, name, SLOW)
+    assert env.js.lock_index(TENANT, name, job["id"], 3600) is None
+    slow_worker.wait_ready(app)
+    app.send_task("rise.ingest.prepare", args=[job["id"]], queue=SLOW_QUEUES["pool"])
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while env.js.get_any(job["id"])["examples_done"] < 2 * SLOW_BATCH:  # mid-shard
+        assert env.js.get_any(job["id"])["state"] not in TERMINAL, slow_worker.tail()
+        assert time.monotonic() < deadline, slow_worker.tail()
+        time.sleep(0.02)
+
+    queries = [{"id": "q1", "text": "Which examples taught the model about foxes?"}]
+    fields = FieldMap().to_dict()
+    t0 = time.monotonic()
+    res = app.send_task("rise.queries.sketch", args=[TENANT, qprefix, queries, fields],
+                        queue=SLOW_QUEUES["queries"])
+    got = queryset_from_bytes(base64.b64decode(res.get(timeout=JOB_TIMEOUT_S)))
+    waited = time.monotonic() - t0
+    running = env.js.get_any(job["id"])
+    assert running["state"] not in TERMINAL and running["examples_done"] < len(rows), running
+    # One shard batch and the query's own batch, 0.5 s each and more; the rest of the
+    # shard was 16 batches or more.
+    assert waited < 4 * SLOW_SLEEP_S + 1.0, waited
+
+    want = api.sketch_queries(I.open_index(qstore), lm,
+                              read_records(write_jsonl(env.tmp / "slow-q1.jsonl", queries),
+                                           FieldMap()), FieldMap(), batch_size=SLOW_BATCH)
+    from rise.score import queryset_to_bytes
+
+    want = queryset_from_bytes(queryset_to_bytes(want, CONFIG.storage_dtype))
+    assert got.ids == want.ids == ["q1"]
+    assert torch.equal(got.rh, want.rh) and torch.equal(got.gh, want.gh)
+
+    # Errors between batches reach the caller as the task's own would.
+    bad = app.send_task("rise.queries.sketch",
+                        args=[TENANT, qprefix, [{"id": "q", "text": "  "}], fields],
+                        queue=SLOW_QUEUES["queries"])
+    other = app.send_task("rise.queries.sketch", args=["intruder", qprefix, queries, fields],
+                          queue=SLOW_QUEUES["queries"])
+    with pytest.raises(InvalidInput, match="empty or whitespace-only"):
+        bad.get(timeout=JOB_TIMEOUT_S)
+    with pytest.raises(InvalidInput, match="not an index of tenant"):
+        other.get(timeout=JOB_TIMEOUT_S)
+    assert env.js.get_any(job["id"])["state"] not in TERMINAL
+
+    done = wait_job(env, job["id"], [slow_worker], timeout=JOB_TIMEOUT_S)
+    assert done["state"] == SUCCEEDED, (done, slow_worker.tail())
+    assert done["examples_done"] == len(rows) and done["shards_done"] == 1
+
+    # Idle again: the task itself answers, as before.
+    again = app.send_task("rise.queries.sketch", args=[TENANT, qprefix, queries, fields],
+                          queue=SLOW_QUEUES["queries"])
+    assert queryset_from_bytes(base64.b64decode(again.get(timeout=JOB_TIMEOUT_S))).ids == ["q1"]

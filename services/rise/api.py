@@ -7,7 +7,8 @@
     hits = api.attribute(api.open_index(LocalStore("idx")), lm, "queries.jsonl", top=10)
 
 Query sketching (``sketch_queries``) is separate from scoring (``attribute_sketched`` /
-``value_sketched``) so that workers sketch and the scorer scores.
+``value_sketched``) so that workers sketch and the scorer scores.  ``explain`` decomposes
+one hit's score into (query token, training token) pairs (``rise.explain``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from rise import constants
 from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
+from rise.explain import Explanation, explain, pick_query
 from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.index import Index, compact, delete, open_index, verify
@@ -48,7 +50,8 @@ __all__ = [
     "sketch_queries", "attribute", "attribute_sketched", "value", "value_sketched",
     "score_candidates", "value_candidates", "replica_shards", "index_mean",
     "check_fraction", "top_fraction_records", "select_top_fraction", "fetch_records",
-    "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap",
+    "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap", "explain", "pick_query",
+    "Explanation",
 ]
 
 load = load_model

@@ -16,6 +16,7 @@ import builtins
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,14 @@ from typing import TypeVar
 
 import urllib3
 from minio import Minio
+from minio.credentials import Credentials
+from minio.credentials.providers import (
+    ChainedProvider,
+    EnvAWSProvider,
+    EnvMinioProvider,
+    IamAwsProvider,
+    Provider,
+)
 from minio.error import MinioException, S3Error, ServerError
 from minio.helpers import DictType
 
@@ -42,6 +51,45 @@ _EXISTS = ("PreconditionFailed",)
 # AWS answers 409 to a conditional put racing another one on the same key: try again.
 _RETRY_CODES = ("ConditionalRequestConflict", "SlowDown", "RequestTimeout")
 _CREATE_LOCK = threading.Lock()  # the conditional=False fallback (one process only)
+
+
+class _Chain(Provider):
+    """minio's ChainedProvider whose failure says what was tried: the first provider that
+    yields keys wins; it is asked again when its (temporary) keys expire."""
+
+    def __init__(self, providers: list[Provider]) -> None:
+        self.chain = ChainedProvider(providers)
+
+    def retrieve(self) -> Credentials:
+        try:
+            return self.chain.retrieve()
+        except Exception as e:  # noqa: BLE001 - any provider's failure means "no credentials"
+            log.warning("no S3 credentials from the provider chain: %s", _one_line(e))
+            raise StorageError(
+                "no S3 credentials: give an access and a secret key (RISE_S3_ACCESS_KEY, "
+                "RISE_S3_SECRET_KEY), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "MINIO_ACCESS_KEY/MINIO_SECRET_KEY, a web identity token "
+                "(AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN) or an instance role"
+            ) from None
+
+
+def provider_chain() -> Provider:
+    """Where credentials come from when none are configured, in order: the environment
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` with ``AWS_SESSION_TOKEN``, then
+    ``MINIO_ACCESS_KEY``/``MINIO_SECRET_KEY``); a web identity token exchanged at STS
+    (``AWS_WEB_IDENTITY_TOKEN_FILE``, ``AWS_ROLE_ARN``: EKS IRSA and other workload
+    identities; ``AWS_ENDPOINT_URL_STS`` overrides the regional STS endpoint); else the
+    ECS task role or the EC2 instance profile (IMDSv2).  Temporary keys are renewed
+    before they expire."""
+    sts = os.environ.get("AWS_ENDPOINT_URL_STS") or None
+    web_identity = bool(os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
+    # Short timeouts: off a cloud, the metadata address answers nothing.
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=10),
+                               retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                                     status_forcelist=[500, 502, 503, 504]))
+    return _Chain([EnvAWSProvider(), EnvMinioProvider(),
+                   IamAwsProvider(custom_endpoint=sts if web_identity else None,
+                                  http_client=http)])
 
 
 class S3Store:
@@ -70,8 +118,15 @@ class S3Store:
         # multiply with ours and make an unreachable server take a minute to report.
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=120),
                                    retries=False, maxsize=16)
-        client = Minio(endpoint.rstrip("/"), access_key=access_key, secret_key=secret_key,
-                       secure=secure, region=region, http_client=http)
+        if access_key and secret_key:
+            client = Minio(endpoint.rstrip("/"), access_key=access_key,
+                           secret_key=secret_key, secure=secure, region=region,
+                           http_client=http)
+        else:
+            # No keys given: never unsigned requests; the credentials come from where the
+            # process runs (environment, a web identity token, the instance's role).
+            client = Minio(endpoint.rstrip("/"), credentials=provider_chain(),
+                           secure=secure, region=region, http_client=http)
         return cls(client, bucket, prefix)
 
     def describe(self) -> str:

@@ -6,8 +6,9 @@ Unknown keys are rejected so a typo in a deployment fails loudly at start-up.
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +42,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RISE_", extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Celery broker, result backend and job store."""
+    """Celery broker, result backend and job store; ``rediss://`` speaks TLS, checking the
+    server's certificate (against redis_ca_file, else the system's roots)."""
+    redis_ca_file: str = ""
+    """PEM CA bundle that signs the Redis server's certificate (``rediss://`` only; a
+    mounted Secret); empty: the system's roots."""
+    redis_cert_file: str = ""
+    """PEM client certificate for a Redis that asks for one (``rediss://``, mutual TLS)."""
+    redis_key_file: str = ""
+    """PEM private key of redis_cert_file."""
     s3_endpoint: str = "127.0.0.1:8333"
     """S3/MinIO endpoint host:port."""
     s3_access_key: str = ""
@@ -183,6 +192,21 @@ class Settings(BaseSettings):
         ):
             raise InvalidInput("auth tokens file must map token strings to tenant strings")
         return data
+
+    def redis_tls(self) -> dict[str, Any]:
+        """TLS options of every Redis connection (redis-py's ``ssl_*`` keywords, which
+        kombu's ``broker_use_ssl`` and Celery's ``redis_backend_use_ssl`` take too); empty
+        for ``redis://``.  The certificate is always checked: Celery's result backend
+        refuses a ``rediss://`` URL that does not say how."""
+        if not self.redis_url.startswith("rediss://"):
+            return {}
+        opts: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        for key, path in (("ssl_ca_certs", self.redis_ca_file),
+                          ("ssl_certfile", self.redis_cert_file),
+                          ("ssl_keyfile", self.redis_key_file)):
+            if path:
+                opts[key] = path
+        return opts
 
     def pool(self, name: str) -> Pool:
         if name not in self.pools:

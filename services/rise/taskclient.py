@@ -33,8 +33,9 @@ RESULT_EXPIRES_S = 7 * 24 * 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """What senders and workers must agree on: JSON only, where results go."""
-    return dict(
+    """What senders and workers must agree on: JSON only, where results go, and TLS to a
+    ``rediss://`` broker and result backend (both need it spelled out)."""
+    conf: dict[str, Any] = dict(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -43,6 +44,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         result_expires=RESULT_EXPIRES_S,
         broker_connection_retry_on_startup=True,
     )
+    tls = settings.redis_tls()
+    if tls:
+        conf.update(broker_use_ssl=dict(tls), redis_backend_use_ssl=dict(tls))
+    return conf
 
 
 class TaskClient:

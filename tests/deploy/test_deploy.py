@@ -30,6 +30,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import crd_schemas  # noqa: E402
 import deploy_tools  # noqa: E402
 from rise.metrics import CATALOGUE  # noqa: E402
 
@@ -57,7 +58,7 @@ TARGET_LABELS = {"namespace", "pod", "instance", "job", "container", "endpoint"}
 DASHBOARD_EXEMPT: dict[str, str] = {}
 REQUIRED_ALERTS = {"RiseGatewayErrorRatioHigh", "RiseQueueBacklogGrowing", "RiseWorkerTaskFailures",
                    "RiseScorerLatencyHigh", "RiseNoWorkersConsuming", "RiseNoControllerLeader",
-                   "RiseControllerFailedJobs"}
+                   "RiseControllerFailedJobs", "RiseJobsFailing", "RiseJobQueueWaitHigh"}
 # The containers that run the rise package and read rise.settings.Settings.
 RISE_CONTAINERS = ("gateway", "scorer", "worker", "controller")
 # Chart value -> the Settings field it sets: the controller's, and the workers' ingest timings.
@@ -73,6 +74,16 @@ WORKER_SETTINGS = {"heartbeatSeconds": "heartbeat_seconds",
 # Environment variables of RISE containers that do not carry the RISE_ prefix.
 NON_RISE_ENV = {"HOME", "PYTHONUNBUFFERED", "POD_NAME", "POD_NAMESPACE", "PROMETHEUS_MULTIPROC_DIR",
                 "HF_HOME", "REDIS_PASSWORD"}
+
+
+def user_extra_env(values: dict) -> list[dict]:
+    """The EnvVars the values add themselves (extraEnv of the chart, components and pools)."""
+    env = list(values.get("extraEnv") or [])
+    for part in ("gateway", "scorer", "controller", "workers"):
+        env += values[part].get("extraEnv") or []
+    for pool in (values["workers"]["pools"] or {}).values():
+        env += (pool or {}).get("extraEnv") or []
+    return env
 
 
 # --- values, schema, templates (no helm needed) ----------------------------------------------
@@ -360,6 +371,12 @@ SERVICE_MONITOR_SCHEMA = _closed({
 
 
 def validate_manifest(kube_validate, doc: dict, version: str) -> None:
+    custom = crd_schemas.schema_of(doc)  # KEDA and Gateway API kinds (crd_schemas.py)
+    if custom is not None:
+        import jsonschema
+
+        jsonschema.validate(doc, custom)
+        return
     if doc["apiVersion"] == "monitoring.coreos.com/v1":
         import jsonschema
 
@@ -459,7 +476,13 @@ def test_rendered_release_wiring(helm, ci_file):
                         values["redis"]["externalUrlSecret"]["name"],
                         values["redis"]["auth"]["existingSecret"],
                         values["internalAuth"]["existingSecret"],
-                        values["gateway"]["tls"]["secretName"]} - {""}
+                        values["gateway"]["tls"]["secretName"],
+                        values["redis"]["tls"]["caSecret"]["name"],
+                        values["redis"]["tls"]["clientCertSecret"]} - {""}
+    user_env = user_extra_env(values)  # the values' own extraEnv: names and Secrets are theirs
+    external_secrets |= {ref["name"] for e in user_env
+                         if (ref := (e.get("valueFrom") or {}).get("secretKeyRef"))}
+    user_env_names = {e["name"] for e in user_env}
 
     def check_secret_ref(name, key):
         if name in secrets:
@@ -498,7 +521,8 @@ def test_rendered_release_wiring(helm, ci_file):
                     check_secret_ref(ref["name"], ref["key"])
             if c["name"] in RISE_CONTAINERS:
                 env = env_of(c)
-                bad = [k for k in env if not k.startswith("RISE_") and k not in NON_RISE_ENV]
+                bad = [k for k in env if not k.startswith("RISE_")
+                       and k not in NON_RISE_ENV | user_env_names]
                 assert bad == [], f"{where}: env without the RISE_ prefix: {bad}"
 
     # Services select pods, and name ports the pods have
@@ -539,8 +563,11 @@ def test_rendered_release_wiring(helm, ci_file):
         assert env["RISE_S3_SECURE"] == str(values["s3"]["secure"]).lower()
         has_keys = bool(values["s3"]["existingSecret"] or values["s3"]["accessKey"])
         assert ("RISE_S3_ACCESS_KEY" in env) == has_keys == ("RISE_S3_SECRET_KEY" in env)
-        assert c["image"].endswith(":" + str(values["image"]["tag"] or
-                                               load_yaml(CHART / "Chart.yaml")["appVersion"]))
+        if values["image"]["digest"] and c["name"] != "worker":
+            assert c["image"] == f"{values['image']['repository']}@{values['image']['digest']}"
+        elif not values["image"]["digest"]:
+            assert c["image"].endswith(":" + str(values["image"]["tag"] or
+                                                   load_yaml(CHART / "Chart.yaml")["appVersion"]))
 
     # gateway
     gw = one(docs, "Deployment", f"{RELEASE}-gateway")
@@ -559,7 +586,12 @@ def test_rendered_release_wiring(helm, ci_file):
         assert gc[probe]["grpc"] == {"port": probed}
     genv = env_of(gc)
     assert genv["RISE_GATEWAY_PORT"] == str(port) and genv["RISE_METRICS_PORT"] == str(mport)
-    assert gw["spec"]["replicas"] == values["gateway"]["replicas"]
+    if values["gateway"]["autoscaling"]["enabled"]:  # the HPA owns the replica count
+        assert "replicas" not in gw["spec"]
+        hpa = one(docs, "HorizontalPodAutoscaler", f"{RELEASE}-gateway")
+        assert hpa["spec"]["scaleTargetRef"]["name"] == gw["metadata"]["name"]
+    else:
+        assert gw["spec"]["replicas"] == values["gateway"]["replicas"]
     scorers = values["scorer"]["replicas"]
     headless = f"{RELEASE}-scorer-headless"
     assert genv["RISE_SCORER_ADDRESSES"].split(",") == [
@@ -615,7 +647,13 @@ def test_rendered_release_wiring(helm, ci_file):
         dep = one(docs, "Deployment", f"{RELEASE}-worker-{name}")
         spec = dep["spec"]["template"]["spec"]
         (wc,) = spec["containers"]
-        assert dep["spec"]["replicas"] == pool.get("replicas", 1)
+        autoscaled = {**values["workers"]["autoscaling"], **pool.get("autoscaling", {})}
+        if autoscaled["enabled"]:  # KEDA owns the replica count
+            assert "replicas" not in dep["spec"]
+            assert spec["terminationGracePeriodSeconds"] >= \
+                autoscaled["terminationGracePeriodSeconds"]
+        else:
+            assert dep["spec"]["replicas"] == pool.get("replicas", 1)
         gpus, conc = pool.get("gpus", 1), pool.get("concurrency", 1)
         queues = [pool.get("queue") or f"rise.pool.{name}",
                   f"{values['workers']['queryQueue']}.{name}", values["workers"]["controlQueue"]]
@@ -1089,7 +1127,9 @@ def test_gateway_tls_and_auth_mode(helm, ci_file):
     svc = one(docs, "Service", f"{RELEASE}-gateway")
     assert {"name": "health", "port": health, "targetPort": "health", "protocol": "TCP",
             "appProtocol": "grpc"} in svc["spec"]["ports"]
-    plain = render(helm, ci_file, "--set", "gateway.tls.enabled=false")
+    # (TLS passthrough at an ingress needs a TLS gateway: terminate there instead)
+    plain = render(helm, ci_file, "--set", "gateway.tls.enabled=false",
+                   "--set", "ingress.tlsMode=terminate")
     (pc,) = one(plain, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"][
         "containers"]
     assert not {"RISE_TLS_CERT_FILE", "RISE_TLS_KEY_FILE", "RISE_HEALTH_PORT"} & set(env_of(pc))
@@ -1334,6 +1374,21 @@ CONTROLLER_ALERT_CASES = [
     ({'rise_controller_jobs_failed_total{namespace="a", code="DEADLINE_EXCEEDED"}': "0 0 0 1 1 1",
       'rise_controller_jobs_failed_total{namespace="a", code="UNAVAILABLE"}': "0+0x5"}, 5,
      "RiseControllerFailedJobs", [{"namespace": "a", "code": "DEADLINE_EXCEEDED"}]),
+    # pool p1's jobs fail, p2's succeed
+    ({'rise_job_duration_seconds_count{namespace="a", pool="p1", kind="CREATE_INDEX", '
+      'state="FAILED"}': "0+1x60",
+      'rise_job_duration_seconds_count{namespace="a", pool="p1", kind="CREATE_INDEX", '
+      'state="SUCCEEDED"}': "0+1x60",
+      'rise_job_duration_seconds_count{namespace="a", pool="p2", kind="CREATE_INDEX", '
+      'state="SUCCEEDED"}': "0+1x60"}, 50, "RiseJobsFailing", [{"namespace": "a", "pool": "p1"}]),
+    # pool p1 has work waiting and no worker finishing tasks; p2 works; control queue ignored
+    ({'rise_queue_depth{namespace="a", pool="p1", queue="rise.pool.p1"}': "5+0x40",
+      'rise_queue_depth{namespace="a", pool="p2", queue="rise.pool.p2"}': "5+0x40",
+      'rise_queue_depth{namespace="a", pool="", queue="rise.control"}': "5+0x40",
+      'rise_tasks_total{namespace="a", pool="p1", task="rise.ingest.shard", outcome="ok"}':
+      "0+0x40",
+      'rise_tasks_total{namespace="a", pool="p2", task="rise.ingest.shard", outcome="ok"}':
+      "0+1x40"}, 30, "RiseNoWorkersConsuming", [{"namespace": "a", "pool": "p1"}]),
 ]
 
 

@@ -102,12 +102,36 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Images --------------------------------------------------------------------- */}}
 
-{{/* (dict "ctx" $ "override" map-with-optional-repository-and-tag) */}}
+{{/* (dict "ctx" $ "override" map-with-optional-repository-tag-and-digest). A digest pins
+     the image (`repo@sha256:...`, the tag is then ignored); an override's repository
+     drops the global digest, which names another image. */}}
 {{- define "rise.image" -}}
 {{- $o := .override | default dict }}
 {{- $repo := $o.repository | default .ctx.Values.image.repository }}
+{{- $digest := $o.digest | default (ternary "" (.ctx.Values.image.digest | default "") (not (empty $o.repository))) }}
+{{- if $digest }}
+{{- include "rise.checkDigest" $digest }}
+{{- printf "%s@%s" $repo $digest }}
+{{- else }}
 {{- $tag := $o.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion }}
 {{- printf "%s:%s" $repo (toString $tag) }}
+{{- end }}
+{{- end }}
+
+{{/* An image of (dict "repository" .. "tag" .. "digest" ..): by digest when given. */}}
+{{- define "rise.plainImage" -}}
+{{- if .digest }}
+{{- include "rise.checkDigest" .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository (toString .tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "rise.checkDigest" -}}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .) }}
+{{- fail (printf "image digest %q is not sha256:<64 hex digits>" .) }}
+{{- end }}
 {{- end }}
 
 {{/* Environment ------------------------------------------------------------------ */}}
@@ -135,6 +159,59 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ .Values.redis.externalUrlSecret.key }}
 {{- else }}
   value: {{ required "redis.externalUrl (or redis.externalUrlSecret.name) is required when redis.enabled is false" .Values.redis.externalUrl | quote }}
+{{- end }}
+{{- end }}
+
+{{/* TLS files of a `rediss://` Redis, from Secrets: the CA that signs the server's
+     certificate (RISE_REDIS_CA_FILE) and a client certificate (RISE_REDIS_CERT_FILE,
+     RISE_REDIS_KEY_FILE) for a Redis that asks for one. */}}
+{{- define "rise.redisTlsEnv" -}}
+{{- $t := .Values.redis.tls -}}
+{{- if $t.caSecret.name }}
+- name: RISE_REDIS_CA_FILE
+  value: {{ printf "/etc/rise/redis-ca/%s" $t.caSecret.key | quote }}
+{{- end }}
+{{- if $t.clientCertSecret }}
+- name: RISE_REDIS_CERT_FILE
+  value: /etc/rise/redis-client/tls.crt
+- name: RISE_REDIS_KEY_FILE
+  value: /etc/rise/redis-client/tls.key
+{{- end }}
+{{- end }}
+
+{{- define "rise.redisTlsMounts" -}}
+{{- $t := .Values.redis.tls -}}
+{{- if $t.caSecret.name }}
+- name: redis-ca
+  mountPath: /etc/rise/redis-ca
+  readOnly: true
+{{- end }}
+{{- if $t.clientCertSecret }}
+- name: redis-client
+  mountPath: /etc/rise/redis-client
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "rise.redisTlsVolumes" -}}
+{{- $t := .Values.redis.tls -}}
+{{- if $t.caSecret.name }}
+- name: redis-ca
+  secret:
+    secretName: {{ $t.caSecret.name }}
+    items:
+      - key: {{ $t.caSecret.key }}
+        path: {{ $t.caSecret.key }}
+{{- end }}
+{{- if $t.clientCertSecret }}
+- name: redis-client
+  secret:
+    secretName: {{ $t.clientCertSecret }}
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
 {{- end }}
 {{- end }}
 
@@ -167,6 +244,7 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "rise.s3SecretName" . }}
       key: {{ .Values.s3.secretKeyKey }}
 {{- end }}
+{{- include "rise.redisTlsEnv" . }}
 - name: RISE_QUERY_QUEUE
   value: {{ .Values.workers.queryQueue | quote }}
 - name: RISE_CONTROL_QUEUE
@@ -325,5 +403,31 @@ httpGet:
 minAvailable: {{ .minAvailable }}
 {{- else }}
 maxUnavailable: {{ if kindIs "invalid" .maxUnavailable }}1{{ else }}{{ .maxUnavailable }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* A pool's autoscaling settings: its own `autoscaling` over `workers.autoscaling`, as
+     JSON: (dict "ctx" $ "pool" $pool). */}}
+{{- define "rise.poolAutoscaling" -}}
+{{- $own := .pool.autoscaling | default dict }}
+{{- toJson (merge (deepCopy $own) (deepCopy .ctx.Values.workers.autoscaling)) }}
+{{- end }}
+
+{{/* Fails when a pool may scale to zero while no other pool always consumes the control
+     queue (job commits and compaction): someone must be awake to commit a job. */}}
+{{- define "rise.checkScaleToZero" -}}
+{{- $pools := include "rise.enabledPools" . | fromJson }}
+{{- $awake := list }}
+{{- $zero := list }}
+{{- range $name, $pool := $pools }}
+{{- $a := include "rise.poolAutoscaling" (dict "ctx" $ "pool" $pool) | fromJson }}
+{{- if $a.enabled }}
+{{- if gt (int $a.minReplicas) 0 }}{{ $awake = append $awake $name }}{{ else }}{{ $zero = append $zero $name }}{{ end }}
+{{- else if or (not (hasKey $pool "replicas")) (gt (int $pool.replicas) 0) }}
+{{- $awake = append $awake $name }}
+{{- end }}
+{{- end }}
+{{- if and $zero (not $awake) }}
+{{- fail (printf "workers: pool(s) %s may scale to zero (autoscaling.minReplicas: 0) but no other pool always runs (fixed replicas >= 1 or autoscaling.minReplicas >= 1) to consume the control queue %q: job commits would wait for a pool to wake. Keep one pool awake, e.g. a small CPU pool (gpus: 0)" (join ", " $zero) .Values.workers.controlQueue) }}
 {{- end }}
 {{- end }}

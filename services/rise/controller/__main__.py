@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for code in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "FAILED_PRECONDITION"):
         metrics.controller_jobs_failed_total.labels(code=code)
     js = JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                       socket_timeout=10, socket_connect_timeout=5))
+                                       socket_timeout=10, socket_connect_timeout=5,
+                                       **settings.redis_tls()))
     controller = Controller(settings, js, TaskClient(settings).send,
                             lambda prefix: open_store(settings, prefix), metrics=metrics)
     try:

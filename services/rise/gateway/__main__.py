@@ -49,7 +49,8 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
     metrics = for_service("gateway")
     read = metrics.storage_bytes_read_total.labels("gateway")
     written = metrics.storage_bytes_written_total.labels("gateway")
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                             **settings.redis_tls())
     channels = [grpc.insecure_channel(a.strip(), options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes)])

@@ -52,7 +52,8 @@ def job_store(settings: Settings) -> JobStore:
     with _redis_lock:
         client = _redis_clients.get(settings.redis_url)
         if client is None:
-            client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+            client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                          **settings.redis_tls())
             _redis_clients[settings.redis_url] = client
     return JobStore(client)
 

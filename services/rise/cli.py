@@ -29,6 +29,7 @@ from rise.cliutil import (
 from rise.config import make_config, parse_dims
 from rise.data import read_records
 from rise.errors import InvalidInput, NotFound, RiseError
+from rise.modelscli import add_models_parser
 from rise.remote import add_remote_parser
 from rise.store import LocalStore
 
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="bfloat16")
     sp.add_argument("--dims", help="sketch widths KR,KH,KG")
 
+    add_models_parser(sub)
     add_remote_parser(sub)
     return p
 

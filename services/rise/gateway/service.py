@@ -29,11 +29,13 @@ from rise.config import SketchConfig
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
     BudgetExceeded,
+    Corrupt,
     InvalidInput,
     Mismatch,
     NotFound,
     PermissionDenied,
     RiseError,
+    StorageError,
     Unauthenticated,
     Unavailable,
     UnsupportedModel,
@@ -45,6 +47,7 @@ from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
 from rise.jobrecords import JobRecords
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
 from rise.manifest import Manifest
+from rise.modelsource import model_config
 from rise.placement import format_placement, parse_bytes, plan_placement
 from rise.registry import RECORD_KEY, Registry
 from rise.score import ScoreSpec, merge_topk, rank_values
@@ -248,7 +251,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         fields = convert.fields_from(req.fields if req.HasField("fields") else None)
         config = convert.config_from(req.config)
         self._check_dataset(tenant, req.dataset_uri)
-        check_fits(pool, config, req.pool)
+        check_fits(pool, config, req.pool, self.d.settings)
         self.registry.claim(tenant, req.index, req.pool, pool.model)
         return self._submit(tenant, "CREATE_INDEX", req.index, req.pool, {
             "dataset_uri": req.dataset_uri, "fields": fields.to_dict(),
@@ -605,22 +608,30 @@ def error_from(code: str, message: str) -> RiseError:
     return err
 
 
-def check_fits(pool: Any, config: SketchConfig, name: str = "") -> None:
+def check_fits(pool: Any, config: SketchConfig, name: str = "",
+               settings: Settings | None = None) -> None:
     """Refuse at submit time a model and sketch configuration (max_length, dims, top-K)
-    that the pool's GPUs cannot hold, not halfway through.  The answer names the pool,
+    that the pool's GPUs cannot hold, not halfway through.  The plan reads the model's
+    config.json alone, from the pool's model source (``rise.modelsource``: an S3 or hub
+    source's config is fetched and cached, never the weights).  The answer names the pool,
     never its model's path; a model config the planner cannot read is the deployment's
     problem, logged with its path."""
     if pool.gpus <= 0:
         return
     try:
-        placement = plan_placement(pool.model, gpus=pool.gpus,
+        source = model_config(pool.model, settings or Settings.model_construct())
+        placement = plan_placement(str(source), gpus=pool.gpus,
                                    gpu_memory_bytes=parse_bytes(pool.gpu_memory),
                                    batch_size=pool.batch_size, max_length=config.max_length,
                                    dtype=pool.dtype, dims=config.dims, topk=config.topk)
-    except (NotFound, UnsupportedModel, InvalidInput) as e:  # the config is valid already
+    except (NotFound, UnsupportedModel, InvalidInput, Corrupt) as e:  # config is valid
         log.error("pool %s: cannot plan its model: %s", name, e)
         raise Mismatch(f"the model of pool {name!r} cannot be planned (a deployment "
                        "problem; see the gateway log)") from None
+    except StorageError as e:  # retryable; its message names the model's source
+        log.warning("pool %s: cannot fetch its model's config: %s", name, e)
+        raise StorageError(f"the model config of pool {name!r} cannot be fetched now; "
+                           "retry") from None
     if not placement.fits:
         placement = dataclasses.replace(placement, model=f"pool {name}")
         detail = " | ".join(line.strip() for line in format_placement(placement).splitlines()

@@ -416,3 +416,51 @@ def test_auth_off_maps_every_caller_to_the_default_tenant(tmp_path):
     with pytest.raises(Unauthenticated):
         on.tenant(_Context([]))
     assert on.tenant(_Context([("authorization", "Bearer tok")])) == "a"
+
+
+def test_the_planner_reads_an_s3_models_config_json_alone(tmp_path):
+    """A pool whose model is an S3 prefix is planned from its config.json, fetched alone
+    (checked against the model's manifest, cached), never from its weights."""
+    from rise import modelsource
+
+    bucket, cache = tmp_path / "bucket", tmp_path / "cache"
+    folder = tmp_path / "olmo-2-32b"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((CONFIGS / "olmo-2-32b.json").read_bytes())
+    (folder / "model.safetensors").write_bytes(b"weights the gateway never fetches")
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tok-a": "a"}))
+    uri = "s3://rise/models/olmo-2-32b/"
+    settings = Settings(
+        auth_tokens_file=str(tokens), s3_endpoint=f"file://{bucket}", s3_bucket="rise",
+        cache_dir=str(cache),
+        pools={"small-gpus": Pool(model=uri, gpus=2, gpu_memory="24GiB"),
+               "h200": Pool(model=uri, gpus=1, gpu_memory="141GiB"),
+               "unpushed": Pool(model="s3://rise/models/unpushed/", gpus=1)})
+    modelsource.S3Models(settings).push(folder, modelsource.parse_source(uri))
+    modelsource._configs.clear()
+
+    def no(*a, **k):
+        raise AssertionError("the gateway reached a queue or store")
+
+    deps = Deps(settings=settings, jobs=NoJobs(), send_task=no, store=no, scorers=[],
+                materialize=no)
+    server = make_server(settings.max_message_bytes)
+    rise_pb2_grpc.add_IndexServiceServicer_to_server(IndexService(deps, Auth(settings)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            idx = rise_pb2_grpc.IndexServiceStub(channel)
+            code, msg = call(idx.CreateIndex, create(pool="small-gpus"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "does not fit" in msg and "32,234,279,936" in msg
+            assert call(idx.CreateIndex, create(pool="h200"))[0] == grpc.StatusCode.ALREADY_EXISTS
+            code, msg = call(idx.CreateIndex, create(pool="unpushed"))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "model of pool 'unpushed' cannot be planned" in msg and "s3://" not in msg
+    finally:
+        server.stop(0)
+    fetched = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    sha = hashlib.sha256((CONFIGS / "olmo-2-32b.json").read_bytes()).hexdigest()
+    assert fetched == [f"models/configs/{sha}.json"]

@@ -4,6 +4,13 @@ health and reflection, ports with or without TLS.
 Domain errors (rise.errors) carry their status code; ``translate`` is the one place they
 become gRPC statuses.  Anything else is INTERNAL with a generic message (and logged with
 its traceback), never UNKNOWN with a stack trace on the wire.
+
+Two things grpc would otherwise get wrong for the caller: request bytes that do not parse
+(invalid UTF-8 in a string field, a truncated field) are INVALID_ARGUMENT, not grpc's own
+INTERNAL "Exception deserializing request!" (``make_server`` decodes requests itself); and
+a status message is cut to ``MAX_STATUS_MESSAGE_BYTES``, since one that echoes a long
+input would pass the client's metadata limit and reach it as RESOURCE_EXHAUSTED instead
+of its own code.
 """
 
 from __future__ import annotations
@@ -23,6 +30,21 @@ from grpc_reflection.v1alpha import reflection
 from rise.errors import RiseError
 
 log = logging.getLogger("rise.grpc")
+
+MAX_STATUS_MESSAGE_BYTES = 1024
+"""The longest status message sent, in UTF-8 bytes.  It travels as the grpc-message
+header, percent-encoded (up to 3 characters a byte), and a client refuses the status of a
+call whose headers pass its metadata limit (8 KiB soft, 16 KiB hard by default)."""
+
+
+def short_message(msg: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``msg`` cut to at most ``limit`` UTF-8 bytes (on a character boundary), saying how
+    long it was when cut."""
+    raw = msg.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return msg
+    tail = f"... ({len(raw)} bytes, cut)"
+    return raw[: limit - len(tail)].decode("utf-8", "ignore") + tail
 
 
 def status_of(err: RiseError) -> grpc.StatusCode:
@@ -57,7 +79,7 @@ def rpc(service: str) -> Callable:
                 log.exception("internal error in %s", method)
                 code, msg = grpc.StatusCode.INTERNAL, f"internal error in {method}"
             observe(self, code, start)
-            context.abort(code, msg)
+            context.abort(code, short_message(msg))
 
         if inspect.isgeneratorfunction(fn):
 
@@ -113,12 +135,66 @@ def touch_rpc_metrics(metrics: Any, service: str, servicers: Iterable[Any]) -> N
             metrics.errors_total.labels(service, code.name)
 
 
+class _Undecodable:
+    """What a request that does not parse becomes (see ``DecodeRequests``)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class DecodeRequests(grpc.ServerInterceptor):
+    """Request bytes that do not parse are INVALID_ARGUMENT.
+
+    grpc runs a handler's request deserializer before any handler code, and answers its
+    exception INTERNAL.  This replaces the deserializer of unary-request handlers by one
+    that never raises (a bad message becomes an ``_Undecodable``) and has the handler
+    abort with INVALID_ARGUMENT when it gets one.  ``make_server`` puts it innermost, so
+    interceptors before it (authentication, admission) still run first.
+    """
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method
+
+        def decode(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError, or any parser's error
+                return _Undecodable(type(e).__name__)
+
+        def guard(behavior: Callable[[Any, grpc.ServicerContext], Any]
+                  ) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"the request to {method} does not parse as its message "
+                                  f"({request.error}): invalid UTF-8 in a string, or a "
+                                  "truncated or malformed field")
+                return behavior(request, context)
+
+            return run
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                guard(handler.unary_stream), request_deserializer=decode,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            guard(handler.unary_unary), request_deserializer=decode,
+            response_serializer=handler.response_serializer)
+
+
 def make_server(max_message_bytes: int, threads: int = 16,
                 interceptors: Iterable[grpc.ServerInterceptor] = ()) -> grpc.Server:
+    """A threaded server with the message size limits and ``interceptors``, then
+    ``DecodeRequests`` (innermost: undecodable requests are INVALID_ARGUMENT)."""
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=opts,
-                       interceptors=list(interceptors))
+                       interceptors=[*interceptors, DecodeRequests()])
 
 
 def add_port(server: grpc.Server, address: str, cert_file: str = "", key_file: str = "") -> int:

@@ -30,7 +30,7 @@ from rise.constants import cache_dir
 from rise.errors import InvalidInput, NotFound, StorageError
 from rise.s3store import S3Store
 from rise.settings import Settings
-from rise.store import LocalStore, Store
+from rise.store import LocalStore, Store, key_problem
 
 log = logging.getLogger("rise.datasets")
 
@@ -81,6 +81,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if parts.scheme != "s3" or not bucket or not key or key.endswith("/") \
             or parts.query or parts.fragment:
         raise InvalidInput(f"dataset URI {uri!r} must be s3://bucket/key")
+    # The key as written (urlsplit drops tabs and newlines): '..' would leave a file
+    # endpoint's folder, and S3 servers refuse the others as bad requests.
+    problem = key_problem(uri[5:].partition("/")[2])
+    if problem is not None:
+        raise InvalidInput(f"invalid object key ({problem}) in dataset URI {uri!r}")
     return bucket, key
 
 

@@ -36,7 +36,7 @@ from minio.error import MinioException, S3Error, ServerError
 from minio.helpers import DictType
 
 from rise.errors import AlreadyExists, Corrupt, InvalidInput, NotFound, StorageError
-from rise.store import check_key
+from rise.store import MAX_KEY_BYTES, check_key
 
 T = TypeVar("T")
 log = logging.getLogger("rise.s3store")
@@ -133,7 +133,11 @@ class S3Store:
         return f"s3://{self.bucket}/{self.prefix}"
 
     def _name(self, key: str) -> str:
-        return self.prefix + check_key(key)
+        name = self.prefix + check_key(key)
+        if len(name.encode()) > MAX_KEY_BYTES:  # a server would refuse it: not an outage
+            raise InvalidInput(f"invalid object key (over {MAX_KEY_BYTES} bytes in "
+                               f"{self.describe()}): {key!r}")
+        return name
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with exponential backoff on transient failures.

@@ -53,12 +53,38 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+MAX_KEY_BYTES = 1024
+"""S3's limit on an object key, in UTF-8 bytes."""
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a valid object key, or None.  A valid key is at most
+    ``MAX_KEY_BYTES`` of UTF-8 in '/'-separated names, none empty, '.' or '..', with no
+    control character and no backslash (some S3 servers read it as a '/', so a key that
+    looks inside a tenant's area could leave it)."""
+    if not key:
+        return "empty"
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if size > MAX_KEY_BYTES:
+        return f"{size} bytes, over {MAX_KEY_BYTES}"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        return "a control character"
+    if "\\" in key:
+        return "a backslash"
+    if any(p in ("", ".", "..") for p in key.split("/")):
+        return "an empty, '.' or '..' part"
+    return None
+
+
 def check_key(key: str) -> str:
-    """``key`` if it is a valid object key ('/'-separated names, no '.' or '..' parts, no
-    leading '/'), else InvalidInput: every store checks keys with it."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise InvalidInput(f"invalid object key {key!r}")
+    """``key`` if it is a valid object key (``key_problem``), else InvalidInput: every
+    store checks keys with it, and the gateway the keys a caller names."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise InvalidInput(f"invalid object key ({problem}): {key!r}")
     return key
 
 

@@ -274,3 +274,15 @@ def test_index_engine_on_s3(store: S3Store, tiny_model, tmp_path):
     # Two writers can never both commit generation 1.
     with pytest.raises(AlreadyExists):
         index.write_manifest(store, index.read_manifest(store, 1))
+
+
+@pytest.mark.parametrize("key", ["sel/a\x00.jsonl", "k" * 1100 + ".jsonl", "sel\\a.jsonl"],
+                         ids=["nul", "long", "backslash"])
+def test_a_key_the_server_refuses_is_invalid_input(store: S3Store, key):
+    """F4 (fuzz): a key the server refuses (a NUL character, over 1024 bytes) was a
+    StorageError, so Value with such a selection_uri answered UNAVAILABLE, which clients
+    retry, after the scoring ran.  Refused before any request now, by every store."""
+    for op in (lambda: store.put(key, b"{}\n"), lambda: store.get(key),
+               lambda: store.exists(key), lambda: store.delete(key)):
+        with pytest.raises(InvalidInput):
+            op()

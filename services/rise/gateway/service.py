@@ -52,7 +52,7 @@ from rise.placement import format_placement, parse_bytes, plan_placement
 from rise.registry import RECORD_KEY, Registry
 from rise.score import ScoreSpec, merge_topk, rank_values
 from rise.settings import Settings
-from rise.store import Store
+from rise.store import Store, key_problem
 from rise.tokenfile import TokenFile
 from rise.v1 import common_pb2, rise_pb2, rise_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 
@@ -141,6 +141,9 @@ class _Base:
             bucket, _, key = uri[5:].partition("/")
             if not key or key.endswith("/"):
                 raise InvalidInput(f"dataset_uri {uri!r} names no object")
+            problem = key_problem(key)  # before the scope: '..' could leave the area
+            if problem is not None:
+                raise InvalidInput(f"invalid object key ({problem}) in dataset_uri {uri!r}")
             if bucket == s.s3_bucket:
                 if not key.startswith(f"tenants/{tenant}/"):
                     raise PermissionDenied(f"dataset_uri {uri!r} is outside this tenant's "
@@ -263,8 +266,8 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
     @once_per_request_id
     def AppendToIndex(self, req: rise_pb2.AppendToIndexRequest, context) -> rise_pb2.Job:
         tenant = self.auth.tenant(context)
+        self._check_dataset(tenant, req.dataset_uri)  # the request's own fault: before lookups
         entry, store = self._index(tenant, req.index)
-        self._check_dataset(tenant, req.dataset_uri)
         m = self._manifest(store)
         if m is None:
             raise Mismatch(f"index {req.index!r} has no committed generation yet")
@@ -575,6 +578,9 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                 f"selection_uri must be under s3://{self.d.settings.s3_bucket}/tenants/{tenant}/")
         if not key.endswith((".jsonl", ".parquet")):
             raise InvalidInput("selection_uri must end in .jsonl or .parquet")
+        problem = key_problem(key)  # refused here, not by the store after the scoring
+        if problem is not None:
+            raise InvalidInput(f"invalid object key ({problem}) in selection_uri {uri!r}")
         return key
 
     def _write_selection(self, key: str, raws: list[dict[str, Any]]) -> None:

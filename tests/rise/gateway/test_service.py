@@ -418,6 +418,29 @@ def test_auth_off_maps_every_caller_to_the_default_tenant(tmp_path):
     assert on.tenant(_Context([("authorization", "Bearer tok")])) == "a"
 
 
+# A key S3 would refuse, or one that reads as a path out of the tenant's area, is the
+# caller's error at the door: it once reached the worker (a job failing INTERNAL or never
+# ending) or the selection's write after the scoring ran (UNAVAILABLE).
+BAD_KEYS = ["tenants/a/../b/d.jsonl", "tenants/a/./d.jsonl", "tenants/a//d.jsonl",
+            "tenants/a/d\x00.jsonl", "tenants/a/d\n.jsonl", "tenants/a/..\\b\\d.jsonl",
+            "tenants/a/" + "k" * 1100 + ".jsonl"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=["dotdot", "dot", "empty", "nul", "newline",
+                                               "backslash", "long"])
+def test_a_dataset_or_selection_key_the_store_would_refuse_is_invalid_argument(gateway, key):
+    idx, scoring = gateway
+    code, msg = call(idx.CreateIndex, create(dataset_uri=f"s3://rise/{key}"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid object key" in msg, msg
+    append = rise_pb2.AppendToIndexRequest(index="docs", dataset_uri=f"s3://rise/{key}")
+    assert call(idx.AppendToIndex, append)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    value = rise_pb2.ValueRequest(index="docs", targets=[common_pb2.Record(text="a fox")],
+                                  select_fraction=0.5, selection_uri=f"s3://rise/{key}")
+    code, msg = call(scoring.Value, value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid object key" in msg, msg
+    assert len(msg.encode()) <= 1024  # a long key is cut from the message
+
+
 def test_the_planner_reads_an_s3_models_config_json_alone(tmp_path):
     """A pool whose model is an S3 prefix is planned from its config.json, fetched alone
     (checked against the model's manifest, cached), never from its weights."""

@@ -3,6 +3,12 @@
 The gateway creates jobs and reads them; workers advance them.  A job's hash holds its
 state and counters; counters only grow (HINCRBY), and terminal states are final (a Lua
 script refuses to leave them), so a redelivered task can never resurrect a cancelled job.
+
+Jobs not yet ended are members of an active set; a job that ends leaves it, joins the ended
+set (which the controller empties: the job's end state to its record in the store, its
+duration to the metrics) and its hash and per-job keys expire ``ended_ttl_seconds`` later
+(``RISE_JOB_TTL_SECONDS``).  Nothing here scans every job: counts by state come from the
+active set.
 """
 
 from __future__ import annotations
@@ -27,20 +33,36 @@ KINDS = ("CREATE_INDEX", "APPEND", "COMPACT")
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # whole names only: fullmatch, never $
 _COUNTERS = ("shards_total", "shards_done", "examples_total", "examples_done", "tokens_done",
              "generation", "truncated", "tokens_total", "fence")
-_FLOATS = ("created_at", "started_at", "finished_at")
+_FLOATS = ("created_at", "started_at", "finished_at", "first_task_at")
+DEFAULT_ENDED_TTL_SECONDS = 7 * 86400
 
 # Move to a state unless the job is already terminal; returns 1 if moved.  A terminal
-# state also takes the job out of the active set (KEYS[2]) that the controller watches.
+# state also takes the job out of the active set (KEYS[2]) that the controller watches,
+# puts it in the ended set (KEYS[3], scored by its end time) and sets the expiry of its
+# hash and of its other keys (KEYS[4..]).  ARGV: ttl in seconds, end time, then the
+# field/value pairs (state first).
 _SET_STATE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return -1 end
 if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-local new = ARGV[2]
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local new = ARGV[4]
 if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
-  redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('SREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[3], ARGV[2], id)
+  -- never more than a TTL's worth of ended jobs, even with no controller emptying it
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[1]))
+  for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return 1
+"""
+
+# The first task of a job started: stamp it once (a redelivered task finds it stamped).
+_FIRST_TASK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'first_task_at', ARGV[1])
 """
 
 # Field writes to a job that exists: after Redis lost its data, a worker still running must
@@ -117,10 +139,13 @@ def index_prefix(tenant: str, index: str) -> str:
 class JobStore:
     """Jobs and index registry over a ``redis.Redis`` client (decode_responses=True)."""
 
-    def __init__(self, redis: Any, namespace: str = "rise") -> None:
+    def __init__(self, redis: Any, namespace: str = "rise",
+                 ended_ttl_seconds: float = DEFAULT_ENDED_TTL_SECONDS) -> None:
         self.r = redis
         self.ns = namespace
+        self.ended_ttl_seconds = max(1, int(ended_ttl_seconds))
         self._set_state = redis.register_script(_SET_STATE)
+        self._first_task = redis.register_script(_FIRST_TASK)
         self._shard_progress = redis.register_script(_SHARD_PROGRESS)
         self._lease = redis.register_script(_LEASE)
         self._update = redis.register_script(_UPDATE)
@@ -132,6 +157,14 @@ class JobStore:
     def _active(self) -> str:
         return f"{self.ns}:jobs:active"
 
+    @property
+    def _ended(self) -> str:
+        return f"{self.ns}:jobs:ended"
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        """The keys beside a job's hash that live as long as it (they expire with it)."""
+        return [f"{self.ns}:{k}:{job_id}" for k in ("jobprogress", "jobshards", "enqueued")]
+
     # ----------------------------------------------------------------------- jobs
 
     def create(self, tenant: str, kind: str, index: str, **fields: Any) -> dict[str, Any]:
@@ -142,6 +175,8 @@ class JobStore:
         job = {"id": job_id, "tenant": tenant, "kind": kind, "index": index, "state": QUEUED,
                "created_at": now, "started_at": 0.0, "finished_at": 0.0, "error_code": "",
                "error_message": "", **{c: 0 for c in _COUNTERS}}
+        request = fields.get("request")
+        job["pool"] = str(request.get("pool") or "") if isinstance(request, dict) else ""
         job.update(fields)
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping={k: _enc(v) for k, v in job.items()})
@@ -150,20 +185,31 @@ class JobStore:
         pipe.execute()
         return self.get_any(job_id)
 
-    def restore(self, job: dict[str, Any]) -> bool:
+    def restore(self, job: dict[str, Any], now: float | None = None) -> bool:
         """Recreate a job that Redis lost (same id), from its record in the store; active
-        unless its state is terminal.  False when the job is already here."""
+        unless its state is terminal.  False when the job is already here, or when it ended
+        longer than the ended jobs' TTL ago (its hash expired on purpose)."""
         key = self._job(job["id"])
         if self.r.hexists(key, "state"):
+            return False
+        ttl = self.ended_ttl_seconds
+        ended_at = float(job.get("finished_at") or 0)
+        now = time.time() if now is None else now
+        if job["state"] in TERMINAL and ended_at and ended_at + ttl <= now:
             return False
         self.r.delete(key)  # a stray counter a worker wrote after the loss
         full = {"started_at": 0.0, "finished_at": 0.0, "error_code": "", "error_message": "",
                 **{c: 0 for c in _COUNTERS}, **job}
+        if "pool" not in full:
+            request = full.get("request")
+            full["pool"] = str(request.get("pool") or "") if isinstance(request, dict) else ""
         pipe = self.r.pipeline()
         pipe.hset(key, mapping={k: _enc(v) for k, v in full.items()})
         pipe.zadd(f"{self.ns}:jobs:{job['tenant']}", {job["id"]: float(job["created_at"])})
         if job["state"] not in TERMINAL:
             pipe.sadd(self._active, job["id"])
+        else:
+            pipe.expire(key, max(1, int((ended_at or now) + ttl - now)))
         pipe.execute()
         return True
 
@@ -183,13 +229,17 @@ class JobStore:
 
     def list(self, tenant: str, index: str = "", limit: int = 100) -> list[dict[str, Any]]:
         ids = self.r.zrevrange(f"{self.ns}:jobs:{tenant}", 0, -1)
-        out = []
+        out, gone = [], []
         for job_id in ids:
             raw = self.r.hgetall(self._job(job_id))
-            if raw and "state" in raw and (not index or raw.get("index") == index):
+            if not raw:
+                gone.append(job_id)  # expired after it ended: drop it from the list too
+            elif "state" in raw and (not index or raw.get("index") == index):
                 out.append(_dec(raw))
                 if len(out) >= limit:
                     break
+        if gone:
+            self.r.zrem(f"{self.ns}:jobs:{tenant}", *gone)
         return out
 
     def update(self, job_id: str, **fields: Any) -> None:
@@ -207,10 +257,28 @@ class JobStore:
             fields.setdefault("started_at", time.time())
         if state in TERMINAL:
             fields.setdefault("finished_at", time.time())
-        args: list[str] = ["state", state]
+        args: list[str | float | int] = [self.ended_ttl_seconds,
+                                         float(fields.get("finished_at") or time.time()),
+                                         "state", state]
         for k, v in fields.items():
             args += [k, _enc(v)]
-        return self._set_state(keys=[self._job(job_id), self._active], args=args) == 1
+        return self._set_state(keys=[self._job(job_id), self._active, self._ended,
+                                     *self._job_keys(job_id)], args=args) == 1
+
+    def mark_first_task(self, job_id: str, now: float | None = None) -> bool:
+        """Stamp the start of the job's first task; True only the first time (the queue
+        wait is observed once however often its task is delivered)."""
+        return self._first_task(keys=[self._job(job_id)],
+                                args=[time.time() if now is None else now]) == 1
+
+    def ended_ids(self, limit: int = 1000) -> builtins.list[str]:
+        """Jobs that ended and that the controller has not yet taken from the ended set,
+        oldest end first."""
+        return list(self.r.zrange(self._ended, 0, limit - 1))
+
+    def forget_ended(self, job_id: str) -> bool:
+        """Take the job from the ended set; True for the one caller that did."""
+        return bool(self.r.zrem(self._ended, job_id))
 
     def active_ids(self) -> builtins.list[str]:
         """Jobs not yet in a terminal state (the controller's work list)."""
@@ -341,13 +409,17 @@ class JobStore:
     def is_cancelled(self, job_id: str) -> bool:
         return self.r.hget(self._job(job_id), "state") == CANCELLED
 
-    def state_counts(self) -> dict[str, int]:
-        """Jobs by state over all tenants (for the rise_jobs gauge)."""
-        counts = dict.fromkeys(STATES, 0)
-        for key in self.r.scan_iter(f"{self.ns}:job:*", count=1000, _type="HASH"):
-            s = self.r.hget(key, "state")
-            if s in counts:
-                counts[s] += 1
+    def active_counts(self) -> dict[tuple[str, str], int]:
+        """(pool, state) -> jobs not yet ended, over all tenants, from the active set (for
+        the rise_jobs gauge): one read per active job, never a scan of every job."""
+        ids = self.active_ids()
+        pipe = self.r.pipeline()
+        for job_id in ids:
+            pipe.hmget(self._job(job_id), ["state", "pool"])
+        counts: dict[tuple[str, str], int] = {}
+        for state, pool in pipe.execute() if ids else []:
+            if state is not None and state not in TERMINAL:
+                counts[(pool or "", state)] = counts.get((pool or "", state), 0) + 1
         return counts
 
     # ----------------------------------------------------------------- indexes

@@ -58,7 +58,7 @@ TARGET_LABELS = {"namespace", "pod", "instance", "job", "container", "endpoint"}
 DASHBOARD_EXEMPT: dict[str, str] = {}
 REQUIRED_ALERTS = {"RiseGatewayErrorRatioHigh", "RiseQueueBacklogGrowing", "RiseWorkerTaskFailures",
                    "RiseScorerLatencyHigh", "RiseNoWorkersConsuming", "RiseNoControllerLeader",
-                   "RiseControllerFailedJobs"}
+                   "RiseControllerFailedJobs", "RiseJobsFailing", "RiseJobQueueWaitHigh"}
 # The containers that run the rise package and read rise.settings.Settings.
 RISE_CONTAINERS = ("gateway", "scorer", "worker", "controller")
 # Chart value -> the Settings field it sets: the controller's, and the workers' ingest timings.
@@ -1374,6 +1374,21 @@ CONTROLLER_ALERT_CASES = [
     ({'rise_controller_jobs_failed_total{namespace="a", code="DEADLINE_EXCEEDED"}': "0 0 0 1 1 1",
       'rise_controller_jobs_failed_total{namespace="a", code="UNAVAILABLE"}': "0+0x5"}, 5,
      "RiseControllerFailedJobs", [{"namespace": "a", "code": "DEADLINE_EXCEEDED"}]),
+    # pool p1's jobs fail, p2's succeed
+    ({'rise_job_duration_seconds_count{namespace="a", pool="p1", kind="CREATE_INDEX", '
+      'state="FAILED"}': "0+1x60",
+      'rise_job_duration_seconds_count{namespace="a", pool="p1", kind="CREATE_INDEX", '
+      'state="SUCCEEDED"}': "0+1x60",
+      'rise_job_duration_seconds_count{namespace="a", pool="p2", kind="CREATE_INDEX", '
+      'state="SUCCEEDED"}': "0+1x60"}, 50, "RiseJobsFailing", [{"namespace": "a", "pool": "p1"}]),
+    # pool p1 has work waiting and no worker finishing tasks; p2 works; control queue ignored
+    ({'rise_queue_depth{namespace="a", pool="p1", queue="rise.pool.p1"}': "5+0x40",
+      'rise_queue_depth{namespace="a", pool="p2", queue="rise.pool.p2"}': "5+0x40",
+      'rise_queue_depth{namespace="a", pool="", queue="rise.control"}': "5+0x40",
+      'rise_tasks_total{namespace="a", pool="p1", task="rise.ingest.shard", outcome="ok"}':
+      "0+0x40",
+      'rise_tasks_total{namespace="a", pool="p2", task="rise.ingest.shard", outcome="ok"}':
+      "0+1x40"}, 30, "RiseNoWorkersConsuming", [{"namespace": "a", "pool": "p1"}]),
 ]
 
 

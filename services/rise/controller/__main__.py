@@ -17,7 +17,7 @@ import redis
 
 from rise.controller.loop import Controller
 from rise.datasets import open_store
-from rise.jobs import JobStore
+from rise.jobs import KINDS, TERMINAL, JobStore
 from rise.metrics import for_service, serve
 from rise.settings import Settings
 from rise.taskclient import TaskClient
@@ -42,9 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics.controller_requeued_total.labels(part=part)
     for code in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "FAILED_PRECONDITION"):
         metrics.controller_jobs_failed_total.labels(code=code)
+    for pool in settings.pools:
+        for kind in KINDS:
+            for state in sorted(TERMINAL):
+                metrics.job_duration_seconds.labels(pool=pool, kind=kind, state=state)
     js = JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                        socket_timeout=10, socket_connect_timeout=5,
-                                       **settings.redis_tls()))
+                                       **settings.redis_tls()),
+                  ended_ttl_seconds=settings.job_ttl_seconds)
     controller = Controller(settings, js, TaskClient(settings).send,
                             lambda prefix: open_store(settings, prefix), metrics=metrics)
     try:

@@ -16,9 +16,12 @@ seconds it looks at each job that has not ended (``JobStore.active_ids``):
 - every shard done but the job still running (the chord's callback was lost): the
   controller commits itself, with the same ``rise.ingest.commit`` and fence check;
 - ended as a failed create that never committed: its name is freed;
-- ended: its end state goes to its record in the store (``rise.jobrecords``); a job whose
-  record says it ended while Redis (restored from an older snapshot) says otherwise is
-  ended again.  After Redis lost its data, every job comes back from its record.
+- ended: its end state goes to its record in the store (``rise.jobrecords``), its
+  duration (submission to end) to ``rise_job_duration_seconds`` once, from the job store's
+  ended set (``record_ended``); its hash expires ``job_ttl_seconds`` after the end, the
+  record stays.  A job whose record says it ended while Redis (restored from an older
+  snapshot) says otherwise is ended again.  After Redis lost its data, every job comes
+  back from its record (an ended one only within its TTL).
 
 Every ``sweep_interval`` seconds it also sweeps the bucket (``sweep``): objects under an
 index prefix that no committed manifest, registry record or live job owns, older than
@@ -80,6 +83,7 @@ class TickReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (job, code)
     names_freed: int = 0
     restored: int = 0
+    ended: int = 0
 
 
 def waiting_tasks(r: Any, queue: str) -> set[tuple[str, tuple[Any, ...]]]:
@@ -159,6 +163,10 @@ class Controller:
             self.registry.ensure_rebuilt()
         except RiseError as e:
             log.warning("jobs or registry not restored yet: %s", e)
+        try:
+            report.ended = self.record_ended()
+        except RiseError as e:  # the store is away: the ended set keeps them for next time
+            log.warning("ended jobs not recorded yet: %s", e)
         self._gauge("controller_active_jobs", len(self.js.active_ids()))
         queues: dict[str, set[tuple[str, tuple[Any, ...]]]] = {}
         for job_id in self.js.active_ids():
@@ -256,6 +264,28 @@ class Controller:
             report.requeued.append((job_id, part))
             self._count("controller_requeued_total", part="shard" if part.isdigit() else part)
 
+    def record_ended(self) -> int:
+        """The jobs that ended since the last pass: each one's end state to its record in
+        the store, then (once, by whoever takes it from the ended set) its duration to
+        ``rise_job_duration_seconds``.  A StorageError leaves the rest for the next pass."""
+        n = 0
+        for job_id in self.js.ended_ids():
+            try:
+                job = self.js.get_any(job_id)
+            except NotFound:  # expired (no controller ran for a whole TTL): nothing to do
+                self.js.forget_ended(job_id)
+                continue
+            if job["state"] in TERMINAL:
+                self.records.ended(job)
+            if self.js.forget_ended(job_id) and job["state"] in TERMINAL:
+                n += 1
+                if self.metrics is not None and job.get("finished_at"):
+                    self.metrics.job_duration_seconds.labels(
+                        pool=str(job.get("pool") or ""), kind=job["kind"],
+                        state=job["state"]).observe(
+                            max(0.0, job["finished_at"] - job["created_at"]))
+        return n
+
     def restore_jobs(self, force: bool = False) -> int:
         """After Redis lost its data (or with ``force``): bring back every job that has a
         record but no hash."""
@@ -265,12 +295,14 @@ class Controller:
         restored = 0
         for record in self.records.all():
             job = record.model_dump(exclude={"ended_at"})
-            if not record.ended:
+            if record.ended:
+                job["finished_at"] = record.ended_at  # within its TTL only (JobStore.restore)
+            else:
                 job["state"] = QUEUED
                 done = self._already_committed(record)
                 if done:
                     job.update(state=SUCCEEDED, generation=done, finished_at=self.clock())
-            if not self.js.restore(job):
+            if not self.js.restore(job, now=self.clock()):
                 continue
             restored += 1
             if job["state"] == QUEUED:

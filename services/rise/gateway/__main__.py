@@ -30,7 +30,7 @@ from rise.grpcutil import (
     touch_rpc_metrics,
 )
 from rise.internalauth import Signer
-from rise.jobs import STATES, JobStore
+from rise.jobs import KINDS, QUEUED, RUNNING, JobStore
 from rise.metrics import for_service, serve
 from rise.registry import Registry
 from rise.settings import Settings
@@ -40,6 +40,7 @@ from rise.v1 import rise_pb2_grpc, scorer_pb2_grpc
 
 log = logging.getLogger("rise.gateway")
 SERVICES = ["rise.v1.IndexService", "rise.v1.JobService", "rise.v1.ScoringService"]
+ACTIVE_STATES = (QUEUED, RUNNING)
 
 
 def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
@@ -56,7 +57,8 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
         ("grpc.max_send_message_length", settings.max_message_bytes)])
         for a in settings.scorer_addresses.split(",") if a.strip()]
     deps = Deps(
-        settings=settings, jobs=JobStore(r), send_task=TaskClient(settings).send,
+        settings=settings, jobs=JobStore(r, ended_ttl_seconds=settings.job_ttl_seconds),
+        send_task=TaskClient(settings).send,
         store=lambda prefix: CountingStore(open_store(settings, prefix), read.inc, written.inc),
         scorers=[scorer_pb2_grpc.ScorerServiceStub(c) for c in channels],
         materialize=lambda uri: str(materialize(uri, settings)), metrics=metrics,
@@ -72,6 +74,9 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
     rise_pb2_grpc.add_JobServiceServicer_to_server(servicers[1], server)
     rise_pb2_grpc.add_ScoringServiceServicer_to_server(servicers[2], server)
     touch_rpc_metrics(metrics, "gateway", servicers)
+    for pool in settings.pools:  # every pool's series from the start, for rate()
+        for kind in KINDS:
+            metrics.jobs_submitted_total.labels(pool, kind)
     health = add_health_and_reflection(server, SERVICES)
     try:  # after Redis lost its data, the registry copy comes back from the store
         restored = Registry(deps.jobs, deps.store).ensure_rebuilt()
@@ -83,17 +88,21 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
 
 
 def _gauges(deps: Deps, stop: threading.Event, every: float = 5.0) -> None:
-    """Jobs by state and queue depths, refreshed in the background (never per request)."""
+    """Active jobs by pool and state, and queue depths by pool, refreshed in the background
+    (never per request).  Jobs are counted from the job store's active set, never by a scan
+    of every job (ended jobs are the controller's rise_job_duration_seconds)."""
     s = deps.settings
-    queues = sorted({s.queue_of(p) for p in s.pools} | {f"{s.query_queue}.{p}" for p in s.pools}
-                    | {s.control_queue})
+    queues = sorted({(p, s.queue_of(p)) for p in s.pools}
+                    | {(p, f"{s.query_queue}.{p}") for p in s.pools} | {("", s.control_queue)})
+    shown = {(p, state) for p in s.pools for state in ACTIVE_STATES}
     while not stop.is_set():
         try:
-            counts = deps.jobs.state_counts()
-            for state in STATES:
-                deps.metrics.jobs.labels(state).set(counts[state])
-            for q in queues:
-                deps.metrics.queue_depth.labels(q).set(deps.jobs.r.llen(q))
+            counts = deps.jobs.active_counts()
+            shown |= set(counts)
+            for pool, state in shown:
+                deps.metrics.jobs.labels(pool, state).set(counts.get((pool, state), 0))
+            for pool, q in queues:
+                deps.metrics.queue_depth.labels(pool, q).set(deps.jobs.r.llen(q))
         except Exception:  # noqa: BLE001 - metrics must never take the gateway down
             log.warning("could not refresh job/queue gauges", exc_info=True)
         stop.wait(every)

@@ -330,7 +330,7 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         self.d.jobs.note_enqueued(job["id"], "compact" if kind == "COMPACT" else "prepare",
                                   by_controller=False)
         if self.d.metrics is not None:
-            self.d.metrics.jobs_submitted_total.labels(kind).inc()
+            self.d.metrics.jobs_submitted_total.labels(pool, kind).inc()
         return convert.job_to(self.d.jobs.get(tenant, job["id"]))
 
     @rpc("gateway")

@@ -198,8 +198,14 @@ def _job_task(task: RiseTask, job_id: str, body: JobBody, part: str,
         if outcome:
             telemetry.record_outcome(task.name, outcome, time.perf_counter() - start)
         else:
-            telemetry.metrics().task_duration_seconds.labels(task=task.name).observe(
-                time.perf_counter() - start)
+            telemetry.task_seconds(task.name, time.perf_counter() - start)
+
+
+def _first_task(js: JobStore, job: dict[str, Any]) -> None:
+    """The job's first task starts: its queue wait (submission to now), observed once."""
+    now = time.time()
+    if js.mark_first_task(job["id"], now):
+        telemetry.job_started(job, now - float(job["created_at"]))
 
 
 def _store(settings: Settings, prefix: str) -> CountingStore:
@@ -235,6 +241,7 @@ def prepare(self: RiseTask, job_id: str, outage_since: float | None = None) -> s
         if job["state"] in TERMINAL:
             _unlock(js, job)
             return "skipped"
+        _first_task(js, job)
         if job.get("chord_id"):  # a redelivered prepare: its chord is already running
             return "skipped"
         with work.Heartbeat(js, job_id, "prepare", settings.heartbeat_seconds,
@@ -304,7 +311,7 @@ def shard(self: RiseTask, job_id: str, n: int, outage_since: float | None = None
             totals[0] += examples
             totals[1] += tokens
             js.shard_progress(job_id, int(n), totals[0], totals[1])
-            telemetry.sketched(examples, tokens)
+            telemetry.sketched(examples, tokens, pool)
             queries()  # between two batches: the pool's waiting queries go first
 
         with work.Heartbeat(js, job_id, str(n), settings.heartbeat_seconds):
@@ -353,6 +360,7 @@ def compact(self: RiseTask, job_id: str, outage_since: float | None = None) -> s
         if job["state"] in TERMINAL:
             _unlock(js, job)
             return "skipped"
+        _first_task(js, job)
         with work.Heartbeat(js, job_id, "compact", settings.heartbeat_seconds, claim=True) as beat:
             if not beat.claimed:  # another worker is compacting this index right now
                 return "skipped"

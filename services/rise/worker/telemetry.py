@@ -2,6 +2,9 @@
 multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (Celery's prefork children each
 write their own files; the main process serves the sum on ``settings.metrics_port``).
 
+Every series carries ``pool``: the pool this worker serves (``RISE_WORKER_POOL``, or the
+only pool).  GPU figures (``rise.worker.gpustats``) are exported only where there is a GPU.
+
 Signal handlers: ``worker_init`` (main process) starts /metrics; ``worker_process_shutdown``
 (each child, as it exits) marks the child dead for the live gauges.
 """
@@ -16,8 +19,10 @@ from celery import signals
 from prometheus_client import REGISTRY, multiprocess
 
 from rise import errors, taskclient
+from rise.jobs import KINDS
 from rise.metrics import for_service, serve
 from rise.settings import Settings
+from rise.worker import gpustats
 
 log = logging.getLogger("rise.worker")
 
@@ -27,6 +32,29 @@ SERVICE = "worker"
 
 _lock = threading.Lock()
 _metrics = None
+_pool: str | None = None
+
+
+def pool_of(settings: Settings) -> str:
+    """The pool label of this worker's series."""
+    if settings.worker_pool:
+        return settings.worker_pool
+    return next(iter(settings.pools)) if len(settings.pools) == 1 else ""
+
+
+def pool() -> str:
+    global _pool
+    if _pool is None:
+        try:
+            _pool = pool_of(Settings())
+        except Exception:  # noqa: BLE001 - bad settings fail elsewhere, loudly
+            _pool = ""
+    return _pool
+
+
+def set_pool(settings: Settings) -> None:
+    global _pool
+    _pool = pool_of(settings)
 
 
 def _error_codes() -> list[str]:
@@ -53,10 +81,16 @@ def touch_labels() -> None:
     rate() works) before its first event; in multiprocess mode an untouched labelled
     metric writes nothing and would be missing from /metrics."""
     m = metrics()
+    p = pool()
     for task in TASK_NAMES:
-        m.task_duration_seconds.labels(task=task)
+        m.task_duration_seconds.labels(pool=p, task=task)
         for outcome in OUTCOMES:
-            m.tasks_total.labels(task=task, outcome=outcome)
+            m.tasks_total.labels(pool=p, task=task, outcome=outcome)
+    for kind in KINDS:
+        m.job_queue_wait_seconds.labels(pool=p, kind=kind)
+    m.examples_sketched_total.labels(pool=p)
+    m.tokens_sketched_total.labels(pool=p)
+    m.model_load_seconds.labels(pool=p)
     m.storage_bytes_written_total.labels(service=SERVICE)
     m.storage_bytes_read_total.labels(service=SERVICE)
     for code in _error_codes():
@@ -65,9 +99,20 @@ def touch_labels() -> None:
 
 def record_outcome(task: str, outcome: str, seconds: float | None = None) -> None:
     m = metrics()
-    m.tasks_total.labels(task=task, outcome=outcome).inc()
+    m.tasks_total.labels(pool=pool(), task=task, outcome=outcome).inc()
     if seconds is not None:
-        m.task_duration_seconds.labels(task=task).observe(seconds)
+        task_seconds(task, seconds)
+
+
+def task_seconds(task: str, seconds: float) -> None:
+    metrics().task_duration_seconds.labels(pool=pool(), task=task).observe(seconds)
+
+
+def job_started(job: dict, seconds: float) -> None:
+    """The first task of ``job`` started ``seconds`` after the job was submitted."""
+    metrics().job_queue_wait_seconds.labels(
+        pool=str(job.get("pool") or pool()), kind=str(job.get("kind"))).observe(
+            max(0.0, seconds))
 
 
 def record_error(code: str) -> None:
@@ -82,14 +127,20 @@ def bytes_written(n: int) -> None:
     metrics().storage_bytes_written_total.labels(service=SERVICE).inc(n)
 
 
-def sketched(examples: int, tokens: int) -> None:
+def sketched(examples: int, tokens: int, pool_name: str | None = None) -> None:
+    """Examples and tokens of one batch, for ``pool_name`` (default: the worker's); the
+    GPU memory gauges follow, in the process that ran the batch."""
     m = metrics()
-    m.examples_sketched_total.inc(examples)
-    m.tokens_sketched_total.inc(tokens)
+    p = pool_name or pool()
+    m.examples_sketched_total.labels(pool=p).inc(examples)
+    m.tokens_sketched_total.labels(pool=p).inc(tokens)
+    gpustats.record_torch_memory(m, p)
 
 
 def model_loaded(seconds: float) -> None:
-    metrics().model_load_seconds.observe(seconds)
+    m = metrics()
+    m.model_load_seconds.labels(pool=pool()).observe(seconds)
+    gpustats.record_torch_memory(m, pool())
 
 
 @signals.worker_init.connect
@@ -97,9 +148,11 @@ def _serve_metrics(sender=None, **_kw) -> None:
     """Main process: create the metrics, then serve /metrics for all the processes."""
     app = getattr(sender, "app", None)
     settings = getattr(app, "rise_settings", None) or Settings()
+    set_pool(settings)
     touch_labels()
     try:
-        serve(settings.metrics_port, addr=settings.metrics_host)
+        serve(settings.metrics_port, addr=settings.metrics_host,
+              collectors=[gpustats.NvmlCollector(pool())])
     except OSError as e:  # a second worker on the same host and port: run without /metrics
         log.warning("cannot serve /metrics on port %s: %s", settings.metrics_port, e)
 

@@ -316,3 +316,38 @@ def test_a_job_ended_in_its_record_is_ended_again(env):
     assert env.js.get_any(job["id"])["state"] == CANCELLED
     assert env.r.get(f"{env.js.ns}:lock:{TENANT}:docs") is None
     assert job["id"] not in env.js.active_ids()
+
+
+def test_ended_jobs_go_to_their_records_and_the_duration_histogram_once(env):
+    from rise.metrics import for_service
+
+    metrics = for_service("controller")
+    ctl = Controller(env.settings, env.js, env.send, env.store, metrics=metrics,
+                     clock=env.clock)
+    records = JobRecords(env.store(""))
+    done, failed = env.job("docs"), env.job("other", kind="COMPACT")
+    for job in (done, failed):
+        records.submitted(job)
+    env.js.set_state(done["id"], SUCCEEDED, finished_at=done["created_at"] + 42)
+    env.js.set_state(failed["id"], FAILED, error_code="INTERNAL", error_message="boom",
+                     finished_at=failed["created_at"] + 3)
+    assert ctl.tick().ended == 2
+    assert records.get(TENANT, done["id"]).state == SUCCEEDED
+    assert records.get(TENANT, failed["id"]).error_code == "INTERNAL"
+    assert env.js.ended_ids() == []
+    assert ctl.tick().ended == 0  # observed once
+    reg = metrics.registry
+
+    def sample(name, **labels):
+        return reg.get_sample_value(name, {"pool": POOL, **labels})
+
+    assert sample("rise_job_duration_seconds_count", kind="CREATE_INDEX", state="SUCCEEDED") == 1
+    assert sample("rise_job_duration_seconds_sum", kind="CREATE_INDEX",
+                  state="SUCCEEDED") == pytest.approx(42)
+    assert sample("rise_job_duration_seconds_count", kind="COMPACT", state="FAILED") == 1
+    # a job whose hash expired after it ended is not brought back by a forced restore
+    env.r.delete(f"{env.js.ns}:job:{done['id']}")
+    env.clock.offset = env.settings.job_ttl_seconds + 60
+    ctl.restore_jobs(force=True)
+    with pytest.raises(NotFound):
+        env.js.get_any(done["id"])

@@ -373,22 +373,30 @@ def test_metrics_endpoints_serve_the_catalogue(built, env):
         assert not missing, f"{name} ({url}) does not serve {missing}"
 
 
-def test_gateway_job_gauges_follow_the_job_store(built, env, a, b):
-    """rise_jobs{state} is refreshed from Redis every 5 s: it must count the jobs that
-    succeeded (a's index, and b's from test_remote_cli when it ran)."""
+def test_job_metrics_follow_the_job_store(built, env, a, b):
+    """rise_jobs{pool,state} (the gateway's, refreshed every 5 s from the active set) must
+    show no job left once they all ended, and the controller's rise_job_duration_seconds
+    must count each job that succeeded once (a's index, and b's from test_remote_cli when
+    it ran)."""
     want = len([j for c in (a, b) for j in c.list_jobs() if state_name(j) == "SUCCEEDED"])
-    url = env.stack.endpoints["metrics"]["gateway"]
-    seen = None
-    deadline = time.monotonic() + 15
+    urls = env.stack.endpoints["metrics"]
+    seen = active = None
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(urls["gateway"], timeout=10) as r:
+            active = sum(float(line.split()[-1]) for line in r.read().decode().splitlines()
+                         if line.startswith(f'rise_jobs{{pool="{POOL}",'))
+        with urllib.request.urlopen(urls["controller"], timeout=10) as r:
             for line in r.read().decode().splitlines():
-                if line.startswith('rise_jobs{state="SUCCEEDED"}'):
+                if line.startswith("rise_job_duration_seconds_count{") and \
+                        f'pool="{POOL}"' in line and 'state="SUCCEEDED"' in line and \
+                        'kind="CREATE_INDEX"' in line:
                     seen = float(line.split()[-1])
-        if seen == want:
+        if seen == want and active == 0:
             break
         time.sleep(1)
-    assert seen == want, f"rise_jobs{{state=SUCCEEDED}} is {seen}, the job store has {want}"
+    assert (seen, active) == (want, 0), \
+        f"jobs ended per the controller {seen}, active per the gateway {active}; want {want}, 0"
 
 
 def test_append_after_delete_is_refused_as_by_the_cli(env):

@@ -86,7 +86,8 @@ class Worker:
 
     def shards_done(self) -> int:
         """Shard tasks this worker finished (written or skipped), from its /metrics."""
-        pat = r'^rise_tasks_total\{outcome="(?:ok|skipped)",task="rise.ingest.shard"\} (\S+)'
+        pat = (r'^rise_tasks_total\{outcome="(?:ok|skipped)",pool="[^"]*",'
+               r'task="rise.ingest.shard"\} (\S+)')
         return int(sum(float(v) for v in re.findall(pat, self.metrics(), re.M)))
 
     def tail(self, n: int = 40) -> str:
@@ -435,7 +436,8 @@ def test_metrics_endpoint(env, worker, app):
     exported = set(re.findall(r"^([a-z_]+?)(?:_bucket|_count|_sum)?[{ ]", text, re.M))
     expected = names_for("worker")
     assert expected and set(expected) <= exported, sorted(set(expected) - exported)
-    assert re.search(r'^rise_tasks_total\{outcome="skipped",task="rise.index.compact"\} '
+    assert re.search(r'^rise_tasks_total\{outcome="skipped",pool="[^"]*",'
+                     r'task="rise.index.compact"\} '
                      r'[1-9]', text, re.M), text
 
 

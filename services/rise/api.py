@@ -107,8 +107,9 @@ def index_mean(index: Index, spec: ScoreSpec, load: ShardLoader | None = None
 def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
                      entries: Sequence[ShardEntry] | None = None,
                      load: ShardLoader | None = None, mean: PoolMean | None = None,
-                     ) -> list[list[tuple[float, str]]]:
-    """Per query, the candidates of the given shards (default: all) for the global top."""
+                     reference: bool = False) -> list[list[tuple[float, str]]]:
+    """Per query, the candidates of the given shards (default: all) for the global top.
+    ``reference``: float64 arithmetic instead of the float32 scan (``rise.score``)."""
     if top < 1:
         raise InvalidInput("top must be >= 1")
     load = load or index.shard
@@ -117,23 +118,26 @@ def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
     per_query: list[list[tuple[float, str]]] = [[] for _ in range(len(qs))]
     for entry in index.manifest.shards if entries is None else entries:
         sd = load(entry)
-        cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean), sd.ids, dead, top)
+        cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean, reference=reference),
+                                sd.ids, dead, top)
         for q, c in enumerate(cands):
             per_query[q].extend(c)
     return per_query
 
 
-def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int
-                       ) -> list[list[Hit]]:
-    """Top ``top`` live examples per query, best first, ties by id."""
-    cands = score_candidates(index, qs, spec, top, mean=index_mean(index, spec))
+def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
+                       reference: bool = False) -> list[list[Hit]]:
+    """Top ``top`` live examples per query, best first, ties by id (``reference``: in
+    float64, the yardstick of the float32 scan's precision bound)."""
+    cands = score_candidates(index, qs, spec, top, mean=index_mean(index, spec),
+                             reference=reference)
     return [[Hit(i, s) for i, s in merge_topk([c], top)] for c in cands]
 
 
 def value_candidates(index: Index, targets: QuerySet, spec: ScoreSpec, *,
                      entries: Sequence[ShardEntry] | None = None,
                      load: ShardLoader | None = None, mean: PoolMean | None = None,
-                     ) -> list[tuple[str, float]]:
+                     reference: bool = False) -> list[tuple[str, float]]:
     """(id, value) of every live example in the given shards (default: all)."""
     if len(targets) == 0:
         raise InvalidInput("the target set is empty")
@@ -143,14 +147,17 @@ def value_candidates(index: Index, targets: QuerySet, spec: ScoreSpec, *,
     vals: list[tuple[str, float]] = []
     for entry in index.manifest.shards if entries is None else entries:
         sd = load(entry)
-        v = value_scores(targets, sd, spec, vocab, mean).to(torch.float32).tolist()
+        v = value_scores(targets, sd, spec, vocab, mean, reference=reference
+                         ).to(torch.float32).tolist()
         vals.extend((rid, x) for rid, x in zip(sd.ids, v, strict=True) if rid not in dead)
     return vals
 
 
-def value_sketched(index: Index, targets: QuerySet, spec: ScoreSpec) -> list[Hit]:
+def value_sketched(index: Index, targets: QuerySet, spec: ScoreSpec, *,
+                   reference: bool = False) -> list[Hit]:
     """Value of every live example for the target set, best first, ties by id."""
-    vals = value_candidates(index, targets, spec, mean=index_mean(index, spec))
+    vals = value_candidates(index, targets, spec, mean=index_mean(index, spec),
+                            reference=reference)
     return [Hit(i, s) for i, s in rank_values(vals)]
 
 

@@ -80,7 +80,8 @@ def check_model(built_with: ModelEntry, lm: ReadoutModel) -> None:
         raise Mismatch(
             f"model mismatch: index was built with {built_with.name!r} but the query "
             f"model {mine.name!r} differs in {key} "
-            f"({getattr(built_with, field)[:12]} vs {getattr(mine, field)[:12]})")
+            f"({(getattr(built_with, field) or 'none')[:12]} vs "
+            f"{(getattr(mine, field) or 'none')[:12]})")
 
 
 @dataclass

@@ -106,12 +106,15 @@ class IngestPlan(BaseModel):
     def shard_meta(self, n: int) -> dict[str, Any]:
         """The metadata shard n carries: what makes an existing shard this work's."""
         r = self.shard_range(n)
-        return {
+        meta: dict[str, Any] = {
             "kind": "ingest", "generation": self.generation, "shard": n,
             "dataset_sha256": self.dataset_sha256, "start": r.start, "stop": r.stop,
             "config_sha256": self.config.sha256(), "head_sha256": self.model.head_sha256,
             "vocab": self.model.vocab,
         }
+        if self.model.adapter_sha256 is not None:  # absent without one: shards as before
+            meta["adapter_sha256"] = self.model.adapter_sha256
+        return meta
 
     def ingest_entry(self) -> IngestEntry:
         """The manifest's entry for this ingest."""

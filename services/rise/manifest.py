@@ -37,10 +37,10 @@ from rise import __version__
 from rise.config import SketchConfig
 from rise.errors import Corrupt, Mismatch, validation_message
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """The newest manifest format this code reads and writes."""
 
-FIELD_SINCE: dict[str, int] = {}
+FIELD_SINCE: dict[str, int] = {"model.adapter_sha256": 2}
 """Dotted field path (``"model.adapter_sha256"``) -> the format version that added it."""
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -62,10 +62,13 @@ class ModelEntry(_Strict):
     tokenizer_sha256: Sha256
     vocab: Annotated[int, Field(ge=1)]
     hidden: Annotated[int, Field(ge=1)]
+    adapter_sha256: Sha256 | None = None
+    """The LoRA adapter merged into the model (``rise.adapter``); None: the base model."""
 
     def differs_from(self, other: ModelEntry) -> str | None:
-        """The first identity hash that differs (``"config"``, ``"head"``, ``"tokenizer"``)."""
-        for key in ("config_sha256", "head_sha256", "tokenizer_sha256"):
+        """The first identity hash that differs (``"config"``, ``"head"``, ``"tokenizer"``,
+        ``"adapter"``: another adapter, or one on one side only)."""
+        for key in ("config_sha256", "head_sha256", "tokenizer_sha256", "adapter_sha256"):
             if getattr(self, key) != getattr(other, key):
                 return key.removesuffix("_sha256")
         return None
@@ -167,8 +170,24 @@ class Manifest(_Strict):
     # -- (de)serialising ------------------------------------------------------------------
 
     def to_json(self) -> bytes:
-        """Sorted, indented JSON: the bytes written to the store."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+        """Sorted, indented JSON: the bytes written to the store.  Fields newer than
+        version 1 are left out while they hold their default, so a manifest that uses no
+        new feature is byte for byte what version-1 code writes (and reads)."""
+        data = self.model_dump(mode="json")
+        for path in FIELD_SINCE:
+            *parents, last = path.split(".")
+            obj: Any = self
+            raw: Any = data
+            for part in parents:
+                obj = getattr(obj, part, None)
+                raw = raw.get(part) if isinstance(raw, dict) else None
+            if not isinstance(obj, BaseModel) or not isinstance(raw, dict):
+                continue
+            info = type(obj).model_fields.get(last)
+            if info is not None and getattr(obj, last) == info.get_default(
+                    call_default_factory=True):
+                raw.pop(last, None)
+        return json.dumps(data, sort_keys=True, indent=1).encode()
 
     @classmethod
     def parse(cls, data: bytes | str, where: str) -> Manifest:

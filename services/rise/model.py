@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from rise.adapter import merge_adapter, read_adapter
 from rise.constants import cache_dir
 from rise.errors import InvalidInput, Mismatch, NotFound, UnsupportedModel
 from rise.readout import Head
@@ -47,7 +48,8 @@ class ModelIdentity:
     """What makes two loads of a model the same model for an index.
 
     Hashes of the config, of the LM head tensor as stored in the checkpoint and of the
-    tokenizer, so an fp32 CPU run and a bf16 GPU run of the same checkpoint agree.
+    tokenizer, so an fp32 CPU run and a bf16 GPU run of the same checkpoint agree; with a
+    LoRA adapter merged, the adapter's hash (``rise.adapter``), None without one.
     """
 
     name: str
@@ -55,18 +57,20 @@ class ModelIdentity:
     config_sha256: str
     head_sha256: str
     tokenizer_sha256: str
+    adapter_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def check_same(self, other: dict[str, Any]) -> None:
         """Raise Mismatch naming the first differing hash."""
-        for key in ("config_sha256", "head_sha256", "tokenizer_sha256"):
+        for key in ("config_sha256", "head_sha256", "tokenizer_sha256", "adapter_sha256"):
             if other.get(key) != getattr(self, key):
                 raise Mismatch(
                     f"model mismatch: index was built with {other.get('name')!r} but the query "
                     f"model {self.name!r} differs in {key.removesuffix('_sha256')} "
-                    f"({str(other.get(key))[:12]} vs {getattr(self, key)[:12]})"
+                    f"({str(other.get(key) or 'none')[:12]} vs "
+                    f"{str(getattr(self, key) or 'none')[:12]})"
                 )
 
 
@@ -248,18 +252,22 @@ def load_model(
     max_memory: dict | None = None,
     offload_folder: str | None = None,
     check: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM for readout.
 
     dtype: weights' dtype ("float32", "float64", "bfloat16", "float16"); head math runs in
     float32, or float64 when the weights are float64.  device_map/max_memory are passed to
-    transformers (accelerate) for sharded placement.
+    transformers (accelerate) for sharded placement.  ``adapter``: a PEFT LoRA folder merged
+    into the weights (``rise.adapter``); the head, the readout and the identity are the
+    adapted model's.
     """
     # start-up: transformers only when a model loads (note at the top)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise InvalidInput(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    lora = read_adapter(adapter) if adapter is not None and str(adapter) else None
     path = Path(model)
     gguf_file: Path | None = None
     folder: Path | None
@@ -309,7 +317,10 @@ def load_model(
         config_sha256=config_sha256(m.config),
         head_sha256=stored_head or head_sha256(m, folder, None),
         tokenizer_sha256=tokenizer_sha256(tok),
+        adapter_sha256=lora.sha256 if lora is not None else None,
     )
+    if lora is not None:  # after the identity: the base checkpoint's hashes, plus the adapter's
+        merge_adapter(m, lora)
     loaded = LoadedModel(model=m, tokenizer=tok, head=head_of(m, compute), identity=ident,
                          compute_dtype=compute)
     if check:

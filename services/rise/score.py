@@ -6,10 +6,33 @@ units, so combining them raw is refused.  Shards are scored one at a time, each 
 top-k (with every tie at the cut) is kept, and the candidates are merged into the global
 top-k.  Ties break by id.
 
-Scores are computed in float64 from the stored float16 unit sketches (queries are rounded
-to the same storage dtype, so score(q, x) is the same function whichever side is indexed)
-and reported as float32-rounded values, which makes a sharded scan give exactly the
-ranking of an unsharded one.
+Sketched indexes are scanned by one kernel (``scan_dots``), whether a shard's rows are
+memory-mapped or in memory: the stored float16 rows are read in blocks of ``SCAN_ROWS``
+rows by ``SCAN_COLS`` columns, each block widened to float32 into a small reused buffer and
+multiplied by every query at once (a matrix product, never a loop over queries), the
+partial products of the column blocks accumulated in float32.  Row norms of the stored
+rows (``row_norms``), the pool mean and the centering algebra stay in float64.
+
+Precision bound (sketched cosine scores).  Queries are float16-rounded unit rows like the
+indexed ones, renormalised in float64 and rounded once to float32 (relative error u =
+2^-24 per element; float16 values widen to float32 exactly).  A float32 sum of m products
+is within gamma_m = m*u / (1 - m*u) of the exact sum, relative to the sum of the products'
+magnitudes (any summation order), which is at most |q| |x| by Cauchy-Schwarz.  Each
+column block sums at most c = SCAN_COLS products and d/c block sums are then added, so
+for unit q and the stored row x (divided by its float64 norm):
+
+    |cos32 - cos64| <= eps := gamma_c + gamma_{d/c} + 2u          (uncentered)
+
+which is 6.2e-5 for c = 1024 and d <= 8192 (kr*kh at the default dims is 8192).  Centering
+by the pool mean mu (|mu| <= 1) computes x.mu in the same pass, with the same error times
+|mu|; the centered cosine (s - q.mu - x.mu + mu.mu) / (|q-mu| |x-mu|) is then within
+eps * ((1 + |mu|) / (|q-mu| |x-mu|) + |mu| / |x-mu|^2) (to first order; ``precision_bound``),
+and the weighted channel sum within the largest channel bound (a convex combination).
+These are worst cases; observed errors are near 1e-6 (``tests/rise/test_score.py`` checks
+both against the float64 path, ``shard_scores(..., reference=True)``).  Scores are
+reported float32-rounded; a sharded scan ranks exactly as an unsharded one because each
+shard is scored by the same arithmetic.
+Exact-factor indexes (modes ``exact`` and ``nosketch``) are scored in float64.
 """
 
 from __future__ import annotations
@@ -161,20 +184,100 @@ def stored_unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(n > 0, n, torch.ones_like(n))
 
 
-def shard_unit(sd: ShardData, channel: str) -> torch.Tensor:
-    """The shard's renormalised float64 unit rows of a channel, computed once per load."""
-    key = ("unit", channel)
+# Rows and columns of one block of the scan: 256 x 1024 float32 is a 1 MiB buffer (fits
+# the L2 cache), and 1024 products per float32 partial sum keep the bound above.
+SCAN_ROWS = 256
+SCAN_COLS = 1024
+_U32 = 2.0 ** -24
+
+
+def _gamma(m: int) -> float:
+    return m * _U32 / (1.0 - m * _U32)
+
+
+def dot_error(dim: int) -> float:
+    """eps of the module docstring: the bound on |q.x| computed by ``scan_dots`` minus the
+    exact value, for unit q and x of ``dim`` values (float32 rounding of q included)."""
+    c = min(dim, SCAN_COLS)
+    return _gamma(c) + _gamma(-(-dim // c)) + 2 * _U32
+
+
+def scan_dots(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(n, m) float32: every row of ``x`` (n, d) against every row of ``q`` (m, d), one pass.
+
+    The one kernel of a sketched scan: ``x`` is the stored rows as they are (float16, a
+    view of a memory-mapped file or of bytes in memory), read block by block
+    (``SCAN_ROWS`` x ``SCAN_COLS``) into a reused float32 buffer and multiplied by all of
+    ``q`` (rounded once to float32) at once; column blocks accumulate in float32.  The
+    same shapes give the same bits, memory-mapped or not.
+    """
+    n, d = x.shape
+    m = q.shape[0]
+    out = torch.zeros(n, m, dtype=torch.float32)
+    if n == 0 or m == 0:
+        return out
+    qt = [q[:, j:j + SCAN_COLS].to(torch.float32).T.contiguous()
+          for j in range(0, d, SCAN_COLS)]
+    buf = torch.empty(min(n, SCAN_ROWS), min(d, SCAN_COLS), dtype=torch.float32)
+    for i in range(0, n, SCAN_ROWS):
+        rows = min(SCAN_ROWS, n - i)
+        o = out[i:i + rows]
+        for k, j in enumerate(range(0, d, SCAN_COLS)):
+            cols = min(SCAN_COLS, d - j)
+            b = buf[:rows, :cols]
+            b.copy_(x[i:i + rows, j:j + cols])
+            o.addmm_(b, qt[k])
+    return out
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 norms of the stored rows, read block by block (so a memory-mapped
+    shard is never widened whole)."""
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    for i in range(0, x.shape[0], SCAN_ROWS):
+        out[i:i + SCAN_ROWS] = torch.linalg.vector_norm(x[i:i + SCAN_ROWS].double(), dim=1)
+    return out
+
+
+def shard_norms(sd: ShardData, channel: str) -> torch.Tensor:
+    """The shard's float64 row norms of a channel's stored sketches, computed once per
+    load (n values: the shard's memory is its stored bytes and these)."""
+    key = ("norm", channel)
     if key not in sd.derived:
-        sd.derived[key] = stored_unit(getattr(sd, channel))
+        sd.derived[key] = row_norms(getattr(sd, channel))
     return sd.derived[key]
 
 
-def cosine_block(q: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-    """Cosines (q, n) of unit rows, optionally after centering both sides by ``mu``.
+def _safe(n: torch.Tensor) -> torch.Tensor:
+    return torch.where(n > 0, n, torch.ones_like(n))
+
+
+def channel_cosines(q: torch.Tensor, sd: ShardData, channel: str, mu: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """Cosines (q, n) in float64 of unit query rows against the shard's stored rows of
+    ``channel``, optionally after centering both sides by ``mu``; one ``scan_dots`` pass.
 
     Centering is done algebraically -- <q-mu, x-mu> = q.x - q.mu - x.mu + mu.mu and
     |x-mu|^2 = 1 - 2 x.mu + mu.mu for unit x -- so the shard is never copied.
     """
+    x = getattr(sd, channel)
+    xn = _safe(shard_norms(sd, channel))
+    nq = q.shape[0]
+    both = q if mu is None else torch.cat([q, mu[None, :]])
+    dots = scan_dots(x, both).double().T / xn[None, :]
+    s = dots[:nq]
+    if mu is None:
+        return s
+    xm = dots[nq]
+    qm, mm = q @ mu, mu @ mu
+    nqc = (1.0 - 2.0 * qm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    nxc = (1.0 - 2.0 * xm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    return (s - qm[:, None] - xm[None, :] + mm) / (nqc[:, None] * nxc[None, :])
+
+
+def cosine_block(q: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """The float64 reference of ``channel_cosines``: cosines (q, n) of unit rows ``q``
+    and ``x`` (float64), optionally centered by ``mu``."""
     s = q @ x.T
     if mu is None:
         return s
@@ -184,9 +287,28 @@ def cosine_block(q: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None) -> t
     return (s - qm[:, None] - xm[None, :] + mm) / (nq[:, None] * nx[None, :])
 
 
+def precision_bound(q: torch.Tensor, sd: ShardData, channel: str,
+                    mu: torch.Tensor | None) -> torch.Tensor:
+    """(q, n) bound of the module docstring on |channel_cosines - reference| per pair."""
+    eps = dot_error(q.shape[1])
+    n = len(sd)
+    if mu is None:
+        return torch.full((q.shape[0], n), eps, dtype=torch.float64)
+    x = stored_unit(getattr(sd, channel))
+    m = float(mu.norm())
+    mm = mu @ mu
+    nq = (1.0 - 2.0 * (q @ mu) + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    nx = (1.0 - 2.0 * (x @ mu) + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
+    return eps * ((1 + m) / (nq[:, None] * nx[None, :]) + m / (nx[None, :] ** 2))
+
+
 def shard_scores(qs: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
-                 mean: PoolMean | None = None) -> torch.Tensor:
-    """Scores (q, n) in float64 of every query against every row of one shard."""
+                 mean: PoolMean | None = None, *, reference: bool = False) -> torch.Tensor:
+    """Scores (q, n) in float64 of every query against every row of one shard.
+
+    ``reference``: compute sketched scores the float64 way (the shard widened whole to
+    float64 unit rows) instead of the float32 scan: the yardstick of the precision bound.
+    """
     wr, wg = spec.weights
     n = len(sd)
     out = torch.zeros(len(qs), n, dtype=torch.float64)
@@ -204,8 +326,13 @@ def shard_scores(qs: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
                 s = raw / denom.clamp_min(1e-300)
         else:
             q = getattr(qs, c)
-            x = shard_unit(sd, c)
-            s = cosine_block(q, x, getattr(mean, c) if mean is not None else None)
+            if q is None or getattr(sd, c) is None:
+                raise InvalidInput("query and index modes differ")
+            mu = getattr(mean, c) if mean is not None else None
+            if reference:
+                s = cosine_block(q, stored_unit(getattr(sd, c)), mu)
+            else:
+                s = channel_cosines(q, sd, c, mu)
             if spec.score == "raw":
                 s = s * qs.norms[:, col][:, None] * sd.norms[:, col].double()[None, :]
         out += w * s if w != 1.0 else s
@@ -249,12 +376,14 @@ def rank_values(values: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
 
 
 def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
-                 mean: PoolMean | None = None) -> torch.Tensor:
+                 mean: PoolMean | None = None, *, reference: bool = False) -> torch.Tensor:
     """Value (n,) of each row of a shard for the target set.
 
     Sketch mode, cosine: x's unit sketch against the mean of the targets' unit sketches
     (one pass); raw: <phi_c(x), mean_q phi_c(q)>.  Factor modes average the score matrix,
-    which is the same quantity by linearity.
+    which is the same quantity by linearity.  Sketched shards go through ``scan_dots``
+    (the bound of the module docstring holds for each mean of cosines too); ``reference``
+    computes them in float64 instead, as ``shard_scores`` does.
     """
     if targets.factors is not None:
         return shard_scores(targets, sd, spec, vocab).mean(0)
@@ -264,15 +393,28 @@ def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
         if w == 0.0:
             continue
         q = getattr(targets, c)
-        x = shard_unit(sd, c)
+        x = getattr(sd, c)
+        if q is None or x is None:
+            raise InvalidInput("query and index modes differ")
+        if reference:
+            xn = torch.ones(len(sd), dtype=torch.float64)
+            x = stored_unit(x)
+        else:
+            xn = _safe(shard_norms(sd, c))
+
+        def dots(v: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+            if reference:
+                return x @ v
+            return scan_dots(x, v[None, :])[:, 0].double()
+        mu = getattr(mean, c) if mean is not None else None
         if spec.score == "raw":
             qbar = (q * targets.norms[:, col][:, None]).mean(0)
-            s = (x @ qbar) * sd.norms[:, col].double()
-        elif mean is not None:
+            s = dots(qbar) / xn * sd.norms[:, col].double()
+        elif mu is not None:
             # mean_q cos_c(q, x): centering is not linear in x, so average the block.
-            s = cosine_block(q, x, getattr(mean, c)).mean(0)
+            s = (cosine_block(q, x, mu) if reference else channel_cosines(q, sd, c, mu)).mean(0)
         else:
-            s = x @ q.mean(0)
+            s = dots(q.mean(0)) / xn
         out += w * s if w != 1.0 else s
     return out
 

@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     """This scorer's replica index (0-based) and the replica count."""
     scorer_replicas: int = 1
     scorer_cache_bytes: int = 4 * 1024**3
-    """Shard bytes a scorer keeps in memory (LRU)."""
+    """Shard bytes a scorer keeps in its node-local cache folder (LRU over files; the
+    shards are memory-mapped from there, so memory holds what the page cache keeps)."""
+    scorer_cache_dir: str = ""
+    """Node-local folder of the scorer's shard files (an emptyDir); empty: a private
+    temporary folder, removed when the scorer stops.  Emptied at start."""
     scorer_threads: int = 4
     """Shards scored in parallel by one scorer."""
     metrics_port: int = 9464

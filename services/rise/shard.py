@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -187,6 +189,58 @@ def parse_shard(data: bytes) -> ShardData:
     except (KeyError, ValueError, RuntimeError, UnicodeDecodeError, SafetensorError) as e:
         raise Corrupt(f"malformed shard: {e}") from None
     if len(ids) != meta.get("count"):
+        raise Corrupt(f"shard holds {len(ids)} ids but its header says {meta.get('count')}")
+    return sd
+
+
+# safetensors dtype names -> numpy dtypes of the tensors a shard holds
+_NP_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+# Tensors a sketch shard scans; every other tensor is small and copied into memory.
+_MAPPED = ("rh", "gh")
+
+
+def map_shard(path: str | os.PathLike) -> ShardData:
+    """A sketch shard file opened in place: ``rh`` and ``gh`` are views of a memory map of
+    the file (read from disk as they are scanned, never loaded whole), the small tensors
+    (ids, norms, counts, sums) are copied into memory.  The file format is the one
+    ``parse_shard`` reads (safetensors: a JSON header of byte offsets, then the tensors,
+    8-byte aligned); nothing about it changes.  Factor shards (small validation indexes)
+    are read whole.  Corrupt on anything malformed; the caller has verified the sha256.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n < (1 << 26) else b""
+    try:
+        header = json.loads(raw)
+        meta = json.loads(header.pop("__metadata__")[_META_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Corrupt(f"not a RISE shard: {e}") from None
+    if "rh" not in header:
+        with open(path, "rb") as f:
+            return parse_shard(f.read())
+    size = os.path.getsize(path)
+    base = 8 + n
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # private: views are writable, never written
+    t: dict[str, torch.Tensor] = {}
+    try:
+        for name, info in header.items():
+            dt = _NP_DTYPES.get(info["dtype"])
+            lo, hi = (base + int(v) for v in info["data_offsets"])
+            shape = tuple(int(v) for v in info["shape"])
+            if dt is None or not base <= lo <= hi <= size:
+                raise ValueError(f"tensor {name}: dtype {info['dtype']} or offsets out of range")
+            arr = mm[lo:hi].view(dt).reshape(shape)
+            t[name] = torch.from_numpy(arr if name in _MAPPED else np.array(arr))
+        ids = decode_ids(t["ids_utf8"], t["ids_offsets"])
+        sd = ShardData(meta=meta, ids=ids, ingest=t["ingest"], record=t["record"],
+                       token_count=t["token_count"], norms=t["norms"], rh=t["rh"], gh=t["gh"],
+                       rh_sum=t["rh_sum"], gh_sum=t["gh_sum"])
+    except (KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError) as e:
+        raise Corrupt(f"malformed shard: {e}") from None
+    if len(ids) != meta.get("count") or t["rh"].shape[0] != len(ids) or \
+            t["gh"].shape[0] != len(ids):
         raise Corrupt(f"shard holds {len(ids)} ids but its header says {meta.get('count')}")
     return sd
 

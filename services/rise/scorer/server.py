@@ -192,8 +192,9 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         self.verifier = verifier or Verifier.from_settings(self.settings)
         self.metrics = metrics if metrics is not None else for_service("scorer")
         factory = store_factory or default_store_factory(self.settings)
+        self._own_cache = cache is None
         self.cache = cache or ShardCache(factory, self.settings.scorer_cache_bytes,
-                                         self.metrics)
+                                         self.metrics, directory=self.settings.scorer_cache_dir)
         self.threads = max(1, threads if threads is not None else self.settings.scorer_threads)
         self.value_chunk = max(1, value_chunk)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rise-scorer")
@@ -203,6 +204,8 @@ class Scorer(pb_grpc.ScorerServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_cache:
+            self.cache.close()
 
     # ------------------------------------------------------------------------ RPCs
 

@@ -149,16 +149,18 @@ class Ingest(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., dataset_uri: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., records: _Optional[int] = ..., truncated: _Optional[int] = ...) -> None: ...
 
 class ModelIdentity(_message.Message):
-    __slots__ = ("name", "config_sha256", "head_sha256", "tokenizer_sha256")
+    __slots__ = ("name", "config_sha256", "head_sha256", "tokenizer_sha256", "adapter_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
     HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_sha256: str
     head_sha256: str
     tokenizer_sha256: str
-    def __init__(self, name: _Optional[str] = ..., config_sha256: _Optional[str] = ..., head_sha256: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ...) -> None: ...
+    adapter_sha256: str
+    def __init__(self, name: _Optional[str] = ..., config_sha256: _Optional[str] = ..., head_sha256: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "state", "index", "shards_total", "shards_done", "examples_total", "examples_done", "tokens_done", "examples_per_second", "tokens_per_second", "eta_seconds", "created_at", "started_at", "finished_at", "generation", "error_code", "error_message")

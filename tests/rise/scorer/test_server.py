@@ -672,7 +672,7 @@ def test_cache_lru_by_bytes_and_sha256_keys(corpus):
     store = CountingStore(src)
     entries = corpus.index2.manifest.shards
 
-    def held(entry):  # bytes a cache holds for one shard (stored + derived unit rows)
+    def held(entry):  # bytes a cache holds for one shard (stored + derived row norms)
         one = ShardCache(lambda prefix: src, 1 << 40)
         one.load(PREFIX, entry)
         return one.nbytes
@@ -731,9 +731,9 @@ def test_cache_reads_each_shard_once_under_concurrency(corpus):
         t.join()
     assert not errors
     assert store.gets == len(entries)
-    # every shard counted once: stored bytes plus its float64 unit rows (4x the float16
-    # sketches: (kr*kh + kg*kh) values of 8 bytes per example)
-    derived = sum(8 * (DIMS[0] + DIMS[2]) * DIMS[1] * e.count for e in entries)
+    # every shard counted once: stored bytes plus its float64 row norms (two channels of
+    # 8 bytes per example)
+    derived = sum(8 * 2 * e.count for e in entries)
     assert cache.nbytes == sum(e.bytes for e in entries) + derived
 
 

@@ -74,6 +74,9 @@ def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--model", required=required,
                    help="model folder (config.json + safetensors) or .gguf file")
     g.add_argument("--revision", help="model revision (hub cache only)")
+    g.add_argument("--adapter", help="PEFT LoRA folder (adapter_config.json + "
+                   "adapter_model.safetensors) merged into the model; an index built with "
+                   "one is queried with the same one")
     g.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "bfloat16", "float16"],
                    help="weight dtype; head math runs in float32 or wider (default: float32)")
@@ -87,7 +90,8 @@ def _load(a: argparse.Namespace):
     # start-up: torch only in the verbs that need it (note at the top)
     from rise.model import load_model
 
-    return load_model(a.model, revision=a.revision, dtype=a.dtype, device_map=a.device_map)
+    return load_model(a.model, revision=a.revision, dtype=a.dtype, device_map=a.device_map,
+                      adapter=a.adapter)
 
 
 def _open(path: str):
@@ -202,6 +206,8 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         f"index {a.index}: generation {info['generation']}, {info['live_count']} live examples, "
         f"{info['tombstones']} tombstoned, {info['shards']} shards, {info['bytes']:,} bytes",
         f"model {info['model']['name']} (head {info['model']['head_sha256'][:12]}, "
+        + (f"adapter {info['model']['adapter_sha256'][:12]}, "
+           if info["model"].get("adapter_sha256") else "") +
         f"vocab {info['model']['vocab']}, hidden {info['model']['hidden']})",
         f"config mode={c['mode']} topk={c['topk']} tau={c['temperature']} dims={c['dims']} "
         f"seed={c['seed']} weighting={c['weighting']} max_length={c['max_length']}",

@@ -217,7 +217,8 @@ def cmd_show(a: argparse.Namespace) -> None:
     cf, m = i.config, i.model
     emit(a, to_dict(i), "\n".join([
         _index_line(i),
-        f"model {m.name} (head {m.head_sha256[:12]})",
+        f"model {m.name} (head {m.head_sha256[:12]}"
+        + (f", adapter {m.adapter_sha256[:12]})" if m.adapter_sha256 else ")"),
         f"config mode={cf.mode} topk={'all' if cf.topk_all else cf.topk} tau={cf.temperature} "
         f"dims={[cf.kr, cf.kh, cf.kg]} seed={cf.seed} weighting={cf.weighting} "
         f"max_length={cf.max_length}",

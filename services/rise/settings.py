@@ -34,6 +34,11 @@ class Pool(BaseModel):
     """Weights' dtype on GPUs (float32 on the CPU)."""
     batch_size: int = 8
     """Records per forward pass."""
+    adapter: str = ""
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) merged into the
+    model, from the same kinds of source as the model (``rise.modelsource``: an S3 prefix, a
+    mounted path, a hub id); empty: the base model.  Indexes built by the pool record the
+    adapter's hash, and queries must come with the same one."""
 
 
 class Settings(BaseSettings):

@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: lint install assets-model assets-lee deploy-tools
+test: lint install assets-model assets-lee deploy-tools chromium
 	$(PY) -m pytest tests -q
 
 test-unit: install deploy-tools
@@ -142,6 +142,16 @@ assets-corpus: assets-debian
 	@if [ -n "$(filter-out $(wildcard $(ASSETS_CORPORA)),$(ASSETS_CORPORA))" ]; then \
 		$(PY) tests/assets.py --cache $(CACHE) corpus; \
 	else echo "assets-corpus: up to date"; fi
+
+# Headless Chromium (Debian package chromium) for the HTML view's browser test
+# (tests/rise/test_explainview.py); installed only when missing and apt-get exists.
+.PHONY: chromium
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+		else echo "chromium: no apt-get; install the chromium package" >&2; fi; \
+	fi
 
 # Installs the Debian packages only when their files are missing and apt-get exists.
 assets-debian:

@@ -8,6 +8,7 @@ shows a progress bar with examples/s and tokens/s on stderr.  Bad input prints o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,8 +24,10 @@ from rise.cliutil import (
     check_output,
     emit,
     fields_from_args,
+    format_explanation,
     read_ids,
     write_jsonl,
+    write_text,
 )
 from rise.config import make_config, parse_dims
 from rise.data import read_records
@@ -267,6 +270,33 @@ def cmd_value(a: argparse.Namespace) -> None:
                      if "selected" in out else ""))
 
 
+def cmd_explain(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.api import explain, pick_query
+    from rise.explainview import render_html
+
+    spec = _spec(a)
+    if a.html:
+        check_output(a.html)
+    if a.top < 1:
+        raise InvalidInput("--top must be >= 1")
+    idx = _open(a.index)
+    fields = fields_from_args(a)
+    query = pick_query(read_records(a.queries, fields), a.query)
+    lm = _load(a)
+    e = explain(idx, lm, query, a.hit, fields=fields, spec=spec, top=a.top,
+                batch_size=a.batch_size)
+    d = e.to_dict()
+    if a.html:
+        write_text(a.html, render_html(d))
+    if a.json:
+        print(json.dumps(d, ensure_ascii=False, sort_keys=True))
+        return
+    print(format_explanation(d, a.top))
+    if a.html:
+        print(f"wrote {a.html}")
+
+
 def cmd_plan(a: argparse.Namespace) -> None:
     # start-up: torch only in the verbs that need it (note at the top)
     from rise.placement import format_placement, parse_bytes, plan_placement
@@ -349,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("index")
     sp = verb("inspect", cmd_inspect, "summarise an index")
     sp.add_argument("index")
+
+    sp = verb("explain", cmd_explain, "why a training example is a hit for a query: its score "
+              "as a sum over (query token, training token) pairs")
+    sp.add_argument("--index", required=True)
+    _add_model(sp)
+    sp.add_argument("--queries", required=True, help="data file holding the query")
+    sp.add_argument("--query", help="the query's id in the file (needed when it holds several)")
+    sp.add_argument("--hit", required=True, help="id of the indexed example to explain")
+    sp.add_argument("--top", type=int, default=10,
+                    help="top tokens of each side and top pairs reported (default: 10)")
+    sp.add_argument("--html", help="also write a self-contained HTML view to this file")
+    add_field_args(sp)
+    add_scoring_args(sp)
 
     sp = verb("plan", cmd_plan, "will a model fit these GPUs? placement, memory and storage")
     sp.add_argument("--model", required=True, help="model folder or config.json")

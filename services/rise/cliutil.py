@@ -90,3 +90,39 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 def emit(a: argparse.Namespace, summary: Any, text: str) -> None:
     """The verb's result on stdout: ``summary`` as JSON with ``--json``, else ``text``."""
     print(json.dumps(summary, sort_keys=True) if a.json else text)
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomic, like ``write_jsonl``."""
+    check_output(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def format_explanation(d: dict[str, Any], top: int) -> str:
+    """The text form of an explanation (``Explanation.to_dict()``, local or remote): the
+    score's lines, the top tokens of each side and the top pairs."""
+    q = {t["position"]: t for t in d["query_tokens"]}
+    x = {t["position"]: t for t in d["hit_tokens"]}
+    sc = d["scoring"]
+    out = [f"query {d['query_id']!r} -> hit {d['hit_id']!r}: score {d['score']:.6f} "
+           f"({sc['score']}, channel {sc['channel']}, lambda {sc['lambda']:g}"
+           f"{', centered' if sc['center'] else ''})",
+           f"  token pairs      {d['pair_total']:+.6f}",
+           f"  centering        {d['centering']:+.6f}  (pool mean; not a token pair)",
+           f"  sketched score   {d['sketched_score']:.6f}  (what attribution reports)"]
+    for c in d["channels"]:
+        out.append(f"  {c['channel'].upper()} x {c['weight']:g}: {c['value']:+.6f} = pairs "
+                   f"{c['pairs']:+.6f} + centering {c['centering']:+.6f}")
+    for name, pos, toks in (("query", d["top_query_tokens"], q), ("hit", d["top_hit_tokens"], x)):
+        out.append(f"top {name} tokens:")
+        out += [f"  {p:4d} {toks[p]['text']!r:>16} {toks[p]['contribution']:+.6f}"
+                for p in pos[:top]]
+    out.append(f"top {len(d['top_pairs'])} pairs ({100 * d['top_pairs_share']:.1f}% of the "
+               f"pair score, {100 * d['top_pairs_abs_share']:.1f}% of its absolute mass):")
+    out += [f"  {q[p['query']]['text']!r:>14} ({p['query']:3d}) x "
+            f"{x[p['hit']]['text']!r:<14} ({p['hit']:3d}) {p['contribution']:+.6f}"
+            for p in d["top_pairs"]]
+    return "\n".join(out)

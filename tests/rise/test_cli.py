@@ -15,7 +15,8 @@ from conftest import TEXTS, write_jsonl
 from rise import errors
 from rise.cli import main
 
-VERBS = ["index", "attribute", "value", "append", "delete", "compact", "verify", "inspect", "plan"]
+VERBS = ["index", "attribute", "value", "append", "delete", "compact", "verify", "inspect", "plan",
+         "explain"]
 PR_ROWS = [
     {"id": f"pr-{i}", "prompt": f"Question {i}: what does line {i} say?", "response": t}
     for i, t in enumerate(TEXTS)
@@ -539,3 +540,44 @@ def test_append_after_delete_is_refused(capsys, tmp_path, tiny_model, idx_copy):
     assert code == errors.InvalidInput.exit_code == 2
     assert one_error(err) == ("rise: error: id 'doc-1' of record 0 clashes with a deleted id "
                               "not yet compacted (run rise compact first)")
+
+
+# ------------------------------------------------------------------------------ explain
+
+
+def explain_args(model, built, data_dir, *extra) -> list[str]:
+    return ["explain", "--index", str(built), "--model", str(model), "--queries",
+            str(data_dir / "queries.jsonl"), *extra]
+
+
+def test_explain_text_json_and_html(capsys, tmp_path, tiny_model, built, data_dir):
+    code, out, _ = run(capsys, *explain_args(tiny_model, built, data_dir, "--query", "q-fox",
+                                             "--hit", "doc-0", "--top", "3"))
+    assert code == 0
+    assert "query 'q-fox' -> hit 'doc-0'" in out and "centering" in out and "top 3 pairs" in out
+    html = tmp_path / "e.html"
+    code, out, _ = run(capsys, *explain_args(tiny_model, built, data_dir, "--query", "q-fox",
+                                             "--hit", "doc-0", "--json", "--html", html))
+    assert code == 0
+    d = json.loads(out)
+    assert d["query_id"] == "q-fox" and d["hit_id"] == "doc-0"
+    assert math.isclose(d["score"], d["pair_total"] + d["centering"], rel_tol=1e-12, abs_tol=1e-12)
+    assert html.read_text().startswith("<!DOCTYPE html>")
+    # the reported score is the one attribution reports for the pair, up to the sketch
+    out_file = tmp_path / "hits.jsonl"
+    assert run(capsys, "attribute", "--index", built, "--model", tiny_model, "--queries",
+               data_dir / "queries.jsonl", "--output", out_file, "--top", "8")[0] == 0
+    hits = {h["id"]: h["score"] for h in json.loads(out_file.read_text().splitlines()[0])["results"]}
+    assert math.isclose(hits["doc-0"], d["sketched_score"], rel_tol=1e-6, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("extra, code, expect", [
+    (["--hit", "doc-0"], 2, "holds 2 records; name one"),
+    (["--query", "q-nope", "--hit", "doc-0"], 2, "query id 'q-nope' is not in the queries file"),
+    (["--query", "q-fox", "--hit", "doc-99"], 3, "hit id 'doc-99' is not an example"),
+    (["--query", "q-fox", "--hit", "doc-0", "--top", "0"], 2, "--top must be >= 1"),
+])
+def test_explain_bad_input(capsys, tiny_model, built, data_dir, extra, code, expect):
+    got, _, err = run(capsys, *explain_args(tiny_model, built, data_dir, *extra))
+    assert got == code
+    assert expect in one_error(err)

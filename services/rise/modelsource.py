@@ -479,10 +479,16 @@ class S3Models:
 
     # ------------------------------------------------------------- push, verify, list
 
-    def push(self, folder: str | os.PathLike, src: Source) -> ModelManifest:
+    def push(self, folder: str | os.PathLike, src: Source,
+             skip_same: bool = False) -> ModelManifest:
         """Upload every file of ``folder``, then its manifest (last: a prefix without one is
-        not a model yet)."""
+        not a model yet).  ``skip_same``: upload nothing when the prefix's manifest is
+        already this folder's."""
         manifest = build_manifest(folder)
+        if skip_same:
+            with contextlib.suppress(NotFound, Corrupt):
+                if self.manifest(src)[0] == manifest:
+                    return manifest
         for f in manifest.files:
             self.upload(src, f.path, Path(folder) / f.path, sha256=f.sha256)
         self.upload(src, MANIFEST, None, manifest.to_json())

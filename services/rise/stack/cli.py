@@ -1,6 +1,6 @@
 """The whole RISE platform on one machine, as background processes: a development stack.
 
-    python -m rise.stack up      [--dir .cache/stack] [--pool NAME=MODEL_DIR ...]
+    python -m rise.stack up      [--dir .cache/stack] [--pool NAME=MODEL ...] [--no-push]
                                  [--token TENANT=TOKEN ...] [--gateway-port 50051]
                                  [--scorer-port 50052] [--metrics-port 9464]
                                  [--redis-port auto] [--s3-port auto]
@@ -44,7 +44,9 @@ def _print_up(stack: Stack) -> None:
              f"  s3        {e['s3']}  bucket {stack.s3['bucket']}  "
              f"access key {stack.s3['access_key']}  (secret in {STATE})"]
     lines += [f"  metrics   {name:<9} {url}" for name, url in e["metrics"].items()]
-    lines += [f"  pool      {k} = {v}" for k, v in stack.pools.items()]
+    lines += [f"  pool      {k} = {v}" + (f"  (pushed from {stack.models[k]})"
+                                           if k in stack.models else "")
+              for k, v in stack.pools.items()]
     lines += [f"  token     {tenant}: {tok}" for tenant, tok in stack.tokens.items()]
     lines += [f"  logs      {stack.dir}/*.log", "",
               f"export RISE_GATEWAY={stack.env()['RISE_GATEWAY']} "
@@ -67,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: 9464)")
     up.add_argument("--redis-port", default="auto")
     up.add_argument("--s3-port", default="auto")
-    up.add_argument("--pool", action="append", metavar="NAME=MODEL_DIR",
-                    help=f"a worker pool, repeatable (default: {DEFAULT_POOL})")
+    up.add_argument("--pool", action="append", metavar="NAME=MODEL",
+                    help="a worker pool, repeatable: a model folder, s3://bucket/prefix/ or a "
+                         f"hub id (default: {DEFAULT_POOL})")
+    up.add_argument("--no-push", action="store_true",
+                    help="pools load their model folders in place (default: each folder is "
+                         "pushed into the stack's S3 and the pool names its s3:// URI)")
     up.add_argument("--token", action="append", metavar="TENANT=TOKEN",
                     help="a tenant's bearer token, repeatable (default: demo=<random>)")
     st.add_argument("--json", action="store_true")
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                              tokens=parse_pairs(a.token, "--token"),
                              gateway_port=a.gateway_port, scorer_port=a.scorer_port,
                              metrics_port=a.metrics_port, redis_port=a.redis_port,
-                             s3_port=a.s3_port, log=lambda m: print(m, file=sys.stderr))
+                             s3_port=a.s3_port, push_models=not a.no_push,
+                             log=lambda m: print(m, file=sys.stderr))
             _print_up(stack)
             return 0
         if not Stack.state_path(a.dir).exists():

@@ -21,6 +21,7 @@ import grpc
 from celery import Celery
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rise.modelsource import S3Models, parse_source
 from rise.settings import Pool, Settings
 from rise.stack.ports import claim_port, free_port
 from rise.stack.procs import STOP_GRACE_S, Proc, clean_env, spawn, stop_all, wait_ready
@@ -76,6 +77,8 @@ class Stack:
     s3: dict[str, str]
     started_at: float = 0.0
     start_seconds: dict[str, float] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+    """Pool -> the local folder ``up`` pushed into the stack's S3 as the pool's model."""
 
     # ------------------------------------------------------------------- state file
 
@@ -119,13 +122,16 @@ class Stack:
            worker_metrics_port: int | str | None = None,
            scorer_metrics_port: int | str | None = None, redis_port: int | str = "auto",
            s3_port: int | str = "auto", die_with_parent: bool = False,
-           env: dict[str, str] | None = None, log=None) -> Stack:
+           env: dict[str, str] | None = None, push_models: bool = True, log=None) -> Stack:
         """Start everything and wait until it answers; on failure stop what was started.
 
-        ``pools``: name -> model folder; ``tokens``: tenant -> token; ``env``: more RISE_*
-        settings for every service (e.g. the controller's intervals).  Metrics ports of
-        the worker, scorer and controller default to ``metrics_port`` + 1, + 2 and + 3
-        ("auto" when it is)."""
+        ``pools``: name -> model folder (or a model source: ``s3://...``, a hub id);
+        ``tokens``: tenant -> token; ``env``: more RISE_* settings for every service (e.g.
+        the controller's intervals).  With ``push_models`` (the default) a model folder is
+        pushed into the stack's S3 (``s3://rise/models/<folder name>/``, skipped when
+        already there) and the pool names that: the workers fetch it as a cluster's pools
+        do (``rise.modelsource``).  Metrics ports of the worker, scorer and controller
+        default to ``metrics_port`` + 1, + 2 and + 3 ("auto" when it is)."""
         say = log or (lambda msg: None)
         root = Path(dir).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -135,11 +141,18 @@ class Stack:
                 raise RuntimeError(f"a stack is already up in {root} "
                                    "(python -m rise.stack down first)")
             cls.state_path(root).unlink()
-        pools = {k: str(Path(v).resolve()) for k, v in (pools or {}).items()} or {
+        pools = {k: v if parse_source(v).kind != "path" else str(Path(v).resolve())
+                 for k, v in (pools or {}).items()} or {
             "smollm2": str(Path(DEFAULT_POOL.split("=", 1)[1]).resolve())}
         for name, model in pools.items():
-            if not Path(model).exists():
+            if parse_source(model).kind == "path" and not Path(model).exists():
                 raise RuntimeError(f"pool {name}: model {model} does not exist")
+        folders = {k: v for k, v in pools.items()
+                   if push_models and parse_source(v).kind == "path" and Path(v).is_dir()}
+        names = [Path(v).name for v in set(folders.values())]
+        if len(set(names)) != len(names):
+            raise RuntimeError("two pools' model folders share a name: push them yourself "
+                               "(rise models push) and give the pools their s3:// URIs")
         tokens = dict(tokens or {"demo": secrets.token_urlsafe(24)})
         if len(set(tokens.values())) != len(tokens):
             raise RuntimeError("two tenants share a token")
@@ -173,6 +186,17 @@ class Stack:
             s3 = start_s3(root / "s3", s3_port, die_with_parent=die_with_parent)
             procs.append(s3)
             timings["s3"] = time.monotonic() - t0
+            if folders:
+                say("pushing models into S3 ...")
+                models = S3Models(Settings.model_construct(
+                    s3_endpoint=s3.env["RISE_S3_ENDPOINT"], s3_bucket=BUCKET,
+                    s3_access_key=s3.env["RISE_S3_ACCESS_KEY"],
+                    s3_secret_key=s3.env["RISE_S3_SECRET_KEY"], cache_dir=str(root / "cache")))
+                for name, folder in folders.items():
+                    uri = f"s3://{BUCKET}/models/{Path(folder).name}/"
+                    models.push(folder, parse_source(uri), skip_same=True)
+                    pools[name] = uri
+                timings["models"] = time.monotonic() - t0
 
             base = {**redis.env, **s3.env,
                     "RISE_POOLS": json.dumps({k: {"model": v} for k, v in pools.items()}),
@@ -254,7 +278,8 @@ class Stack:
                                        "controller": f"http://127.0.0.1:{cmport}/metrics",
                                        **{w.name: f"http://127.0.0.1:{w.ports['metrics']}/metrics"
                                           for w in workers}}},
-                started_at=time.time(), start_seconds={k: round(v, 2) for k, v in timings.items()})
+                started_at=time.time(), start_seconds={k: round(v, 2) for k, v in timings.items()},
+                models=folders)
             stack.save()
         except BaseException:
             stop_all(list(reversed(procs)))

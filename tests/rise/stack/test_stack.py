@@ -81,10 +81,16 @@ def b(env):
 
 @pytest.fixture(scope="module")
 def built(env, a):
-    """Tenant a's index "c" (shard size 4: 3 shards), watched to the end."""
-    job = a.create_index("c", "s3://rise/tenants/a/data/c.jsonl", POOL, shard_size=4)
-    assert state_name(job) == "QUEUED" and job.index == "c"
-    updates = list(a.watch_job(job.id, interval=0.1))
+    """Tenant a's index "c" (shard size 4: 3 shards), watched to the end, while the pool's
+    model is only in the stack's S3: its local folder is moved away meanwhile."""
+    away = env.model.with_name("moved-away")
+    env.model.rename(away)
+    try:
+        job = a.create_index("c", "s3://rise/tenants/a/data/c.jsonl", POOL, shard_size=4)
+        assert state_name(job) == "QUEUED" and job.index == "c"
+        updates = list(a.watch_job(job.id, interval=0.1))
+    finally:
+        away.rename(env.model)
     return SimpleNamespace(job=job, updates=updates)
 
 
@@ -118,6 +124,21 @@ def test_create_index_job_progress(built, a):
     assert (idx.generation, idx.live_count, idx.shards, idx.tombstones) == (1, 12, 3, 0)
     assert [i.dataset_uri for i in idx.ingests] == ["s3://rise/tenants/a/data/c.jsonl"]
     assert [j.id for j in a.list_jobs(index="c")] == [built.job.id]
+
+
+def test_the_pool_model_came_from_s3(built, env):
+    """``Stack.up`` pushed the model folder into its S3 and the pool names the S3 prefix:
+    the worker fetched it into its cache, verified against the manifest."""
+    uri = "s3://rise/models/tiny-llama/"
+    assert env.stack.pools == {POOL: uri}
+    assert env.stack.models == {POOL: str(env.model.resolve())}
+    manifest = json.loads(env.s3.get_object("rise", "models/tiny-llama/rise-model.json").read())
+    files = sorted(p.name for p in env.model.iterdir())
+    assert sorted(f["path"] for f in manifest["files"]) == files
+    cached = list((Path(env.stack.dir) / "cache" / "models" / "s3").glob("*/*/tiny-llama"))
+    assert len(cached) == 1
+    for name in files:
+        assert (cached[0] / name).read_bytes() == (env.model / name).read_bytes()
 
 
 def test_index_matches_embedded(built, a, embedded):

@@ -470,7 +470,9 @@ class JobStore:
             if not got:
                 return self.r.get(key)
         fence = self.r.incr(f"{self.ns}:fence:{tenant}:{index}")
-        self.r.hset(self._job(job_id), "fence", fence)
+        # Into the job's hash if it has one: a gateway call's own lock (DeleteExamples,
+        # DeleteIndex) has a token, not a job, and a bare hash would be a job of nothing.
+        self._update(keys=[self._job(job_id)], args=["set", "fence", fence])
         return None
 
     def unlock_index(self, tenant: str, index: str, job_id: str) -> None:

@@ -105,3 +105,16 @@ def test_restore_brings_back_ended_jobs_only_within_their_ttl(js):
     assert js.restore(recent)
     assert 480 <= js.r.ttl(f"{js.ns}:job:recent") <= 500
     assert js.get_any("recent")["pool"] == "p1" and js.active_ids() == []
+
+
+@pytest.mark.integration
+def test_a_lock_without_a_job_leaves_no_job_hash(js):
+    """The fuzz run found that every DeleteExamples and DeleteIndex, refused ones included,
+    left a hash ``job:delete-<ns>`` holding only a fence: a job of nothing, never expiring,
+    that every scan of the jobs met."""
+    assert js.lock_index("t", "docs", "delete-1", 60) is None
+    assert not js.r.exists(f"{js.ns}:job:delete-1")
+    js.unlock_index("t", "docs", "delete-1")
+    job = _job(js)
+    assert js.lock_index("t", "docs", job["id"], 60) is None
+    assert js.r.hget(f"{js.ns}:job:{job['id']}", "fence") == "2"  # a job's lock is fenced

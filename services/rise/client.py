@@ -220,13 +220,32 @@ class RiseClient:
         return self._call(self._index.CompactIndex, rise_pb2.CompactIndexRequest(
             index=index, request_id=_request_id(request_id)))
 
+    def import_index(self, index: str, pool: str, *,
+                     request_id: str | None = None) -> rise_pb2.Index:
+        """Register an index copied to ``s3://<bucket>/tenants/<tenant>/indexes/<index>/``
+        (``rise copy``) with ``pool``, whose model must be the index's."""
+        return self._call(self._index.ImportIndex, rise_pb2.ImportIndexRequest(
+            index=index, pool=pool, request_id=_request_id(request_id)))
+
     def delete_index(self, index: str) -> int:
         """Delete an index; returns the number of objects removed."""
         return self._call(self._index.DeleteIndex,
                           rise_pb2.DeleteIndexRequest(index=index)).objects_deleted
 
-    def list_indexes(self) -> list[rise_pb2.Index]:
-        return list(self._call(self._index.ListIndexes, rise_pb2.ListIndexesRequest()).indexes)
+    def iter_indexes(self, page_size: int = 0) -> Iterator[rise_pb2.Index]:
+        """Every index of the tenant, by name, a page (``page_size``, 0: the gateway's
+        default) per call, following the page tokens."""
+        token = ""
+        while True:
+            resp = self._call(self._index.ListIndexes, rise_pb2.ListIndexesRequest(
+                page_size=page_size, page_token=token))
+            yield from resp.indexes
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def list_indexes(self, page_size: int = 0) -> list[rise_pb2.Index]:
+        return list(self.iter_indexes(page_size))
 
     def get_index(self, index: str) -> rise_pb2.Index:
         return self._call(self._index.GetIndex, rise_pb2.GetIndexRequest(index=index))
@@ -236,9 +255,27 @@ class RiseClient:
     def get_job(self, job_id: str) -> rise_pb2.Job:
         return self._call(self._jobs.GetJob, rise_pb2.GetJobRequest(id=job_id))
 
-    def list_jobs(self, index: str = "", limit: int = 0) -> list[rise_pb2.Job]:
-        return list(self._call(self._jobs.ListJobs,
-                               rise_pb2.ListJobsRequest(index=index, limit=limit)).jobs)
+    def iter_jobs(self, index: str = "", page_size: int = 0) -> Iterator[rise_pb2.Job]:
+        """Every job of the tenant (of ``index`` if given), newest first, a page per call,
+        following the page tokens."""
+        token = ""
+        while True:
+            resp = self._call(self._jobs.ListJobs, rise_pb2.ListJobsRequest(
+                index=index, page_size=page_size, page_token=token))
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def list_jobs(self, index: str = "", limit: int = 0, page_size: int = 0
+                  ) -> list[rise_pb2.Job]:
+        """The newest ``limit`` jobs (0: 100), in pages of ``page_size``."""
+        out: list[rise_pb2.Job] = []
+        for job in self.iter_jobs(index, page_size or min(limit or 100, 1000)):
+            out.append(job)
+            if len(out) >= (limit or 100):
+                break
+        return out
 
     def watch_job(self, job_id: str, interval: float = 1.0,
                   timeout: float | None = None) -> Iterator[rise_pb2.Job]:

@@ -242,6 +242,35 @@ class JobStore:
             self.r.zrem(f"{self.ns}:jobs:{tenant}", *gone)
         return out
 
+    def page(self, tenant: str, index: str, size: int,
+             after: tuple[float, str] | None = None
+             ) -> tuple[builtins.list[dict[str, Any]], tuple[float, str] | None]:
+        """One page of the tenant's jobs, newest first (created time, then id, both
+        descending), strictly after the cursor ``after``; returns the jobs and the cursor of
+        the next page (None on the last).  A job created while paging is newer than any
+        cursor, so the jobs present throughout come exactly once, never twice."""
+        entries = self.r.zrevrange(f"{self.ns}:jobs:{tenant}", 0, -1, withscores=True)
+        out: builtins.list[dict[str, Any]] = []
+        gone = []
+        more = False
+        for job_id, score in entries:
+            if after is not None and (score, job_id) >= after:
+                continue
+            raw = self.r.hgetall(self._job(job_id))
+            if not raw:
+                gone.append(job_id)
+            elif "state" in raw and (not index or raw.get("index") == index):
+                if len(out) >= size:
+                    more = True
+                    break
+                out.append(dict(_dec(raw), _order=(score, job_id)))
+        if gone:
+            self.r.zrem(f"{self.ns}:jobs:{tenant}", *gone)
+        cursor = out[-1]["_order"] if more and out else None
+        for job in out:
+            job.pop("_order")
+        return out, cursor
+
     def update(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job that exists (a job Redis lost is not recreated half)."""
         args: list[str] = ["set"]

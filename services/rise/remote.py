@@ -206,7 +206,7 @@ def _index_line(i: Any) -> str:
 
 def cmd_list(a: argparse.Namespace) -> None:
     with _client(a) as c:
-        idxs = c.list_indexes()
+        idxs = c.list_indexes(a.page_size)
     emit(a, {"indexes": [to_dict(i) for i in idxs]},
           "\n".join(_index_line(i) for i in idxs) or "no indexes")
 
@@ -227,7 +227,7 @@ def cmd_show(a: argparse.Namespace) -> None:
 
 def cmd_jobs(a: argparse.Namespace) -> None:
     with _client(a) as c:
-        jobs = c.list_jobs(a.index_opt or "", a.limit)
+        jobs = c.list_jobs(a.index_opt or "", a.limit, a.page_size)
     emit(a, {"jobs": [to_dict(j) for j in jobs]},
           "\n".join(_job_line(j) for j in jobs) or "no jobs")
 
@@ -346,10 +346,14 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp = verb("compact", cmd_compact, "start a job that erases deleted examples")
     sp.add_argument("--wait", action="store_true", help="follow the job to its end")
     verb("drop", cmd_drop, "delete an index and all its objects")
-    verb("list", cmd_list, "the tenant's indexes", index=None)
+    sp = verb("list", cmd_list, "the tenant's indexes", index=None)
+    sp.add_argument("--page-size", type=int, default=0,
+                    help="indexes per call (follows page tokens; default: the gateway's)")
     verb("show", cmd_show, "one index: generation, size, model, configuration")
     sp = verb("jobs", cmd_jobs, "the tenant's jobs, newest first", index="optional")
     sp.add_argument("--limit", type=int, default=0, help="at most this many (default: 100)")
+    sp.add_argument("--page-size", type=int, default=0,
+                    help="jobs per call (follows page tokens; default: the gateway's)")
     for name, fn, help in (("job", cmd_job, "one job's state and progress"),
                            ("watch", cmd_watch, "follow a job to its end"),
                            ("cancel", cmd_cancel, "ask a job to stop")):

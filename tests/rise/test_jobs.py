@@ -118,3 +118,37 @@ def test_a_lock_without_a_job_leaves_no_job_hash(js):
     job = _job(js)
     assert js.lock_index("t", "docs", job["id"], 60) is None
     assert js.r.hget(f"{js.ns}:job:{job['id']}", "fence") == "2"  # a job's lock is fenced
+
+
+@pytest.mark.integration
+def test_job_pages_return_every_job_once_under_concurrent_inserts(js):
+    """Pages are cursors (created time, id): jobs created while paging are newer than the
+    cursor and never make an older job come twice or be skipped."""
+    import threading
+
+    before = {_job(js)["id"] for _ in range(23)}
+    _job(js, tenant="other")
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            _job(js)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        seen: list[str] = []
+        after = None
+        while True:
+            page, after = js.page("t", "", 5, after)
+            assert len(page) <= 5
+            seen += [j["id"] for j in page]
+            if after is None:
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert len(seen) == len(set(seen))
+    assert before <= set(seen)
+    only_docs, _ = js.page("t", "elsewhere", 5)
+    assert only_docs == []

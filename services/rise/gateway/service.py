@@ -105,6 +105,47 @@ class Auth:
         return tenant
 
 
+# ------------------------------------------------------------------------------- paging
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def page_size(asked: int, default: int) -> int:
+    """The page size of a List call: ``asked`` (0: ``default``), at most MAX_PAGE."""
+    return min(asked or default, MAX_PAGE)
+
+
+def make_page_token(kind: str, scope: str, after: Any) -> str:
+    """An opaque cursor: the last key returned (a name, or a job's (created, id)), with
+    what it lists, so it cannot be replayed against another listing."""
+    raw = json.dumps({"k": kind, "s": scope, "a": after}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def read_page_token(token: str, kind: str, scope: str) -> Any:
+    """The cursor of ``token`` (None for an empty one); InvalidInput when it is not a
+    token of this listing."""
+    if not token:
+        return None
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        ok = isinstance(raw, dict) and raw.get("k") == kind and raw.get("s") == scope
+        after = raw["a"] if ok else None
+        if kind == "jobs" and not (isinstance(after, list) and len(after) == 2
+                                   and isinstance(after[0], int | float)
+                                   and isinstance(after[1], str)):
+            ok = False
+        if kind == "indexes" and not isinstance(after, str):
+            ok = False
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise InvalidInput("page_token is not a token of this listing (pass the "
+                           "next_page_token of the previous page, with the same filters)")
+    return after
+
+
 class _Base:
     def __init__(self, deps: Deps, auth: Auth) -> None:
         self.d = deps
@@ -380,11 +421,18 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
     @rpc("gateway")
     def ListIndexes(self, req: rise_pb2.ListIndexesRequest, context) -> rise_pb2.ListIndexesResponse:
         tenant = self.auth.tenant(context)
+        size = page_size(req.page_size, DEFAULT_PAGE)
+        after = read_page_token(req.page_token, "indexes", "")
+        names = [n for n in self.registry.names(tenant) if after is None or n > after]
         out = []
-        for name in self.registry.names(tenant):
-            entry, store = self._index(tenant, name)
+        for name in names[:size]:
+            try:
+                entry, store = self._index(tenant, name)
+            except NotFound:  # dropped since the names were read
+                continue
             out.append(convert.index_to(name, entry["pool"], self._manifest(store)))
-        return rise_pb2.ListIndexesResponse(indexes=out)
+        token = make_page_token("indexes", "", names[size - 1]) if len(names) > size else ""
+        return rise_pb2.ListIndexesResponse(indexes=out, next_page_token=token)
 
     @rpc("gateway")
     def GetIndex(self, req: rise_pb2.GetIndexRequest, context) -> rise_pb2.Index:
@@ -401,8 +449,13 @@ class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
     @rpc("gateway")
     def ListJobs(self, req: rise_pb2.ListJobsRequest, context) -> rise_pb2.ListJobsResponse:
         tenant = self.auth.tenant(context)
-        jobs = self.d.jobs.list(tenant, req.index, req.limit or 100)
-        return rise_pb2.ListJobsResponse(jobs=[convert.job_to(j) for j in jobs])
+        size = page_size(req.page_size or req.limit, DEFAULT_PAGE)
+        after = read_page_token(req.page_token, "jobs", req.index)
+        jobs, cursor = self.d.jobs.page(tenant, req.index, size,
+                                        tuple(after) if after is not None else None)
+        token = make_page_token("jobs", req.index, list(cursor)) if cursor is not None else ""
+        return rise_pb2.ListJobsResponse(jobs=[convert.job_to(j) for j in jobs],
+                                         next_page_token=token)
 
     @rpc("gateway")
     def WatchJob(self, req: rise_pb2.WatchJobRequest, context) -> Iterator[rise_pb2.Job]:

@@ -27,6 +27,7 @@ from rise.errors import InvalidInput, Mismatch
 from rise.explain import Explanation, explain, pick_query
 from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
+from rise.generate import GenerateSpec, generate_responses
 from rise.index import Index, compact, delete, open_index, verify
 from rise.ingest import append, create_index, encode_all
 from rise.manifest import Manifest, ShardEntry
@@ -51,7 +52,7 @@ __all__ = [
     "score_candidates", "value_candidates", "replica_shards", "index_mean",
     "check_fraction", "top_fraction_records", "select_top_fraction", "fetch_records",
     "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap", "explain", "pick_query",
-    "Explanation",
+    "Explanation", "attribute_generated", "generate_queries", "GenerateSpec",
 ]
 
 load = load_model
@@ -170,6 +171,29 @@ def attribute(index: Index, lm: LoadedModel, queries: str | os.PathLike, *,
     qs = sketch_queries(index, lm, records, fields or FieldMap(), batch_size=batch_size,
                         progress=progress)
     return list(zip(qs.ids, attribute_sketched(index, qs, spec or ScoreSpec(), top), strict=True))
+
+
+def generate_queries(index: Index, lm: LoadedModel, prompts: Sequence[Record],
+                     gen: GenerateSpec, *, chat_template: bool = False) -> list[Record]:
+    """The model's response to each prompt (a record's prompt, or its text) as a
+    prompt/response record, sized for the index's max_length; refuses another model."""
+    index.check_model(lm)
+    return generate_responses(lm, prompts, gen, chat_template=chat_template,
+                              max_length=index.config.max_length)
+
+
+def attribute_generated(index: Index, lm: LoadedModel, prompts: Sequence[Record],
+                        gen: GenerateSpec, *, chat_template: bool = False,
+                        spec: ScoreSpec | None = None, top: int = 10,
+                        batch_size: int = constants.DEFAULT_BATCH_SIZE,
+                        ) -> list[tuple[Record, list[Hit]]]:
+    """Attribute the model's own responses: (generated record, top hits) per prompt, the
+    response alone supervised."""
+    recs = generate_queries(index, lm, prompts, gen, chat_template=chat_template)
+    fields = FieldMap(prompt_field="prompt", response_field="response",
+                      chat_template=chat_template)
+    qs = sketch_queries(index, lm, recs, fields, batch_size=batch_size)
+    return list(zip(recs, attribute_sketched(index, qs, spec or ScoreSpec(), top), strict=True))
 
 
 def value(index: Index, lm: LoadedModel, target: str | os.PathLike, *,

@@ -30,7 +30,7 @@ from rise.cliutil import (
     write_text,
 )
 from rise.config import make_config, parse_dims
-from rise.data import read_records
+from rise.data import FieldMap, read_records
 from rise.errors import InvalidInput, NotFound, RiseError
 from rise.modelscli import add_models_parser
 from rise.remote import add_remote_parser
@@ -223,7 +223,10 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     from rise.api import attribute_sketched, sketch_queries
 
     spec = _spec(a)
+    gen = _generate_spec(a)
     check_output(a.output)
+    if gen is not None:
+        return _attribute_generated(a, spec, gen)
     idx = _open(a.index)
     fields = fields_from_args(a)
     records = read_records(a.queries, fields)
@@ -239,6 +242,51 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     emit(a, {"queries": len(rows), "output": a.output, "top": a.top,
               "score_seconds": round(time.perf_counter() - t0, 3), **speed},
           f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
+
+
+def _generate_spec(a: argparse.Namespace):
+    """The generation flags of ``rise attribute`` checked together; None without
+    --generate."""
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.generate import DEFAULT_MAX_NEW_TOKENS, GenerateSpec
+
+    given = [f for f, v in (("--max-new-tokens", a.max_new_tokens),
+                            ("--temperature", a.temperature), ("--seed", a.seed))
+             if v is not None]
+    if not a.generate:
+        if a.prompts or given:
+            raise InvalidInput(f"{a.prompts and '--prompts' or given[0]} needs --generate")
+        if not a.queries:
+            raise InvalidInput("--queries is required (or --generate --prompts FILE)")
+        return None
+    if a.queries or not a.prompts:
+        raise InvalidInput("--generate attributes the model's responses to --prompts FILE; "
+                           "drop --queries")
+    return GenerateSpec(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if a.max_new_tokens is None
+                        else a.max_new_tokens,
+                        temperature=a.temperature or 0.0, seed=a.seed or 0)
+
+
+def _attribute_generated(a: argparse.Namespace, spec, gen) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.api import attribute_generated
+
+    idx = _open(a.index)
+    # A prompt is the text field, or the prompt field when one is named (no response
+    # needed: the model writes it).
+    prompts = read_records(a.prompts, FieldMap(text_field=a.prompt_field or a.text_field,
+                                               id_field=a.id_field))
+    lm = _load(a)
+    t0 = time.perf_counter()
+    out = attribute_generated(idx, lm, prompts, gen, chat_template=a.chat_template, spec=spec,
+                              top=a.top, batch_size=a.batch_size)
+    rows = [{"query_id": r.id, "prompt": r.prompt, "generated": r.response,
+             "results": [{"id": h.id, "score": h.score} for h in hs]} for r, hs in out]
+    write_jsonl(a.output, rows)
+    emit(a, {"queries": len(rows), "output": a.output, "top": a.top, "generated": True,
+             "seconds": round(time.perf_counter() - t0, 3)},
+         f"generated responses to {len(rows)} prompts and wrote their top-{a.top} "
+         f"attributions to {a.output}")
 
 
 def cmd_value(a: argparse.Namespace) -> None:
@@ -347,7 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("attribute", cmd_attribute, "top training examples for each query")
     sp.add_argument("--index", required=True)
     _add_model(sp)
-    sp.add_argument("--queries", required=True)
+    sp.add_argument("--queries", help="data file of queries (text or prompt/response records)")
+    g = sp.add_argument_group("attribute a generation")
+    g.add_argument("--generate", action="store_true",
+                   help="the model answers each prompt of --prompts, and its response is "
+                        "attributed (response tokens supervised)")
+    g.add_argument("--prompts", help="data file of prompts: the text field, or the prompt "
+                   "field with --prompt-field/--response-field")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="longest response in tokens (default: 64)")
+    g.add_argument("--temperature", type=float,
+                   help="sample at this temperature (default: greedy)")
+    g.add_argument("--seed", type=int, help="sampling seed; prompt i uses seed + i (default: 0)")
     sp.add_argument("--output", required=True, help="JSONL, one line per query")
     sp.add_argument("--top", type=int, default=10)
     add_field_args(sp)

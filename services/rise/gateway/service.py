@@ -138,7 +138,7 @@ def read_page_token(token: str, kind: str, scope: str) -> Any:
             ok = False
         if kind == "indexes" and not isinstance(after, str):
             ok = False
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # deep JSON: RecursionError
         ok = False
     if not ok:
         raise InvalidInput("page_token is not a token of this listing (pass the "

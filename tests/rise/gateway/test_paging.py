@@ -4,6 +4,8 @@ present throughout exactly once; a token of another listing is INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from rise.errors import InvalidInput
 from rise.gateway import service as gs
@@ -80,3 +82,18 @@ def test_a_token_of_another_listing_is_invalid(token, monkeypatch):
                               "docs") == [2.5, "j"]
     with pytest.raises(InvalidInput):
         gs.read_page_token(gs.make_page_token("jobs", "docs", [2.5, "j"]), "jobs", "")
+
+
+def _forged(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"k":' * 5000 + "1" + "}" * 5000],
+                         ids=["deep-array", "deep-object"])
+def test_a_token_of_deep_json_is_invalid_not_internal(text):
+    """The fuzz run (tests/fuzz/) found that a page token of deeply nested JSON raised
+    RecursionError out of the decoder: INTERNAL instead of INVALID_ARGUMENT."""
+    for kind in ("indexes", "jobs"):
+        with pytest.raises(InvalidInput, match="page_token is not a token"):
+            gs.read_page_token(_forged(text), kind, "")

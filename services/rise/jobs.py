@@ -4,11 +4,12 @@ The gateway creates jobs and reads them; workers advance them.  A job's hash hol
 state and counters; counters only grow (HINCRBY), and terminal states are final (a Lua
 script refuses to leave them), so a redelivered task can never resurrect a cancelled job.
 
-Jobs not yet ended are members of an active set; a job that ends leaves it, joins the ended
-set (which the controller empties: the job's end state to its record in the store, its
-duration to the metrics) and its hash and per-job keys expire ``ended_ttl_seconds`` later
-(``RISE_JOB_TTL_SECONDS``).  Nothing here scans every job: counts by state come from the
-active set.
+Jobs not yet ended are members of an active set; a job that ends leaves it and joins the
+ended set, which the controller empties: the job's end state to its record in the store,
+its duration to the metrics, then (``expire_ended``) its hash and per-job keys expire
+``ended_ttl_seconds`` after the end (``RISE_JOB_TTL_SECONDS``), never before the durable
+record holds the end.  Nothing here scans every job: counts by state come from the active
+set.
 """
 
 from __future__ import annotations
@@ -37,24 +38,19 @@ _FLOATS = ("created_at", "started_at", "finished_at", "first_task_at")
 DEFAULT_ENDED_TTL_SECONDS = 7 * 86400
 
 # Move to a state unless the job is already terminal; returns 1 if moved.  A terminal
-# state also takes the job out of the active set (KEYS[2]) that the controller watches,
-# puts it in the ended set (KEYS[3], scored by its end time) and sets the expiry of its
-# hash and of its other keys (KEYS[4..]).  ARGV: ttl in seconds, end time, then the
+# state also takes the job out of the active set (KEYS[2]) that the controller watches and
+# puts it in the ended set (KEYS[3], scored by its end time).  ARGV: end time, then the
 # field/value pairs (state first).
 _SET_STATE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return -1 end
 if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-local new = ARGV[4]
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local new = ARGV[3]
 if new == 'SUCCEEDED' or new == 'FAILED' or new == 'CANCELLED' then
   local id = redis.call('HGET', KEYS[1], 'id')
   redis.call('SREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[3], ARGV[2], id)
-  -- never more than a TTL's worth of ended jobs, even with no controller emptying it
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[1]))
-  for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[1], id)
 end
 return 1
 """
@@ -286,13 +282,22 @@ class JobStore:
             fields.setdefault("started_at", time.time())
         if state in TERMINAL:
             fields.setdefault("finished_at", time.time())
-        args: list[str | float | int] = [self.ended_ttl_seconds,
-                                         float(fields.get("finished_at") or time.time()),
-                                         "state", state]
+        args: list[str | float] = [float(fields.get("finished_at") or time.time()),
+                                   "state", state]
         for k, v in fields.items():
             args += [k, _enc(v)]
-        return self._set_state(keys=[self._job(job_id), self._active, self._ended,
-                                     *self._job_keys(job_id)], args=args) == 1
+        return self._set_state(keys=[self._job(job_id), self._active, self._ended],
+                               args=args) == 1
+
+    def expire_ended(self, job_id: str, finished_at: float, now: float | None = None) -> None:
+        """Let an ended job's hash and its other keys expire ``ended_ttl_seconds`` after
+        its end (the controller calls it once the job's record holds the end state)."""
+        now = time.time() if now is None else now
+        seconds = max(1, int(finished_at + self.ended_ttl_seconds - now))
+        pipe = self.r.pipeline()
+        for key in (self._job(job_id), *self._job_keys(job_id)):
+            pipe.expire(key, seconds)
+        pipe.execute()
 
     def mark_first_task(self, job_id: str, now: float | None = None) -> bool:
         """Stamp the start of the job's first task; True only the first time (the queue

@@ -188,9 +188,10 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     """How often the controller sweeps the bucket for orphan objects."""
     job_ttl_seconds: int = Field(default=7 * 86400, ge=60)
-    """A job's hash in Redis (state, counters) expires this long after the job ended; its
-    record in the store (``jobs/<tenant>/<id>.json``, ``rise.jobrecords``) keeps the end
-    state.  GetJob and ListJobs no longer show it after that."""
+    """A job's hash in Redis (state, counters) expires this long after the job ended, once
+    the controller wrote the end to the job's record in the store
+    (``jobs/<tenant>/<id>.json``, ``rise.jobrecords``); GetJob and ListJobs no longer show
+    it after that.  Read by the controller."""
 
     def tokens(self) -> dict[str, str]:
         """Bearer token -> tenant, from auth_tokens_file."""

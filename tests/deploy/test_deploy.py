@@ -68,12 +68,13 @@ CONTROLLER_SETTINGS = {"intervalSeconds": "controller_interval_seconds",
                        "shardAttempts": "shard_attempts",
                        "jobDeadlineSeconds": "job_deadline_seconds",
                        "sweepGraceSeconds": "sweep_grace_seconds",
-                       "sweepIntervalSeconds": "sweep_interval_seconds"}
+                       "sweepIntervalSeconds": "sweep_interval_seconds",
+                       "jobTtlSeconds": "job_ttl_seconds"}
 WORKER_SETTINGS = {"heartbeatSeconds": "heartbeat_seconds",
                    "storageRetryBudgetSeconds": "storage_retry_budget_seconds"}
 # Environment variables of RISE containers that do not carry the RISE_ prefix.
 NON_RISE_ENV = {"HOME", "PYTHONUNBUFFERED", "POD_NAME", "POD_NAMESPACE", "PROMETHEUS_MULTIPROC_DIR",
-                "HF_HOME", "REDIS_PASSWORD"}
+                "HF_HOME", "REDIS_PASSWORD", "HF_HUB_OFFLINE", "HF_TOKEN"}
 
 
 def user_extra_env(values: dict) -> list[dict]:
@@ -370,6 +371,29 @@ SERVICE_MONITOR_SCHEMA = _closed({
 }, required=["apiVersion", "kind", "metadata", "spec"])
 
 
+# The PrometheusRule CRD (monitoring.coreos.com/v1): the fields of a rule group and a rule.
+_RULE_DURATION = {"type": "string", "pattern": "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
+PROMETHEUS_RULE_SCHEMA = _closed({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"},
+    "kind": {"const": "PrometheusRule"},
+    "metadata": {"type": "object", "required": ["name"]},
+    "spec": _closed({
+        "groups": {"type": "array", "minItems": 1, "items": _closed({
+            "name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+            "limit": {"type": "integer"},
+            "rules": {"type": "array", "items": _closed({
+                "alert": {"type": "string"}, "record": {"type": "string"},
+                "expr": {"type": ["string", "integer"]}, "for": _RULE_DURATION,
+                "keep_firing_for": _RULE_DURATION,
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            }, required=["expr"])}}, required=["name", "rules"])},
+    }, required=["groups"]),
+}, required=["apiVersion", "kind", "metadata", "spec"])
+MONITORING_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA,
+                      "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+
+
 def validate_manifest(kube_validate, doc: dict, version: str) -> None:
     custom = crd_schemas.schema_of(doc)  # KEDA and Gateway API kinds (crd_schemas.py)
     if custom is not None:
@@ -380,7 +404,7 @@ def validate_manifest(kube_validate, doc: dict, version: str) -> None:
     if doc["apiVersion"] == "monitoring.coreos.com/v1":
         import jsonschema
 
-        jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+        jsonschema.validate(doc, MONITORING_SCHEMAS[doc["kind"]])
         return
     kube_validate.validate(doc, version, strict=True)
 
@@ -412,6 +436,11 @@ def test_strict_validation_rejects_unknown_fields(helm, kube_validate):
                "metadata": {"name": "x"}, "spec": {"selector": {}, "endpoints": [{"prot": "m"}]}}
     with pytest.raises(Exception, match="prot"):
         validate_manifest(kube_validate, monitor, KUBE_VERSIONS[-1])
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "x"}, "spec": {"groups": [{"name": "g", "rules": [
+                {"alert": "A", "expr": "1", "fro": "5m"}]}]}}
+    with pytest.raises(Exception, match="fro"):
+        validate_manifest(kube_validate, rule, KUBE_VERSIONS[-1])
 
 
 # --- the wiring of a rendered release ---
@@ -742,6 +771,22 @@ def test_rendered_release_wiring(helm, ci_file):
         for s in scraped:
             assert "metrics" in {p["name"] for p in s["spec"]["ports"]}
         assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # keeps the `service` label
+
+    # the dashboard for Grafana's sidecar and the alert rules: deploy/'s, opt-in
+    dashboards = [d for d in by_kind(docs, "ConfigMap")
+                  if "rise-dashboard.json" in d.get("data", {})]
+    g = values["grafanaDashboard"]
+    assert len(dashboards) == (1 if g["enabled"] else 0)
+    for cm in dashboards:
+        assert cm["metadata"]["labels"][g["label"]] == g["labelValue"]
+        assert cm["metadata"]["namespace"] == (g["namespace"] or NAMESPACE)
+        assert json.loads(cm["data"]["rise-dashboard.json"]) == json.loads(DASHBOARD.read_text())
+    rules = by_kind(docs, "PrometheusRule")
+    assert len(rules) == (1 if values["prometheusRule"]["enabled"] else 0)
+    for rule in rules:
+        assert rule["spec"] == load_yaml(ALERTS)["spec"]
+        for k, v in values["prometheusRule"]["labels"].items():
+            assert rule["metadata"]["labels"][k] == v
 
     # the chart test
     tests = [d for d in by_kind(docs, "Pod")
@@ -1414,6 +1459,13 @@ def test_controller_alerts_fire_under_promtool(promtool, tmp_path, series, minut
     proc = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_deploy_files_are_the_charts():
+    """deploy/'s dashboard and alert rules are the chart's files (links), never copies."""
+    for path in (DASHBOARD, ALERTS):
+        assert path.is_symlink(), path
+        assert path.resolve().parent == (CHART / "files").resolve()
 
 
 def test_dashboard_is_well_formed():

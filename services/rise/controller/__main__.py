@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     js = JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                        socket_timeout=10, socket_connect_timeout=5,
                                        **settings.redis_tls()),
-                  ended_ttl_seconds=settings.job_ttl_seconds)
+                  ended_ttl_seconds=settings.job_ttl_seconds)  # the controller expires them
     controller = Controller(settings, js, TaskClient(settings).send,
                             lambda prefix: open_store(settings, prefix), metrics=metrics)
     try:

@@ -266,7 +266,8 @@ class Controller:
 
     def record_ended(self) -> int:
         """The jobs that ended since the last pass: each one's end state to its record in
-        the store, then (once, by whoever takes it from the ended set) its duration to
+        the store, then its hash set to expire ``job_ttl_seconds`` after the end, then
+        (once, by whoever takes it from the ended set) its duration to
         ``rise_job_duration_seconds``.  A StorageError leaves the rest for the next pass."""
         n = 0
         for job_id in self.js.ended_ids():
@@ -277,6 +278,8 @@ class Controller:
                 continue
             if job["state"] in TERMINAL:
                 self.records.ended(job)
+                self.js.expire_ended(job_id, job.get("finished_at") or self.clock(),
+                                     now=self.clock())
             if self.js.forget_ended(job_id) and job["state"] in TERMINAL:
                 n += 1
                 if self.metrics is not None and job.get("finished_at"):

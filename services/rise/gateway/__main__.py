@@ -57,8 +57,7 @@ def build(settings: Settings) -> tuple[grpc.Server, Deps, Any]:
         ("grpc.max_send_message_length", settings.max_message_bytes)])
         for a in settings.scorer_addresses.split(",") if a.strip()]
     deps = Deps(
-        settings=settings, jobs=JobStore(r, ended_ttl_seconds=settings.job_ttl_seconds),
-        send_task=TaskClient(settings).send,
+        settings=settings, jobs=JobStore(r), send_task=TaskClient(settings).send,
         store=lambda prefix: CountingStore(open_store(settings, prefix), read.inc, written.inc),
         scorers=[scorer_pb2_grpc.ScorerServiceStub(c) for c in channels],
         materialize=lambda uri: str(materialize(uri, settings)), metrics=metrics,

@@ -55,7 +55,7 @@ def job_store(settings: Settings) -> JobStore:
             client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                           **settings.redis_tls())
             _redis_clients[settings.redis_url] = client
-    return JobStore(client, ended_ttl_seconds=settings.job_ttl_seconds)
+    return JobStore(client)
 
 
 class CancelPoll:

@@ -331,7 +331,9 @@ def test_ended_jobs_go_to_their_records_and_the_duration_histogram_once(env):
     env.js.set_state(done["id"], SUCCEEDED, finished_at=done["created_at"] + 42)
     env.js.set_state(failed["id"], FAILED, error_code="INTERNAL", error_message="boom",
                      finished_at=failed["created_at"] + 3)
+    assert env.r.ttl(f"{env.js.ns}:job:{done['id']}") == -1
     assert ctl.tick().ended == 2
+    assert env.r.ttl(f"{env.js.ns}:job:{done['id']}") > 0  # recorded, then set to expire
     assert records.get(TENANT, done["id"]).state == SUCCEEDED
     assert records.get(TENANT, failed["id"]).error_code == "INTERNAL"
     assert env.js.ended_ids() == []

@@ -345,6 +345,36 @@ def cmd_explain(a: argparse.Namespace) -> None:
         print(f"wrote {a.html}")
 
 
+def cmd_copy(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.datasets import store_at
+    from rise.index import copy_index, verify
+    from rise.settings import Settings
+
+    settings = Settings()
+    src, dst = store_at(a.src, settings), store_at(a.dst, settings)
+    if isinstance(src, LocalStore) and not src.root.is_dir():
+        raise NotFound(f"index {a.src!r} does not exist")
+    bar = tqdm(desc="copy", unit="shard", dynamic_ncols=True, disable=None, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    t0 = time.perf_counter()
+    r = copy_index(src, dst, progress=progress)
+    bar.close()
+    check = verify(dst)
+    if check.current != r.generation:
+        raise RiseError(f"the copy at {a.dst} does not verify: "
+                        f"{check.generations.get(r.generation)}")
+    emit(a, {"source": a.src, "destination": a.dst, "generation": r.generation,
+             "shards": r.shards, "copied": r.copied, "bytes": r.bytes, "verified": True,
+             "seconds": round(time.perf_counter() - t0, 3)},
+         f"copied generation {r.generation} ({r.shards} shards, {r.copied} written, "
+         f"{r.bytes:,} bytes) from {a.src} to {a.dst}; every shard verified by sha256")
+
+
 def cmd_plan(a: argparse.Namespace) -> None:
     # start-up: torch only in the verbs that need it (note at the top)
     from rise.placement import format_placement, parse_bytes, plan_placement
@@ -451,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", help="also write a self-contained HTML view to this file")
     add_field_args(sp)
     add_scoring_args(sp)
+
+    sp = verb("copy", cmd_copy, "copy an index between a folder and S3 (either way), "
+              "verified by sha256; the manifest is written last")
+    sp.add_argument("src", help="index folder, or s3://bucket/prefix/ (RISE_S3_ENDPOINT, "
+                    "RISE_S3_ACCESS_KEY, RISE_S3_SECRET_KEY)")
+    sp.add_argument("dst", help="an empty place: folder or s3://bucket/prefix/")
 
     sp = verb("plan", cmd_plan, "will a model fit these GPUs? placement, memory and storage")
     sp.add_argument("--model", required=True, help="model folder or config.json")

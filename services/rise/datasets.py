@@ -64,6 +64,39 @@ def open_store(settings: Settings, prefix: str) -> Store:
     )
 
 
+def store_at(location: str, settings: Settings) -> Store:
+    """The store of an index location a user names: ``s3://bucket/prefix/`` (the endpoint
+    and credentials of ``settings``; with a ``file://`` endpoint its folder is the
+    deployment's bucket) or a local folder (a path or ``file:///abs/path``)."""
+    if not isinstance(location, str) or not location.strip():
+        raise InvalidInput("index location is empty")
+    if location.startswith("s3://"):
+        parts = urlsplit(location)
+        bucket, prefix = parts.netloc, location[5:].partition("/")[2].strip("/")
+        if not bucket or not prefix or parts.query or parts.fragment:
+            raise InvalidInput(f"index location {location!r} must be s3://bucket/prefix/")
+        problem = key_problem(prefix)
+        if problem is not None:
+            raise InvalidInput(f"invalid prefix ({problem}) in index location {location!r}")
+        root = local_root(settings)
+        if root is not None:
+            if bucket != settings.s3_bucket:
+                raise NotFound(f"bucket {bucket!r} of {location!r} is not "
+                               f"{settings.s3_bucket!r}")
+            return LocalStore(root / prefix, label=f"s3://{bucket}/{prefix}/")
+        return S3Store.from_url(settings.s3_endpoint, settings.s3_access_key or None,
+                                settings.s3_secret_key or None, bucket, prefix=prefix + "/",
+                                secure=settings.s3_secure, region=settings.s3_region)
+    if location.startswith(FILE_SCHEME):
+        parts = urlsplit(location)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise InvalidInput(f"index location {location!r}: a file URI is file:///abs/path")
+        return LocalStore(unquote(parts.path))
+    if "://" in location:
+        raise InvalidInput(f"index location {location!r}: use s3://bucket/prefix/ or a folder")
+    return LocalStore(location)
+
+
 def dataset_suffix(name: str) -> str:
     """The data-format suffix of a file or key name, or InvalidInput."""
     lower = name.lower()

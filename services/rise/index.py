@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from rise import constants
 from rise.config import SketchConfig
 from rise.data import FieldMap
-from rise.errors import Corrupt, InvalidInput, Mismatch, NotFound, RiseError
+from rise.errors import AlreadyExists, Corrupt, InvalidInput, Mismatch, NotFound, RiseError
 from rise.manifest import Manifest, ModelEntry, ShardEntry
 from rise.shard import ShardData, concat_rows, parse_shard, read_meta, serialize, sha256
 from rise.store import Store
@@ -326,3 +326,65 @@ def _check_shard(store: Store, entry: ShardEntry) -> str | None:
     if len(sd) != entry.count:
         return f"shard {entry.key} holds {len(sd)} records, manifest says {entry.count}"
     return None
+
+
+# ------------------------------------------------------------------------------ copying
+
+
+@dataclass
+class CopyReport:
+    generation: int
+    shards: int  # shards of the copied generation
+    copied: int  # shards written (the others were already there with the right sha256)
+    bytes: int  # bytes of the generation's shards and manifest
+
+
+def copy_index(src: Store, dst: Store,
+               progress: Callable[[int, int], None] | None = None) -> CopyReport:
+    """Copy the current generation of the index in ``src`` into ``dst``, verified by sha256.
+
+    Shards first, each read back from ``dst`` and checked against the manifest's sha256,
+    then the manifest, create-only and last: until it is written ``dst`` holds no index
+    (``open_index`` finds no manifest), so a copy that fails half-way leaves nothing a
+    reader would trust, and rerunning it skips the shards already there and verified.
+    ``dst`` must hold no manifest yet (AlreadyExists).  ``progress(shards done, total)``
+    after each shard.  Datasets stay where the manifest's ingests point (results that
+    return texts read them from there).
+    """
+    idx = open_index(src)
+    m = idx.manifest
+    if manifest_generations(dst):
+        raise AlreadyExists(f"{dst.describe()} already holds an index; copy into an empty "
+                            "place (or drop that index first)")
+    present = set(dst.list(constants.SHARD_DIR + "/"))
+    copied, total = 0, len(m.shards)
+    for n, entry in enumerate(m.shards, 1):
+        if not (entry.key in present and _stored_sha256(dst, entry.key) == entry.sha256):
+            data = src.get(entry.key)
+            if sha256(data) != entry.sha256:
+                raise Corrupt(f"shard {entry.key} in {src.describe()} fails verification "
+                              f"(sha256 differs from manifest generation {m.generation}); "
+                              "nothing was made visible at the destination")
+            dst.put(entry.key, data)
+            if _stored_sha256(dst, entry.key) != entry.sha256:
+                raise Corrupt(f"shard {entry.key} read back from {dst.describe()} differs "
+                              "from what was written; nothing was made visible there")
+            copied += 1
+        if progress is not None:
+            progress(n, total)
+    key = constants.manifest_key(m.generation)
+    raw = src.get(key)
+    if Manifest.parse(raw, key) != m:
+        raise Corrupt(f"{key} in {src.describe()} changed during the copy")
+    dst.put(key, raw, create_only=True)
+    if dst.get(key) != raw:
+        raise Corrupt(f"{key} read back from {dst.describe()} differs from what was written")
+    return CopyReport(generation=m.generation, shards=total, copied=copied,
+                      bytes=m.total_bytes + len(raw))
+
+
+def _stored_sha256(store: Store, key: str) -> str | None:
+    try:
+        return sha256(store.get(key))
+    except (NotFound, Corrupt):
+        return None

@@ -193,6 +193,14 @@ def cmd_compact(a: argparse.Namespace) -> None:
         _job_out(a, c, c.compact(_name(a), request_id=a.request_id), "compact")
 
 
+def cmd_import(a: argparse.Namespace) -> None:
+    with _client(a) as c:
+        idx = c.import_index(_name(a), a.pool, request_id=a.request_id)
+    emit(a, to_dict(idx), f"imported {idx.name} for pool {idx.pool}: generation "
+                          f"{idx.generation}, {idx.live_count} live examples, every shard "
+                          "verified")
+
+
 def cmd_drop(a: argparse.Namespace) -> None:
     with _client(a) as c:
         n = c.delete_index(_name(a))
@@ -311,7 +319,7 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
         if index is not None:
             sp.add_argument("--index", dest="index_opt", metavar="INDEX",
                             help="index name (instead of the positional one)")
-        if name in ("index", "append", "delete", "compact"):
+        if name in ("index", "append", "delete", "compact", "import"):
             sp.add_argument("--request-id", metavar="ID",
                             help="client request id (up to 128 of [A-Za-z0-9._:-]; default: a "
                                  "fresh uuid4): running the same command again with the same "
@@ -345,6 +353,9 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
 
     sp = verb("compact", cmd_compact, "start a job that erases deleted examples")
     sp.add_argument("--wait", action="store_true", help="follow the job to its end")
+    sp = verb("import", cmd_import, "register an index copied into the tenant's area "
+              "(rise copy INDEX s3://<bucket>/tenants/<tenant>/indexes/<name>/) with a pool")
+    sp.add_argument("--pool", required=True, help="worker pool whose model built the index")
     verb("drop", cmd_drop, "delete an index and all its objects")
     sp = verb("list", cmd_list, "the tenant's indexes", index=None)
     sp.add_argument("--page-size", type=int, default=0,

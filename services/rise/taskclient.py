@@ -27,7 +27,12 @@ INDEX_COMPACT = "rise.index.compact"
 QUERIES_SKETCH = "rise.queries.sketch"
 """Sketch inline query records (the pool's query queue)."""
 
-ALL = (INGEST_PREPARE, INGEST_SHARD, INGEST_COMMIT, INDEX_COMPACT, QUERIES_SKETCH)
+POOL_IDENTITY = "rise.pool.identity"
+"""The identity of the pool's model, as an index's manifest records it (the pool's query
+queue): ImportIndex checks an imported index against it."""
+
+ALL = (INGEST_PREPARE, INGEST_SHARD, INGEST_COMMIT, INDEX_COMPACT, QUERIES_SKETCH,
+       POOL_IDENTITY)
 
 RESULT_EXPIRES_S = 7 * 24 * 3600
 

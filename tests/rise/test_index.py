@@ -770,3 +770,60 @@ def test_temperature_default_and_exact_mode():
     assert make_config().temperature == constants.DEFAULT_TEMPERATURE
     with pytest.raises(ValueError, match="tau = 1"):
         SketchConfig(mode="exact", topk=None, temperature=2.0)
+
+
+# --------------------------------------------------------------------------- copying
+
+
+class _FailingPuts(LocalStore):
+    """A destination whose puts fail after ``ok`` of them (a copy cut off half-way)."""
+
+    def __init__(self, root, ok: int) -> None:
+        super().__init__(root)
+        self.ok = ok
+
+    def put(self, key, data, *, create_only=False):
+        if self.ok <= 0:
+            raise OSError("disk full")
+        self.ok -= 1
+        super().put(key, data, create_only=create_only)
+
+
+def test_copy_index_is_verified_and_byte_identical(tmp_path, ref8):
+    dst = LocalStore(tmp_path / "copy")
+    report = I.copy_index(LocalStore(ref8), dst)
+    assert (report.generation, report.shards, report.copied) == (1, 3, 3)
+    assert objects_of(dst) == objects_of(LocalStore(ref8))
+    assert I.verify(dst).ok
+    with pytest.raises(AlreadyExists):  # never over an index
+        I.copy_index(LocalStore(ref8), dst)
+
+
+def test_a_copy_cut_off_leaves_nothing_visible_and_resumes(tmp_path, ref8):
+    src = LocalStore(ref8)
+    cut = _FailingPuts(tmp_path / "copy", ok=2)
+    with pytest.raises(OSError):
+        I.copy_index(src, cut)
+    with pytest.raises(NotFound):  # two shards there, no manifest: no index
+        I.open_index(LocalStore(tmp_path / "copy"))
+    report = I.copy_index(src, LocalStore(tmp_path / "copy"))
+    assert report.copied == 1  # the two shards already there were verified, not rewritten
+    assert objects_of(LocalStore(tmp_path / "copy")) == objects_of(src)
+
+
+def test_a_damaged_source_shard_is_never_copied(tmp_path, idx8):
+    key = I.open_index(idx8).manifest.shards[1].key
+    data = bytearray(idx8.get(key))
+    data[-1] ^= 1
+    idx8.put(key, bytes(data))
+    with pytest.raises(Corrupt, match="nothing was made visible"):
+        I.copy_index(idx8, LocalStore(tmp_path / "copy"))
+    assert I.manifest_generations(LocalStore(tmp_path / "copy")) == []
+
+
+def test_copy_takes_the_current_generation(tmp_path, idx8):
+    I.delete(idx8, ["doc-1"])
+    dst = LocalStore(tmp_path / "copy")
+    assert I.copy_index(idx8, dst).generation == 2
+    assert I.open_index(dst).tombstones == {"doc-1"}
+    assert I.manifest_generations(dst) == [2]

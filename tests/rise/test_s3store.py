@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import threading
 import time
@@ -286,3 +287,48 @@ def test_a_key_the_server_refuses_is_invalid_input(store: S3Store, key):
                lambda: store.exists(key), lambda: store.delete(key)):
         with pytest.raises(InvalidInput):
             op()
+
+
+def test_rise_copy_between_folders_and_s3_every_way(s3_server, tiny_model, tmp_path,
+                                                    monkeypatch, capsys):
+    """``rise copy``: folder -> S3 -> S3 -> folder, each copy verified (``rise verify`` of
+    the last one, byte-identical objects); a copy onto an index is refused (exit 4) and a
+    bucket the endpoint lacks is a storage error, never a half-visible index."""
+    from rise import ingest
+    from rise.cli import main
+    from rise.config import make_config
+    from rise.data import FieldMap
+    from rise.model import load_model
+
+    path = write_jsonl(tmp_path / "corpus.jsonl",
+                       [{"id": f"doc-{i}", "text": t} for i, t in enumerate(TEXTS)])
+    local = LocalStore(tmp_path / "built")
+    ingest.create_index(local, load_model(tiny_model), path, FieldMap(),
+                        make_config(dims=(16, 8, 8)), shard_size=3)
+    make_store(s3_server, prefix="")  # the bucket
+    for k, v in (("ENDPOINT", s3_server.endpoint), ("ACCESS_KEY", s3_server.access_key),
+                 ("SECRET_KEY", s3_server.secret_key), ("S3_BUCKET", BUCKET)):
+        monkeypatch.setenv(f"RISE_{k}" if k == "S3_BUCKET" else f"RISE_S3_{k}", v)
+    run = uuid.uuid4().hex[:8]
+    a, b = f"s3://{BUCKET}/{run}/a/", f"s3://{BUCKET}/{run}/b"
+    back = tmp_path / "back"
+    for src, dst in ((tmp_path / "built", a), (a, b), (b, back)):
+        capsys.readouterr()
+        code = main(["copy", str(src), str(dst), "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["verified"] and (summary["shards"], summary["copied"]) == (3, 3)
+    assert objects_of(LocalStore(back)) == objects_of(local)
+    s3b = make_store(s3_server, prefix=f"{run}/b/")
+    assert objects_of(s3b) == objects_of(local)
+    assert main(["verify", str(back)]) == 0
+    capsys.readouterr()
+    assert main(["copy", str(tmp_path / "built"), a]) == 4
+    assert "already holds an index" in capsys.readouterr().err
+    assert main(["copy", str(tmp_path / "nowhere"), a]) == 3
+    capsys.readouterr()
+
+
+def objects_of(store) -> dict[str, bytes]:
+    return {k: store.get(k) for k in store.list()}

@@ -28,6 +28,7 @@ from rise.api import check_fraction, fetch_records, top_fraction_records
 from rise.config import SketchConfig
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
+    AlreadyExists,
     BudgetExceeded,
     Corrupt,
     InvalidInput,
@@ -42,11 +43,11 @@ from rise.errors import (
 )
 from rise.gateway.limits import check_active_jobs
 from rise.grpcutil import rpc
-from rise.index import Index, delete, open_index
+from rise.index import Index, delete, open_index, verify
 from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
 from rise.jobrecords import JobRecords
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
-from rise.manifest import Manifest
+from rise.manifest import Manifest, ModelEntry
 from rise.modelsource import model_config
 from rise.placement import format_placement, parse_bytes, plan_placement
 from rise.registry import RECORD_KEY, Registry
@@ -439,6 +440,66 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         tenant = self.auth.tenant(context)
         entry, store = self._index(tenant, req.index)
         return convert.index_to(req.index, entry["pool"], self._manifest(store))
+
+    @rpc("gateway")
+    @once_per_request_id
+    def ImportIndex(self, req: rise_pb2.ImportIndexRequest, context) -> rise_pb2.Index:
+        """Register an index copied into the tenant's area with a pool: every shard of
+        every generation verified by sha256, the pool's model identity (adapter included)
+        checked against the manifest's, then the registry record written.  Until then the
+        index is invisible (no registry record: not listed, NOT_FOUND, never swept)."""
+        tenant = self.auth.tenant(context)
+        check_name(req.index)
+        if not req.pool:
+            raise InvalidInput("pool is required (the worker pool whose model sketches "
+                               "the index's queries)")
+        pool = self.d.settings.pool(req.pool)
+        try:
+            self.registry.lookup(tenant, req.index)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"index {req.index!r} already exists")
+        prefix = index_prefix(tenant, req.index)
+        where = f"s3://{self.d.settings.s3_bucket}/{prefix}"
+        store = self.d.store(prefix)
+        try:
+            report = verify(store)
+        except NotFound:
+            raise NotFound(f"no index to import at {where}: copy one there first "
+                           f"(rise copy INDEX {where})") from None
+        if not report.ok:
+            raise Corrupt(f"the index at {where} does not verify: generation "
+                          f"{report.latest}: {report.generations[report.latest]}")
+        manifest = open_index(store).manifest
+        built = manifest.model
+        key = built.differs_from(self._pool_identity(req.pool))
+        if key is not None:
+            raise Mismatch(f"model mismatch: index {req.index!r} was built with "
+                           f"{built.name!r} but the model of pool {req.pool!r} differs in "
+                           f"{key}")
+        self.registry.claim(tenant, req.index, req.pool, pool.model)
+        log.info("tenant %s imported index %s for pool %s (generation %d)", tenant,
+                 req.index, req.pool, manifest.generation)
+        return convert.index_to(req.index, req.pool, manifest)
+
+    def _pool_identity(self, pool: str) -> ModelEntry:
+        """The pool's model identity, from one of its workers (the gateway loads no model)."""
+        queue = f"{self.d.settings.query_queue}.{pool}"
+        try:
+            res = self.d.send_task(taskclient.POOL_IDENTITY, queue=queue, args=[])
+            out = res.get(timeout=self.d.settings.query_timeout_seconds, propagate=False)
+        except Exception as e:  # noqa: BLE001 - broker or worker unreachable
+            log.warning("model identity of pool %s: %s: %s", pool, type(e).__name__, e)
+            raise Unavailable(f"the {pool!r} pool did not answer ({type(e).__name__}); "
+                              "retry") from None
+        if isinstance(out, RiseError):
+            raise out from None
+        if not isinstance(out, dict):
+            log.warning("model identity of pool %s failed: %r", pool, out)
+            raise Unavailable(f"the {pool!r} pool could not say its model "
+                              f"({type(out).__name__}); retry")
+        return ModelEntry.model_validate(out)
 
 
 class JobService(_Base, rise_pb2_grpc.JobServiceServicer):

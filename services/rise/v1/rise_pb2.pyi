@@ -116,6 +116,16 @@ class GetIndexRequest(_message.Message):
     index: str
     def __init__(self, index: _Optional[str] = ...) -> None: ...
 
+class ImportIndexRequest(_message.Message):
+    __slots__ = ("index", "pool", "request_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    pool: str
+    request_id: str
+    def __init__(self, index: _Optional[str] = ..., pool: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
 class Index(_message.Message):
     __slots__ = ("name", "pool", "generation", "live_count", "tombstones", "shards", "bytes", "model", "config", "ingests")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,11 @@ class IndexServiceStub:
                 request_serializer=rise_dot_v1_dot_rise__pb2.GetIndexRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_rise__pb2.Index.FromString,
                 _registered_method=True)
+        self.ImportIndex = channel.unary_unary(
+                '/rise.v1.IndexService/ImportIndex',
+                request_serializer=rise_dot_v1_dot_rise__pb2.ImportIndexRequest.SerializeToString,
+                response_deserializer=rise_dot_v1_dot_rise__pb2.Index.FromString,
+                _registered_method=True)
 
 
 class IndexServiceServicer:
@@ -125,6 +130,16 @@ class IndexServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportIndex(self, request, context):
+        """Register an index copied into the tenant's area (`rise copy` to
+        s3://<bucket>/tenants/<tenant>/indexes/<index>/) with a pool: the gateway verifies
+        every shard by sha256 and checks that the pool's model (and adapter) is the one the
+        index was built with. Until then the index is invisible. Synchronous.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +176,11 @@ def add_IndexServiceServicer_to_server(servicer, server):
             'GetIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.GetIndex,
                     request_deserializer=rise_dot_v1_dot_rise__pb2.GetIndexRequest.FromString,
+                    response_serializer=rise_dot_v1_dot_rise__pb2.Index.SerializeToString,
+            ),
+            'ImportIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportIndex,
+                    request_deserializer=rise_dot_v1_dot_rise__pb2.ImportIndexRequest.FromString,
                     response_serializer=rise_dot_v1_dot_rise__pb2.Index.SerializeToString,
             ),
     }
@@ -353,6 +373,33 @@ class IndexService:
             target,
             '/rise.v1.IndexService/GetIndex',
             rise_dot_v1_dot_rise__pb2.GetIndexRequest.SerializeToString,
+            rise_dot_v1_dot_rise__pb2.Index.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rise.v1.IndexService/ImportIndex',
+            rise_dot_v1_dot_rise__pb2.ImportIndexRequest.SerializeToString,
             rise_dot_v1_dot_rise__pb2.Index.FromString,
             options,
             channel_credentials,

@@ -49,7 +49,7 @@ from rise.data import FieldMap, records_from_dicts
 from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
 from rise.index import compact as compact_index
-from rise.index import open_index
+from rise.index import model_entry, open_index
 from rise.jobrecords import JobRecords
 from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, Fenced, JobStore
 from rise.model import LoadedModel
@@ -415,6 +415,16 @@ def sketch_inline(settings: Settings, pool: str, tenant: str, prefix: str,
     recs = records_from_dicts(records, fm)
     qs = sketch_queries(index, lm, recs, fm, batch_size=settings.pool(pool).batch_size)
     return base64.b64encode(queryset_to_bytes(qs, index.config.storage_dtype)).decode("ascii")
+
+
+@shared_task(bind=True, base=RiseTask, name=taskclient.POOL_IDENTITY, throws=(RiseError,),
+             autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
+             retry_jitter=True)
+def identity(self: RiseTask) -> dict[str, Any]:
+    """The manifest ``model`` entry of the pool's model (adapter included): what an index
+    must have been built with to be imported for this pool (ImportIndex)."""
+    settings = self.settings()
+    return model_entry(_model(settings, work.pool_name(settings))).model_dump(mode="json")
 
 
 QUERY_DRAIN_BUDGET_S = 30.0

@@ -538,6 +538,64 @@ def test_a_removed_token_stops_working_within_5_seconds(env):
         write(json.loads(original))
 
 
+def test_an_index_copied_in_is_invisible_until_imported(env, embedded, capsys, monkeypatch,
+                                                        tmp_path):
+    """An index built locally, ``rise copy``-ed into tenant c's area, stays invisible until
+    ImportIndex (client and ``rise remote import``) verifies it and checks the pool's model
+    identity; then it answers as the embedded index.  An index of another model is refused
+    FAILED_PRECONDITION and stays invisible."""
+    from rise import api
+    from rise.config import make_config
+    from rise.data import FieldMap
+    from rise.ingest import create_index
+    from rise.model import load_model
+    from rise.store import LocalStore
+
+    for k in ("endpoint", "access_key", "secret_key"):
+        monkeypatch.setenv(f"RISE_S3_{k.upper()}", env.stack.s3[k])
+    monkeypatch.setenv("RISE_S3_BUCKET", env.stack.s3["bucket"])
+    area = f"s3://{env.stack.s3['bucket']}/tenants/c/indexes"
+    code, out, err = run_cli(capsys, "copy", embedded.folder, f"{area}/copied/", "--json")
+    assert code == 0, err
+    assert json.loads(out)["verified"] and json.loads(out)["shards"] == 3
+    with RiseClient(env.gateway, TOKENS["c"], timeout=120) as c:
+        with pytest.raises(errors.NotFound):
+            c.get_index("copied")
+        assert "copied" not in [i.name for i in c.list_indexes()]
+        idx = c.import_index("copied", POOL)
+        assert (idx.name, idx.pool, idx.generation, idx.live_count) == ("copied", POOL, 1, 12)
+        assert [i.name for i in c.list_indexes()] == ["copied"]
+        want = api.attribute(embedded.index, embedded.lm, env.queries, top=5)
+        got = c.attribute("copied", QUERIES, top=5)
+        for (_, hits), (_, local) in zip(got, want, strict=True):
+            assert [h[0] for h in hits] == [h.id for h in local]
+        with pytest.raises(errors.AlreadyExists):
+            c.import_index("copied", POOL)
+        with pytest.raises(errors.NotFound, match="copy one there first"):
+            c.import_index("nothing-here", POOL)
+        with pytest.raises(errors.InvalidInput, match="unknown pool"):
+            c.import_index("copied", "no-such-pool")
+
+        other_model = save_tiny_model("llama", tmp_path / "other-llama", seed=3)
+        other = LocalStore(tmp_path / "other-index")
+        create_index(other, load_model(other_model), env.corpus, FieldMap(), make_config(),
+                     shard_size=6)
+        code, _, err = run_cli(capsys, "copy", tmp_path / "other-index", f"{area}/other/")
+        assert code == 0, err
+        with pytest.raises(errors.Mismatch, match="model mismatch.*differs in"):
+            c.import_index("other", POOL)
+        with pytest.raises(errors.NotFound):
+            c.get_index("other")
+
+    # The CLI: copy and `rise remote import`.
+    code, _, err = run_cli(capsys, "copy", embedded.folder, f"{area}/viacli/")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "remote", "--gateway", env.gateway, "--token",
+                             TOKENS["c"], "import", "viacli", "--pool", POOL, "--json")
+    assert code == 0, err
+    assert json.loads(out)["live_count"] == 12
+
+
 def test_stack_down_leaves_no_process(env):
     stack = env.stack
     pids = sorted({pid for p in stack.procs for pid in p.members()})

@@ -87,6 +87,18 @@ def user_extra_env(values: dict) -> list[dict]:
     return env
 
 
+def user_claims(values: dict) -> set[str]:
+    """PersistentVolumeClaims the values name themselves (model caches, extra volumes)."""
+    w = values["workers"]
+    pools = [p for p in (w["pools"] or {}).values() if p]
+    volumes = list(w.get("extraVolumes") or []) + list(values["gateway"].get("extraVolumes") or [])
+    for pool in pools:
+        volumes += pool.get("extraVolumes") or []
+    return ({w["modelCacheClaim"]} | {(p.get("modelCache") or {}).get("claimName", "") for p in pools}
+            | {v["persistentVolumeClaim"]["claimName"] for v in volumes
+               if "persistentVolumeClaim" in v}) - {""}
+
+
 # --- values, schema, templates (no helm needed) ----------------------------------------------
 
 def load_yaml(path: Path):
@@ -531,7 +543,7 @@ def test_rendered_release_wiring(helm, ci_file):
             if "persistentVolumeClaim" in v:
                 claim = v["persistentVolumeClaim"]["claimName"]
                 claims = {d["metadata"]["name"] for d in by_kind(docs, "PersistentVolumeClaim")}
-                assert claim in claims | {values["workers"]["modelCacheClaim"]}, claim
+                assert claim in claims | user_claims(values), claim
         assert spec.get("automountServiceAccountToken") is False, where
         for c in spec["containers"]:
             csc = c.get("securityContext", {})
@@ -1500,3 +1512,75 @@ def test_dashboard_is_well_formed():
     for topic in ("throughput", "state", "queue depth", "task duration", "sketching", "written",
                   "read", "scorer latency", "errors by code"):
         assert topic in titles, f"no panel about {topic}"
+
+
+# --- model sources (rise.modelsource) --------------------------------------------------------
+
+def mounted(container: dict, path: str) -> bool:
+    return any(path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+               for m in container.get("volumeMounts", []))
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_every_pool_model_reaches_its_workers_and_the_gateway(helm, ci_file):
+    """A pool's model is an S3 prefix, a hub id or a path; a path must be on a volume
+    mounted into the pool's workers and the gateway (which plans from its config.json)."""
+    from rise.modelsource import parse_source
+
+    docs = render(helm, ci_file)
+    gateway = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]
+    for name, pool in enabled_pools(values_for(ci_file)).items():
+        source = parse_source(pool["model"])
+        if source.kind != "path":
+            continue
+        worker = one(docs, "Deployment", f"{RELEASE}-worker-{name}")["spec"]["template"]["spec"]
+        for where, spec in (("worker", worker), ("gateway", gateway)):
+            assert mounted(spec["containers"][0], source.path), \
+                f"{ci_file.name}: pool {name}'s model {source.path} is mounted in no {where} volume"
+
+
+def test_model_caches_volumes_and_hub_settings(helm):
+    docs = render(helm, CHART / "ci" / "multi-pool-values.yaml")
+
+    def pod(name):
+        return one(docs, "Deployment", f"{RELEASE}-{name}")["spec"]["template"]["spec"]
+
+    a100, h100, gateway = pod("worker-a100"), pod("worker-h100"), pod("gateway")
+    volumes = {n: {v["name"]: v for v in p["volumes"]} for n, p in
+               (("a100", a100), ("h100", h100), ("gateway", gateway))}
+    assert volumes["a100"]["model-cache"]["hostPath"] == {"path": "/var/cache/rise-models",
+                                                         "type": "DirectoryOrCreate"}
+    assert volumes["h100"]["model-cache"]["emptyDir"] == {"sizeLimit": "200Gi"}
+    for n in ("h100", "gateway"):
+        assert volumes[n]["models"]["persistentVolumeClaim"] == {"claimName": "rise-models",
+                                                                 "readOnly": True}
+    assert "models" not in volumes["a100"]
+    for spec in (a100, h100, gateway):
+        env = env_of(spec["containers"][0])
+        assert env["HF_HUB_OFFLINE"] == "1" and "HF_TOKEN" not in env
+    pools = json.loads(env_of(gateway["containers"][0])["RISE_POOLS"])
+    assert pools["a100"]["model"] == "s3://rise-models/models/pythia-1.4b/"
+
+    # A hub token from a Secret; a pool cache from a claim; defaults: online, no token.
+    docs = render(helm, DEFAULT_CI, "--set", "models.hub.tokenSecret.name=hf",
+                  "--set", "workers.pools.default.modelCache.claimName=models-cache")
+    for name in ("gateway", "worker-default"):
+        spec = one(docs, "Deployment", f"{RELEASE}-{name}")["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+        assert "HF_HUB_OFFLINE" not in env
+    worker = one(docs, "Deployment", f"{RELEASE}-worker-default")["spec"]["template"]["spec"]
+    cache = next(v for v in worker["volumes"] if v["name"] == "model-cache")
+    assert cache["persistentVolumeClaim"] == {"claimName": "models-cache"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "workers.pools.default.modelCache.claimName=c",
+      "--set", "workers.pools.default.modelCache.hostPath=/var/cache/m"], "choose one"),
+    (["--set", "workers.pools.default.model=http://host/model"], "model"),
+    (["--set", "workers.extraVolumeMounts[0].name=x"], "mountPath"),
+])
+def test_helm_refuses_bad_model_settings(helm, args, message):
+    proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)
+    assert proc.returncode != 0, f"helm accepted {args}"
+    assert message in proc.stderr, proc.stderr

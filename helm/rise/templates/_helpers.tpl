@@ -362,6 +362,52 @@ httpGet:
 {{- .pool.queue | default (printf "rise.pool.%s" .name) }}
 {{- end }}
 
+{{/* Hub model sources (a pool's `model` that is a hub id, rise.modelsource): offline mode
+     (HF_HUB_OFFLINE=1: only what the cache holds) and the token from a Secret (HF_TOKEN). */}}
+{{- define "rise.modelHubEnv" -}}
+{{- $hub := .Values.models.hub }}
+{{- if $hub.offline }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- if $hub.tokenSecret.name }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $hub.tokenSecret.name }}
+      key: {{ $hub.tokenSecret.key }}
+{{- end }}
+{{- end }}
+
+{{/* The volume of a pool's model cache at /cache (dict "ctx" $ "name" $poolName "pool" $pool):
+     the pool's `modelCache` when it sets a claim or a host path, else the workers' defaults;
+     an existing PersistentVolumeClaim, a node folder (hostPath: the pods of a node share one
+     download, rise.modelsource locks it), or an emptyDir per pod. */}}
+{{- define "rise.modelCacheVolume" -}}
+{{- $w := .ctx.Values.workers }}
+{{- $own := .pool.modelCache | default dict }}
+{{- $claim := $w.modelCacheClaim }}
+{{- $hostPath := $w.modelCacheHostPath }}
+{{- if or $own.claimName $own.hostPath }}
+{{- $claim = $own.claimName | default "" }}
+{{- $hostPath = $own.hostPath | default "" }}
+{{- end }}
+{{- if and $claim $hostPath }}
+{{- fail (printf "workers: the model cache of pool %s is both a claim (%s) and a host path (%s); choose one" .name $claim $hostPath) }}
+{{- end }}
+{{- if $claim }}
+persistentVolumeClaim:
+  claimName: {{ $claim }}
+{{- else if $hostPath }}
+hostPath:
+  path: {{ $hostPath }}
+  type: DirectoryOrCreate
+{{- else }}
+emptyDir:
+  sizeLimit: {{ $own.sizeLimit | default $w.modelCacheSizeLimit }}
+{{- end }}
+{{- end }}
+
 {{/* The worker pools as rise.settings.Settings reads them from RISE_POOLS: a JSON object of
      pool name -> the fields of rise.settings.Pool (model, queue, gpus, gpu_memory, dtype,
      batch_size; nothing else, the Pool model forbids extra keys). */}}

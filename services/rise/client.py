@@ -331,12 +331,27 @@ class RiseClient:
               center: bool | None = None, select_fraction: float = 0, selection_uri: str = "",
               chat_template: bool = False) -> tuple[list[tuple[str, float]], int]:
         """([(id, value)] best first, records written to selection_uri)."""
+        resp = self.value_response(index, targets, top=top, channel=channel, score=score,
+                                   lam=lam, center=center, select_fraction=select_fraction,
+                                   selection_uri=selection_uri, chat_template=chat_template)
+        return [(h.id, h.score) for h in resp.values], resp.selected
+
+    def value_response(self, index: str, targets: Sequence[str | Mapping[str, Any]], *,
+                       top: int = 0, channel: str = "both", score: str = "cosine",
+                       lam: float | None = None, center: bool | None = None,
+                       select_fraction: float = 0, selection_uri: str = "",
+                       values_uri: str = "", chat_template: bool = False
+                       ) -> rise_pb2.ValueResponse:
+        """The whole ValueResponse.  With ``values_uri`` (s3://<bucket>/tenants/<tenant>/
+        ....parquet) every value is written there (id, value, rank) and the response holds
+        its location, the summary (count, min, max, mean) and the best ``top`` (0: 10):
+        the call for pools too large to answer inline."""
         recs, pr = _records(targets)
-        resp = self._call(self._scoring.Value, rise_pb2.ValueRequest(
+        return self._call(self._scoring.Value, rise_pb2.ValueRequest(
             index=index, targets=recs, fields=_record_fields(pr, chat_template),
             scoring=_scoring(channel, score, lam, center), top=top,
-            select_fraction=select_fraction, selection_uri=selection_uri))
-        return [(h.id, h.score) for h in resp.values], resp.selected
+            select_fraction=select_fraction, selection_uri=selection_uri,
+            values_uri=values_uri))
 
 
 def _record_fields(prompt_response: bool, chat_template: bool) -> common_pb2.FieldMap:

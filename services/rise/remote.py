@@ -289,13 +289,34 @@ def cmd_attribute(a: argparse.Namespace) -> None:
 def cmd_value(a: argparse.Namespace) -> None:
     if (a.select_fraction is None) != (a.select_output is None):
         raise InvalidInput("--select-fraction and --select-output go together")
+    if a.output is None and a.values_uri is None:
+        raise InvalidInput("give --output (values inline) or --values-uri (a Parquet file "
+                           "in the store), or both")
     targets = _read(a, a.target)
     with _client(a) as c:
-        values, selected = c.value(_name(a), targets, top=a.top,
-                                   select_fraction=a.select_fraction or 0,
-                                   selection_uri=a.select_output or "", **_scoring(a))
+        resp = c.value_response(_name(a), targets, top=a.top,
+                                select_fraction=a.select_fraction or 0,
+                                selection_uri=a.select_output or "",
+                                values_uri=a.values_uri or "", **_scoring(a))
+    values, selected = [(h.id, h.score) for h in resp.values], resp.selected
+    if a.values_uri is not None:
+        sm = resp.summary
+        out: dict[str, Any] = {"examples": resp.examples, "values_uri": resp.values_uri,
+                               "summary": {"count": sm.count, "min": sm.min, "max": sm.max,
+                                           "mean": sm.mean},
+                               "top": [{"id": i, "value": v} for i, v in values]}
+        if a.output is not None:
+            write_jsonl(a.output, [{"id": i, "value": v} for i, v in values])
+            out["output"] = a.output
+        if a.select_fraction is not None:
+            out.update(selected=selected, select_output=a.select_output)
+        emit(a, out, f"valued {resp.examples} examples (min {sm.min:.4g}, max {sm.max:.4g}, "
+                     f"mean {sm.mean:.4g}) -> {resp.values_uri}"
+                     + (f"; selected {selected} -> {a.select_output}" if "selected" in out
+                        else ""))
+        return
     write_jsonl(a.output, [{"id": i, "value": v} for i, v in values])
-    out: dict[str, Any] = {"examples": len(values), "output": a.output}
+    out = {"examples": len(values), "output": a.output}
     if a.select_fraction is not None:
         out.update(selected=selected, select_output=a.select_output)
     emit(a, out, f"valued {len(values)} examples against {len(targets)} targets -> {a.output}"
@@ -384,7 +405,10 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
 
     sp = verb("value", cmd_value, "value every live example of an index for a target set")
     sp.add_argument("--target", required=True, help="JSONL or Parquet records")
-    sp.add_argument("--output", required=True, help="JSONL, one line per live example")
+    sp.add_argument("--output", help="JSONL, one line per live example (with --values-uri: "
+                    "the best --top)")
+    sp.add_argument("--values-uri", help="s3://<bucket>/tenants/<tenant>/....parquet: write every "
+                    "value there (id, value, rank) and print the summary (large pools)")
     sp.add_argument("--top", type=int, default=0, help="only the best N (default: all)")
     sp.add_argument("--select-fraction", type=float, help="fraction of the pool to select")
     sp.add_argument("--select-output", help="s3://<bucket>/tenants/<tenant>/....jsonl")

@@ -7,8 +7,10 @@ import base64
 import dataclasses
 import functools
 import hashlib
+import heapq
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -51,7 +53,7 @@ from rise.manifest import Manifest, ModelEntry
 from rise.modelsource import model_config
 from rise.placement import format_placement, parse_bytes, plan_placement
 from rise.registry import RECORD_KEY, Registry
-from rise.score import ScoreSpec, merge_topk, rank_values
+from rise.score import ScoreSpec, merge_topk
 from rise.settings import Settings
 from rise.store import Store, key_problem
 from rise.tokenfile import TokenFile
@@ -663,24 +665,83 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         index, payload, _ = self._prepare(tenant, req.index, req.targets, req.fields,
                                           req.HasField("fields"), "targets", spec)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
+        values_key = self._output_key(tenant, req.values_uri, "values_uri", (".parquet",)) \
+            if req.values_uri else None
         tbytes = base64.b64decode(payload)
-        replies = self._fan_out(lambda stub, i, n: list(stub.ValueShards(
+        # Each replica streams its values best first, a page per message; the gateway merges
+        # the streams and holds one page of each, never the whole pool (which goes to
+        # values_uri when given).
+        streams = self._fan_out(lambda stub, i, n: stub.ValueShards(
             scorer_pb2.ValueShardsRequest(shards=self._selector(tenant, req.index, index, i, n),
                                           targets=tbytes, scoring=scoring),
             timeout=self.d.settings.query_timeout_seconds,
-            metadata=self._signed(VALUE_SHARDS, tenant, req.index))))
-        ranked = rank_values((c.id, c.score) for chunks in replies for r in chunks
-                             for c in r.values)
-        shown = ranked[: req.top] if req.top else ranked
-        check_values_fit(shown, self.d.settings.max_message_bytes)
-        resp = rise_pb2.ValueResponse(examples=len(ranked), generation=index.generation)
+            metadata=self._signed(VALUE_SHARDS, tenant, req.index)))
+        inline = req.top or (INLINE_WITH_FILE if values_key is not None else 0)
+        want = math.ceil(req.select_fraction * index.live_count) if target_key else 0
+        shown: list[tuple[str, float]] = []
+        chosen: list[str] = []
+        summary = rise_pb2.ValueSummary()
+        total, size = 0.0, 0
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = ValuesWriter(os.path.join(tmp, "values.parquet")) \
+                if values_key is not None else None
+            for neg, rid in heapq.merge(*(self._values_of(s) for s in streams)):
+                v = -neg
+                summary.count += 1
+                total += v
+                summary.min = v if summary.count == 1 else min(summary.min, v)
+                summary.max = v if summary.count == 1 else max(summary.max, v)
+                if writer is not None:
+                    writer.add(rid, v, summary.count)
+                if not inline or summary.count <= inline:
+                    shown.append((rid, v))
+                    size += len(rid.encode()) + 16
+                    if size > self.d.settings.max_message_bytes - 1024**2:
+                        check_values_fit(shown, self.d.settings.max_message_bytes)
+                if summary.count <= want:
+                    chosen.append(rid)
+            if summary.count:
+                summary.mean = total / summary.count
+            if writer is not None and values_key is not None:
+                writer.close()
+                with open(writer.path, "rb") as f:
+                    self.d.store("").put(values_key, f.read())
+        resp = rise_pb2.ValueResponse(examples=summary.count, generation=index.generation,
+                                      summary=summary)
         resp.values.extend(rise_pb2.Hit(id=i, score=s) for i, s in shown)
+        if values_key is not None:
+            resp.values_uri = req.values_uri
         if target_key is not None:
-            raws = top_fraction_records(index, [i for i, _ in ranked], req.select_fraction,
-                                        self.d.materialize)
+            chosen = chosen[: math.ceil(req.select_fraction * summary.count)]
+            raws = top_fraction_records(index, chosen, 1.0, self.d.materialize)
             self._write_selection(target_key, raws)
             resp.selected, resp.selection_uri = len(raws), req.selection_uri
         return resp
+
+    def _values_of(self, responses: Any) -> Iterator[tuple[float, str]]:
+        """(-value, id) of one replica's ValueShards stream, in its order (best first,
+        ties by id): the key heapq.merge merges on.  Scorer errors as in _fan_out."""
+        try:
+            for r in responses:
+                for c in r.values:
+                    yield -c.score, c.id
+        except grpc.RpcError as e:
+            raise scorer_error(e) from None
+
+    def _output_key(self, tenant: str, uri: str, name: str, suffixes: tuple[str, ...]) -> str:
+        """The object key of an output URI in the tenant's area of the deployment's bucket."""
+        if not uri.startswith("s3://"):
+            raise InvalidInput(f"{name} must be s3://<deployment bucket>/tenants/<tenant>/...")
+        bucket, _, key = uri[5:].partition("/")
+        if bucket != self.d.settings.s3_bucket or not key.startswith(f"tenants/{tenant}/"):
+            raise PermissionDenied(
+                f"{name} must be under s3://{self.d.settings.s3_bucket}/tenants/{tenant}/")
+        if not key.endswith(suffixes):
+            raise InvalidInput(f"{name} must end in {' or '.join(suffixes)}")
+        problem = key_problem(key)  # refused here, not by the store after the scoring
+        if problem is not None:
+            raise InvalidInput(f"invalid object key ({problem}) in {name} {uri!r}")
+        return key
 
     def _selection_key(self, tenant: str, req: rise_pb2.ValueRequest) -> str:
         uri = req.selection_uri
@@ -704,6 +765,63 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
             write_records(path, raws)
             with open(path, "rb") as f:
                 self.d.store("").put(key, f.read())
+
+
+# Values returned inline with a values_uri and no top.
+INLINE_WITH_FILE = 10
+# Rows per row group of a values file: the gateway's page of values.
+VALUES_PAGE = 65536
+
+
+class ValuesWriter:
+    """A Parquet file of (id, value, rank), written a row group at a time: at most one page
+    (VALUES_PAGE rows) is held."""
+
+    def __init__(self, path: str) -> None:
+        # start-up: pyarrow only for a Value call that writes a file (data.py's note)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self._pa = pa
+        self._schema = pa.schema([("id", pa.string()), ("value", pa.float64()),
+                                  ("rank", pa.uint64())])
+        self._writer = pq.ParquetWriter(path, self._schema)
+        self._ids: list[str] = []
+        self._values: list[float] = []
+        self._ranks: list[int] = []
+
+    def add(self, rid: str, value: float, rank: int) -> None:
+        self._ids.append(rid)
+        self._values.append(value)
+        self._ranks.append(rank)
+        if len(self._ids) >= VALUES_PAGE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._ids:
+            pa = self._pa
+            self._writer.write_table(pa.table(
+                [pa.array(self._ids, pa.string()), pa.array(self._values, pa.float64()),
+                 pa.array(self._ranks, pa.uint64())], schema=self._schema))
+            self._ids, self._values, self._ranks = [], [], []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def scorer_error(e: grpc.RpcError) -> RiseError:
+    """The domain error of a failed scorer call (what _fan_out raises)."""
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        log.warning("scorer unavailable: %s: %s", code.name, e.details())
+        return Unavailable(f"scorer unavailable ({code.name}); retry")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        log.error("a scorer refused the gateway's signed call: %s", e.details())
+        return error_from("INTERNAL", "a scorer refused the gateway's call "
+                                      "(internal secret mismatch?)")
+    return error_from(code.name, e.details() or "")
 
 
 def check_values_fit(values: Sequence[tuple[str, float]], max_message_bytes: int) -> None:

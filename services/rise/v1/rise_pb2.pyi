@@ -301,7 +301,7 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., record_json: _Optional[str] = ...) -> None: ...
 
 class ValueRequest(_message.Message):
-    __slots__ = ("index", "targets", "fields", "scoring", "top", "select_fraction", "selection_uri")
+    __slots__ = ("index", "targets", "fields", "scoring", "top", "select_fraction", "selection_uri", "values_uri")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class ValueRequest(_message.Message):
     TOP_FIELD_NUMBER: _ClassVar[int]
     SELECT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SELECTION_URI_FIELD_NUMBER: _ClassVar[int]
+    VALUES_URI_FIELD_NUMBER: _ClassVar[int]
     index: str
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.Record]
     fields: _common_pb2.FieldMap
@@ -316,18 +317,35 @@ class ValueRequest(_message.Message):
     top: int
     select_fraction: float
     selection_uri: str
-    def __init__(self, index: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., top: _Optional[int] = ..., select_fraction: _Optional[float] = ..., selection_uri: _Optional[str] = ...) -> None: ...
+    values_uri: str
+    def __init__(self, index: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., top: _Optional[int] = ..., select_fraction: _Optional[float] = ..., selection_uri: _Optional[str] = ..., values_uri: _Optional[str] = ...) -> None: ...
+
+class ValueSummary(_message.Message):
+    __slots__ = ("count", "min", "max", "mean")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    min: float
+    max: float
+    mean: float
+    def __init__(self, count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class ValueResponse(_message.Message):
-    __slots__ = ("values", "examples", "selected", "selection_uri", "generation")
+    __slots__ = ("values", "examples", "selected", "selection_uri", "generation", "values_uri", "summary")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     SELECTION_URI_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_URI_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Hit]
     examples: int
     selected: int
     selection_uri: str
     generation: int
-    def __init__(self, values: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., examples: _Optional[int] = ..., selected: _Optional[int] = ..., selection_uri: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    values_uri: str
+    summary: ValueSummary
+    def __init__(self, values: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., examples: _Optional[int] = ..., selected: _Optional[int] = ..., selection_uri: _Optional[str] = ..., generation: _Optional[int] = ..., values_uri: _Optional[str] = ..., summary: _Optional[_Union[ValueSummary, _Mapping]] = ...) -> None: ...

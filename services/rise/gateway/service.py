@@ -662,11 +662,11 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         if req.select_fraction:
             check_fraction(req.select_fraction, "select_fraction")
         target_key = self._selection_key(tenant, req) if req.select_fraction else None
+        values_key = self._output_key(tenant, req.values_uri, "values_uri", (".parquet",)) \
+            if req.values_uri else None
         index, payload, _ = self._prepare(tenant, req.index, req.targets, req.fields,
                                           req.HasField("fields"), "targets", spec)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
-        values_key = self._output_key(tenant, req.values_uri, "values_uri", (".parquet",)) \
-            if req.values_uri else None
         tbytes = base64.b64decode(payload)
         # Each replica streams its values best first, a page per message; the gateway merges
         # the streams and holds one page of each, never the whole pool (which goes to

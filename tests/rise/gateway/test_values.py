@@ -123,6 +123,11 @@ def test_top_and_inline_answers_stay_as_they_were(tmp_path):
 ])
 def test_values_uri_outside_the_tenant_or_not_parquet_is_refused(tmp_path, uri, err):
     svc = _service(tmp_path, [FakeScorer([("a", 1.0)])], live=1)
+
+    def no_lookup(*a):
+        raise AssertionError("refused only after the index lookup and the sketch")
+
+    svc._prepare = no_lookup  # type: ignore[method-assign]
     with pytest.raises(err, match="values_uri"):
         _value(svc, values_uri=uri)
 

@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: lint install assets-model assets-lee deploy-tools chromium
+test: lint install assets-model assets-lee deploy-tools chromium redis-tls
 	$(PY) -m pytest tests -q
 
 test-unit: install deploy-tools
@@ -151,6 +151,17 @@ chromium:
 		if command -v apt-get >/dev/null 2>&1; then \
 			apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
 		else echo "chromium: no apt-get; install the chromium package" >&2; fi; \
+	fi
+
+# Debian's redis-server (Debian 12: 7.0, built with TLS) for the rendered-chart test's
+# external rediss:// Redis (tests/deploy/test_chart_run.py; the PyPI valkey has no TLS);
+# installed only when missing and apt-get exists.
+.PHONY: redis-tls
+redis-tls:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }; \
+		else echo "redis-tls: no apt-get; install the redis-server package" >&2; fi; \
 	fi
 
 # Installs the Debian packages only when their files are missing and apt-get exists.

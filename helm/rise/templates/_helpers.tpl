@@ -455,8 +455,18 @@ maxUnavailable: {{ if kindIs "invalid" .maxUnavailable }}1{{ else }}{{ .maxUnava
 {{/* A pool's autoscaling settings: its own `autoscaling` over `workers.autoscaling`, as
      JSON: (dict "ctx" $ "pool" $pool). */}}
 {{- define "rise.poolAutoscaling" -}}
-{{- $own := .pool.autoscaling | default dict }}
-{{- toJson (merge (deepCopy $own) (deepCopy .ctx.Values.workers.autoscaling)) }}
+{{- /* key by key, not sprig's merge, which takes a pool's 0 or false for "unset" */}}
+{{- $out := deepCopy .ctx.Values.workers.autoscaling }}
+{{- range $k, $v := (.pool.autoscaling | default dict) }}
+{{- if and (eq $k "redis") (kindIs "map" $v) }}
+{{- $r := deepCopy $out.redis }}
+{{- range $rk, $rv := $v }}{{ $_ := set $r $rk $rv }}{{ end }}
+{{- $_ := set $out "redis" $r }}
+{{- else }}
+{{- $_ := set $out $k $v }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
 
 {{/* Fails when a pool may scale to zero while no other pool always consumes the control

@@ -207,16 +207,16 @@ def hit_record(index: Index, sd: ShardData, row: int, resolve: Resolve | None = 
 def pick_query(records: Sequence[Record], query_id: str | None) -> Record:
     """The query named ``query_id``, or the only one; InvalidInput otherwise."""
     if not records:
-        raise InvalidInput("the queries file holds no record")
+        raise InvalidInput("no query records")
     if query_id is None:
         if len(records) > 1:
-            raise InvalidInput(f"the queries file holds {len(records)} records; name one "
-                               "with its id (--query ID)")
+            raise InvalidInput(f"the queries hold {len(records)} records; name one by its "
+                               "id (--query ID, or query_id)")
         return records[0]
     for r in records:
         if r.id == query_id:
             return r
-    raise InvalidInput(f"query id {query_id!r} is not in the queries file")
+    raise InvalidInput(f"query id {query_id!r} is not among the queries")
 
 
 def factor_config(config: SketchConfig) -> SketchConfig:

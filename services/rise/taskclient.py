@@ -26,13 +26,19 @@ INDEX_COMPACT = "rise.index.compact"
 """Compact an index (control queue)."""
 QUERIES_SKETCH = "rise.queries.sketch"
 """Sketch inline query records (the pool's query queue)."""
+QUERIES_EXPLAIN = "rise.queries.explain"
+"""Explain one hit of an inline query, token pair by token pair (the pool's query queue)."""
+QUERIES_GENERATE = "rise.queries.generate"
+"""Generate the model's responses to inline prompts and sketch them as queries (the pool's
+query queue)."""
 
 POOL_IDENTITY = "rise.pool.identity"
 """The identity of the pool's model, as an index's manifest records it (the pool's query
 queue): ImportIndex checks an imported index against it."""
 
 ALL = (INGEST_PREPARE, INGEST_SHARD, INGEST_COMMIT, INDEX_COMPACT, QUERIES_SKETCH,
-       POOL_IDENTITY)
+       POOL_IDENTITY,
+       QUERIES_EXPLAIN, QUERIES_GENERATE)
 
 RESULT_EXPIRES_S = 7 * 24 * 3600
 

@@ -112,3 +112,28 @@ def index_to(name: str, pool: str, manifest: Manifest | None) -> rise_pb2.Index:
         ingests=[rise_pb2.Ingest(generation=i.generation, dataset_uri=i.dataset_uri,
                                  dataset_sha256=i.dataset_sha256, records=i.records,
                                  truncated=i.truncated) for i in manifest.ingests])
+
+
+def explanation_to(d: dict[str, Any], generation: int) -> rise_pb2.ExplainResponse:
+    """An explanation's JSON form (``rise.explain.Explanation.to_dict``) as a message."""
+    def tokens(ts: list[dict[str, Any]]) -> list[rise_pb2.ExplainToken]:
+        return [rise_pb2.ExplainToken(position=t["position"], token_id=t["token_id"],
+                                      text=t["text"], supervised=t["supervised"],
+                                      contribution=t["contribution"]) for t in ts]
+
+    sc = d["scoring"]
+    return rise_pb2.ExplainResponse(
+        query_id=d["query_id"], hit_id=d["hit_id"], score=d["score"],
+        pair_total=d["pair_total"], centering=d["centering"],
+        sketched_score=d["sketched_score"], channel=sc["channel"], score_kind=sc["score"],
+        centered=sc["center"], channels=[rise_pb2.ExplainChannel(**c) for c in d["channels"]],
+        query_tokens=tokens(d["query_tokens"]), hit_tokens=tokens(d["hit_tokens"]),
+        pair_rows=d["pair_rows"], pair_cols=d["pair_cols"],
+        pairs=[x for row in d["pairs"] for x in row],
+        top_pairs=[rise_pb2.ExplainPair(query_position=p["query"], hit_position=p["hit"],
+                                        contribution=p["contribution"])
+                   for p in d["top_pairs"]],
+        top_pairs_share=d["top_pairs_share"], top_pairs_abs_share=d["top_pairs_abs_share"],
+        top_query_tokens=d["top_query_tokens"], top_hit_tokens=d["top_hit_tokens"],
+        generation=generation, **{"lambda": sc["lambda"]})
+

@@ -572,8 +572,8 @@ def test_explain_text_json_and_html(capsys, tmp_path, tiny_model, built, data_di
 
 
 @pytest.mark.parametrize("extra, code, expect", [
-    (["--hit", "doc-0"], 2, "holds 2 records; name one"),
-    (["--query", "q-nope", "--hit", "doc-0"], 2, "query id 'q-nope' is not in the queries file"),
+    (["--hit", "doc-0"], 2, "hold 2 records; name one"),
+    (["--query", "q-nope", "--hit", "doc-0"], 2, "query id 'q-nope' is not among the queries"),
     (["--query", "q-fox", "--hit", "doc-99"], 3, "hit id 'doc-99' is not an example"),
     (["--query", "q-fox", "--hit", "doc-0", "--top", "0"], 2, "--top must be >= 1"),
 ])

@@ -177,7 +177,7 @@ def test_bad_query_and_hit_are_refused(tmp_path, tiny_model, pool):
     api.delete(index.store, ["doc-3"])
     with pytest.raises(NotFound, match="deleted"):
         explain(api.open_index(index.store), lm, QUERY, "doc-3")
-    with pytest.raises(InvalidInput, match="not in the queries file"):
+    with pytest.raises(InvalidInput, match="not among the queries"):
         pick_query([QUERY], "other")
     with pytest.raises(InvalidInput, match="--query"):
         pick_query([QUERY, hit_record("doc-1")], None)

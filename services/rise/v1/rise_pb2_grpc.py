@@ -640,6 +640,11 @@ class ScoringServiceStub:
                 request_serializer=rise_dot_v1_dot_rise__pb2.ValueRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_rise__pb2.ValueResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/rise.v1.ScoringService/Explain',
+                request_serializer=rise_dot_v1_dot_rise__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=rise_dot_v1_dot_rise__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -660,6 +665,16 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why one indexed example is a hit for a query: both are featurised again with the
+        index's K and tau, without the sketch, and the unsketched score is decomposed into
+        (query token, training token) pairs per channel; the pool-mean centering is its own
+        line. Runs on a worker of the index's pool (it needs the model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -672,6 +687,11 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.Value,
                     request_deserializer=rise_dot_v1_dot_rise__pb2.ValueRequest.FromString,
                     response_serializer=rise_dot_v1_dot_rise__pb2.ValueResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=rise_dot_v1_dot_rise__pb2.ExplainRequest.FromString,
+                    response_serializer=rise_dot_v1_dot_rise__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -729,6 +749,33 @@ class ScoringService:
             '/rise.v1.ScoringService/Value',
             rise_dot_v1_dot_rise__pb2.ValueRequest.SerializeToString,
             rise_dot_v1_dot_rise__pb2.ValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rise.v1.ScoringService/Explain',
+            rise_dot_v1_dot_rise__pb2.ExplainRequest.SerializeToString,
+            rise_dot_v1_dot_rise__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,17 +44,19 @@ from kombu import Queue
 from kombu.exceptions import KombuError
 
 from rise import ingest, taskclient
-from rise.api import sketch_queries
+from rise.api import explain as explain_hit
+from rise.api import generate_queries, pick_query, sketch_queries
 from rise.data import FieldMap, records_from_dicts
 from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
+from rise.generate import GenerateSpec
 from rise.index import compact as compact_index
 from rise.index import model_entry, open_index
 from rise.jobrecords import JobRecords
 from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, Fenced, JobStore
 from rise.model import LoadedModel
 from rise.registry import Registry, free_failed_create
-from rise.score import queryset_to_bytes
+from rise.score import ScoreSpec, queryset_to_bytes
 from rise.settings import Settings
 from rise.store import CountingStore
 from rise.worker import telemetry, work
@@ -425,6 +427,67 @@ def identity(self: RiseTask) -> dict[str, Any]:
     must have been built with to be imported for this pool (ImportIndex)."""
     settings = self.settings()
     return model_entry(_model(settings, work.pool_name(settings))).model_dump(mode="json")
+
+
+
+def _inline_index(tenant: str, prefix: str, records: list[dict[str, Any]]) -> None:
+    """The checks every inline-query task makes before it opens anything."""
+    if not isinstance(prefix, str) or not prefix.startswith(f"tenants/{tenant}/indexes/"):
+        raise InvalidInput(f"index prefix {prefix!r} is not an index of tenant {tenant!r}")
+    if not isinstance(records, list) or not records:
+        raise InvalidInput("no query records")
+
+
+@shared_task(bind=True, base=RiseTask, name=taskclient.QUERIES_EXPLAIN, throws=(RiseError,),
+             autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
+             retry_jitter=True)
+def explain(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any]],
+            fields: dict[str, Any] | None, query_id: str, hit_id: str,
+            scoring: dict[str, Any], top: int) -> dict[str, Any]:
+    """Explain hit ``hit_id`` of the inline query ``query_id`` (``rise.explain``): the
+    explanation's JSON form.  The hit's record is read back from its ingest's dataset."""
+    start = time.perf_counter()
+    settings = self.settings()
+    pool = work.pool_name(settings)
+    _inline_index(tenant, prefix, records)
+    index = open_index(_store(settings, prefix))
+    fm = FieldMap.from_dict(fields) if fields else index.default_fields
+    query = pick_query(records_from_dicts(records, fm), query_id or None)
+    spec = ScoreSpec(channel=scoring["channel"], score=scoring["score"], lam=scoring["lam"],
+                     center=scoring["center"])
+    e = explain_hit(index, _model(settings, pool), query, hit_id, fields=fm, spec=spec,
+                    top=top, resolve=lambda uri: str(materialize(uri, settings)),
+                    batch_size=settings.pool(pool).batch_size)
+    telemetry.record_outcome(self.name, "ok", time.perf_counter() - start)
+    return e.to_dict()
+
+
+@shared_task(bind=True, base=RiseTask, name=taskclient.QUERIES_GENERATE, throws=(RiseError,),
+             autoretry_for=RETRYABLE, retry_backoff=True, retry_backoff_max=60, max_retries=5,
+             retry_jitter=True)
+def generate(self: RiseTask, tenant: str, prefix: str, records: list[dict[str, Any]],
+             generation: dict[str, Any]) -> dict[str, Any]:
+    """The model's responses to inline prompts (``{"id", "text"}`` records), sketched as
+    prompt/response queries: base64 features and the generated records."""
+    start = time.perf_counter()
+    settings = self.settings()
+    pool = work.pool_name(settings)
+    _inline_index(tenant, prefix, records)
+    index = open_index(_store(settings, prefix))
+    prompts = records_from_dicts(records, FieldMap())
+    chat = bool(generation.get("chat_template", False))
+    gen = GenerateSpec(max_new_tokens=int(generation["max_new_tokens"]),
+                       temperature=float(generation["temperature"]),
+                       seed=int(generation["seed"]))
+    lm = _model(settings, pool)
+    recs = generate_queries(index, lm, prompts, gen, chat_template=chat)
+    fm = FieldMap(prompt_field="prompt", response_field="response", chat_template=chat)
+    qs = sketch_queries(index, lm, recs, fm, batch_size=settings.pool(pool).batch_size)
+    telemetry.record_outcome(self.name, "ok", time.perf_counter() - start)
+    return {"features": base64.b64encode(queryset_to_bytes(qs, index.config.storage_dtype)
+                                         ).decode("ascii"),
+            "generated": [{"id": r.id, "prompt": r.prompt, "response": r.response}
+                          for r in recs]}
 
 
 QUERY_DRAIN_BUDGET_S = 30.0

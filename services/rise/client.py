@@ -326,6 +326,47 @@ class RiseClient:
         return [(r.query_id, [(h.id, h.score, _json(h.record_json)) for h in r.hits])
                 for r in resp.results]
 
+    def attribute_generated(self, index: str, prompts: Sequence[str | Mapping[str, Any]], *,
+                            max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0,
+                            top: int = 10, channel: str = "both", score: str = "cosine",
+                            lam: float | None = None, center: bool | None = None,
+                            return_texts: bool = False, chat_template: bool = False,
+                            ) -> list[tuple[str, str, str, list[Hit]]]:
+        """Attribute the model's own responses: the index's pool generates a response to
+        each prompt (a string, or a dict with id and text or prompt), greedy unless
+        ``temperature`` > 0 (then sampled, prompt i with seed + i), and attributes it with
+        the response alone supervised.  (prompt id, prompt, generated text, hits) each."""
+        recs = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                p = {"text": p}
+            if not isinstance(p, Mapping):
+                raise errors.InvalidInput(f"prompt {i}: expected a string or a dict")
+            recs.append(common_pb2.Record(id=str(p.get("id") or ""),
+                                          text=p.get("prompt") or p.get("text") or ""))
+        resp = self._call(self._scoring.Attribute, rise_pb2.AttributeRequest(
+            index=index, queries=recs, top=top,
+            fields=common_pb2.FieldMap(chat_template=chat_template) if chat_template else None,
+            scoring=_scoring(channel, score, lam, center), return_texts=return_texts,
+            generate=rise_pb2.Generation(max_new_tokens=max_new_tokens,
+                                         temperature=temperature, seed=seed)))
+        return [(r.query_id, r.prompt, r.generated_text,
+                 [(h.id, h.score, _json(h.record_json)) for h in r.hits]) for r in resp.results]
+
+    def explain(self, index: str, queries: Sequence[str | Mapping[str, Any]], hit_id: str, *,
+                query_id: str = "", top: int = 10, channel: str = "both", score: str = "cosine",
+                lam: float | None = None, center: bool | None = None,
+                chat_template: bool = False) -> rise_pb2.ExplainResponse:
+        """Why ``hit_id`` is a hit for the query ``query_id`` of ``queries`` (or the only
+        one): the score as a sum over (query token, training token) pairs, the pool-mean
+        centering as its own line (``explanation_dict`` gives the JSON form
+        ``rise explain`` prints)."""
+        recs, pr = _records(queries)
+        return self._call(self._scoring.Explain, rise_pb2.ExplainRequest(
+            index=index, queries=recs, query_id=query_id, hit_id=hit_id, top=top,
+            fields=_record_fields(pr, chat_template),
+            scoring=_scoring(channel, score, lam, center)))
+
     def value(self, index: str, targets: Sequence[str | Mapping[str, Any]], *, top: int = 0,
               channel: str = "both", score: str = "cosine", lam: float | None = None,
               center: bool | None = None, select_fraction: float = 0, selection_uri: str = "",
@@ -369,3 +410,33 @@ def _request_id(given: str | None) -> str:
 
 def _json(s: str) -> dict[str, Any] | None:
     return json.loads(s) if s else None
+
+
+def explanation_dict(msg: rise_pb2.ExplainResponse) -> dict[str, Any]:
+    """The JSON form of an ExplainResponse: what ``rise remote explain`` prints and draws
+    (the same keys as ``Explanation.to_dict``)."""
+    def tokens(ts: Any) -> list[dict[str, Any]]:
+        return [{"position": t.position, "token_id": t.token_id, "text": t.text,
+                 "supervised": t.supervised, "contribution": t.contribution} for t in ts]
+
+    cols = len(msg.pair_cols)
+    flat = list(msg.pairs)
+    return {
+        "query_id": msg.query_id, "hit_id": msg.hit_id,
+        "scoring": {"channel": msg.channel, "score": msg.score_kind,
+                    "lambda": getattr(msg, "lambda"), "center": msg.centered},
+        "score": msg.score, "pair_total": msg.pair_total, "centering": msg.centering,
+        "sketched_score": msg.sketched_score,
+        "channels": [{"channel": c.channel, "weight": c.weight, "value": c.value,
+                      "pairs": c.pairs, "centering": c.centering, "query_norm": c.query_norm,
+                      "hit_norm": c.hit_norm} for c in msg.channels],
+        "query_tokens": tokens(msg.query_tokens), "hit_tokens": tokens(msg.hit_tokens),
+        "pair_rows": list(msg.pair_rows), "pair_cols": list(msg.pair_cols),
+        "pairs": [flat[i * cols:(i + 1) * cols] for i in range(len(msg.pair_rows))],
+        "top_query_tokens": list(msg.top_query_tokens),
+        "top_hit_tokens": list(msg.top_hit_tokens),
+        "top_pairs": [{"query": p.query_position, "hit": p.hit_position,
+                       "contribution": p.contribution} for p in msg.top_pairs],
+        "top_pairs_share": msg.top_pairs_share, "top_pairs_abs_share": msg.top_pairs_abs_share,
+        "generation": msg.generation,
+    }

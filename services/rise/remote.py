@@ -19,6 +19,7 @@ the same command again after a lost answer gets the first job, never a second on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -28,18 +29,29 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from tqdm import tqdm
 
 from rise import constants
-from rise.client import DEFAULT_TIMEOUT, TERMINAL, RiseClient, error_of_job, state_name
+from rise.client import (
+    DEFAULT_TIMEOUT,
+    TERMINAL,
+    RiseClient,
+    error_of_job,
+    explanation_dict,
+    state_name,
+)
 from rise.cliutil import (
     add_field_args,
     add_scoring_args,
+    check_output,
     emit,
     fields_from_args,
+    format_explanation,
     read_ids,
     write_jsonl,
+    write_text,
 )
 from rise.config import make_config, parse_dims
-from rise.data import read_records
+from rise.data import FieldMap, read_records
 from rise.errors import InvalidInput, Unauthenticated
+from rise.explainview import render_html
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
@@ -274,6 +286,10 @@ def _scoring(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_attribute(a: argparse.Namespace) -> None:
+    if a.generate or a.prompts:
+        return _attribute_generated(a)
+    if not a.queries:
+        raise InvalidInput("--queries is required (or --generate --prompts FILE)")
     queries = _read(a, a.queries)
     with _client(a) as c:
         res = c.attribute(_name(a), queries, top=a.top, return_texts=a.return_texts,
@@ -284,6 +300,45 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     write_jsonl(a.output, rows)
     emit(a, {"queries": len(rows), "output": a.output, "top": a.top},
           f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
+
+
+def _attribute_generated(a: argparse.Namespace) -> None:
+    if not (a.generate and a.prompts) or a.queries:
+        raise InvalidInput("--generate attributes the model's responses to --prompts FILE "
+                           "(and takes no --queries)")
+    # A prompt is the text field, or the prompt field when one is named.
+    prompts = [{"id": r.id, "text": r.text} for r in read_records(
+        a.prompts, FieldMap(text_field=a.prompt_field or a.text_field, id_field=a.id_field))]
+    with _client(a) as c:
+        res = c.attribute_generated(
+            _name(a), prompts, max_new_tokens=a.max_new_tokens or 0,
+            temperature=a.temperature or 0.0, seed=a.seed or 0, top=a.top,
+            return_texts=a.return_texts, **_scoring(a))
+    rows = [{"query_id": q, "prompt": p, "generated": g, "results": [
+        {"id": i, "score": s, **({"record": rec} if a.return_texts else {})}
+        for i, s, rec in hits]} for q, p, g, hits in res]
+    write_jsonl(a.output, rows)
+    emit(a, {"queries": len(rows), "output": a.output, "top": a.top, "generated": True},
+         f"generated responses to {len(rows)} prompts and wrote their top-{a.top} "
+         f"attributions to {a.output}")
+
+
+def cmd_explain(a: argparse.Namespace) -> None:
+    if a.html:
+        check_output(a.html)
+    queries = _read(a, a.queries)
+    with _client(a) as c:
+        resp = c.explain(_name(a), queries, a.hit, query_id=a.query or "", top=a.top,
+                         **_scoring(a))
+    d = explanation_dict(resp)
+    if a.html:
+        write_text(a.html, render_html(d))
+    if a.json:
+        print(json.dumps(d, ensure_ascii=False, sort_keys=True))
+        return
+    print(format_explanation(d, a.top))
+    if a.html:
+        print(f"wrote {a.html}")
 
 
 def cmd_value(a: argparse.Namespace) -> None:
@@ -395,11 +450,30 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
             sp.add_argument("--interval", type=float, default=1.0, help="seconds per update")
 
     sp = verb("attribute", cmd_attribute, "top training examples for each query")
-    sp.add_argument("--queries", required=True, help="JSONL or Parquet records")
+    sp.add_argument("--queries", help="JSONL or Parquet records")
+    g = sp.add_argument_group("attribute a generation")
+    g.add_argument("--generate", action="store_true",
+                   help="the index's pool answers each prompt of --prompts, and its response "
+                        "is attributed (response tokens supervised)")
+    g.add_argument("--prompts", help="data file of prompts: the text field, or --prompt-field")
+    g.add_argument("--max-new-tokens", type=int, help="longest response in tokens (default: 64)")
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    g.add_argument("--seed", type=int, help="sampling seed; prompt i uses seed + i (default: 0)")
     sp.add_argument("--output", required=True, help="JSONL, one line per query")
     sp.add_argument("--top", type=int, default=10)
     sp.add_argument("--return-texts", action="store_true",
                     help="add each hit's original record to the output")
+    add_field_args(sp)
+    add_scoring_args(sp)
+
+    sp = verb("explain", cmd_explain, "why an indexed example is a hit for a query: its score "
+              "as a sum over (query token, training token) pairs")
+    sp.add_argument("--queries", required=True, help="JSONL or Parquet records")
+    sp.add_argument("--query", help="the query's id in the file (needed when it holds several)")
+    sp.add_argument("--hit", required=True, help="id of the indexed example to explain")
+    sp.add_argument("--top", type=int, default=10,
+                    help="top tokens of each side and top pairs reported (default: 10)")
+    sp.add_argument("--html", help="also write a self-contained HTML view to this file")
     add_field_args(sp)
     add_scoring_args(sp)
 

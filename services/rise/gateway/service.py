@@ -26,7 +26,7 @@ import grpc
 
 from rise import constants, taskclient
 from rise import v1convert as convert
-from rise.api import check_fraction, fetch_records, top_fraction_records
+from rise.api import check_fraction, fetch_records, pick_query, top_fraction_records
 from rise.config import SketchConfig
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
@@ -44,6 +44,7 @@ from rise.errors import (
     UnsupportedModel,
 )
 from rise.gateway.limits import check_active_jobs
+from rise.generate import DEFAULT_MAX_NEW_TOKENS, GenerateSpec
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index, verify
 from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
@@ -632,8 +633,12 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         top = req.top or 10
         if top > 10_000:
             raise_exhausted("top is limited to 10000")
-        index, payload, _ = self._prepare(tenant, req.index, req.queries, req.fields,
-                                          req.HasField("fields"), "queries", spec)
+        generated: list[dict[str, Any]] | None = None
+        if req.HasField("generate"):
+            index, payload, generated = self._prepare_generated(tenant, req, spec)
+        else:
+            index, payload, _ = self._prepare(tenant, req.index, req.queries, req.fields,
+                                              req.HasField("fields"), "queries", spec)
         qbytes = base64.b64decode(payload)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
         replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
@@ -648,12 +653,100 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
             texts = fetch_records(index, {i for hits in merged for i, _ in hits},
                                   self.d.materialize)
         fields = convert.fields_from(req.fields if req.HasField("fields") else None)
-        rows = convert.record_dicts(req.queries, fields)
-        qids = [r.id for r in records_from_dicts(rows, fields)]
-        return rise_pb2.AttributeResponse(generation=index.generation, results=[
+        if generated is not None:
+            qids = [g["id"] for g in generated]
+        else:
+            rows = convert.record_dicts(req.queries, fields)
+            qids = [r.id for r in records_from_dicts(rows, fields)]
+        resp = rise_pb2.AttributeResponse(generation=index.generation, results=[
             rise_pb2.QueryResult(query_id=qid, hits=[
                 rise_pb2.Hit(id=i, score=s, record_json=json.dumps(texts[i]) if i in texts else "")
                 for i, s in hits]) for qid, hits in zip(qids, merged, strict=True)])
+        for res, g in zip(resp.results, generated or [], strict=False):
+            res.prompt, res.generated_text = g["prompt"], g["response"]
+        return resp
+
+    def _prepare_generated(self, tenant: str, req: rise_pb2.AttributeRequest, spec: ScoreSpec
+                           ) -> tuple[Index, str, list[dict[str, Any]]]:
+        """The prompts of an AttributeRequest with ``generate``: each record's prompt (or
+        its text) is sent to the index's pool, which generates a response to it and
+        sketches the response as a prompt/response query."""
+        gen = req.generate
+        spec_gen = GenerateSpec(max_new_tokens=gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                                temperature=gen.temperature, seed=gen.seed)
+        if not req.queries:
+            raise InvalidInput("no prompts")
+        if len(req.queries) > self.d.settings.max_queries_per_call:
+            raise_exhausted(f"{len(req.queries)} prompts in one call; the limit is "
+                            f"{self.d.settings.max_queries_per_call}")
+        rows = [({"id": r.id} if r.id else {}) | {"text": r.prompt or r.text}
+                for r in req.queries]
+        records_from_dicts(rows, FieldMap())  # INVALID_ARGUMENT before any lookup or work
+        chat = bool(req.HasField("fields") and req.fields.chat_template)
+        entry, store = self._index(tenant, req.index)
+        index = open_index(store)
+        spec.centered(index.config.sketched, index.live_count)
+        if spec_gen.max_new_tokens >= index.config.max_length:
+            raise InvalidInput(f"max_new_tokens ({spec_gen.max_new_tokens}) must be below the "
+                               f"index's max_length ({index.config.max_length})")
+        out = self._ask_pool(taskclient.QUERIES_GENERATE, entry["pool"], [
+            tenant, index_prefix(tenant, req.index), rows,
+            {"max_new_tokens": spec_gen.max_new_tokens, "temperature": spec_gen.temperature,
+             "seed": spec_gen.seed, "chat_template": chat}], "generation")
+        if not isinstance(out, dict) or not isinstance(out.get("features"), str):
+            raise Unavailable(f"generation failed on the {entry['pool']!r} pool; retry")
+        return index, out["features"], list(out["generated"])
+
+    def _ask_pool(self, task: str, pool: str, args: list[Any], what: str) -> Any:
+        """Run a query-queue task on a worker of ``pool`` and wait for its answer (at most
+        the query timeout); the task's own refusal comes back with its code."""
+        queue = f"{self.d.settings.query_queue}.{pool}"
+        try:
+            res = self.d.send_task(task, queue=queue, args=args)
+            out = res.get(timeout=self.d.settings.query_timeout_seconds, propagate=False)
+        except Exception as e:  # noqa: BLE001 - broker or worker unreachable
+            log.warning("%s on pool %s failed: %s: %s", what, pool, type(e).__name__, e)
+            raise Unavailable(f"{what} failed: the {pool!r} pool did not answer "
+                              f"({type(e).__name__})") from None
+        if isinstance(out, RiseError):
+            raise out from None
+        if isinstance(out, dict) and "error_code" in out:
+            raise error_from(out["error_code"], out["error_message"])
+        if isinstance(out, BaseException) or out is None:
+            log.warning("%s on pool %s failed: %r", what, pool, out)
+            raise Unavailable(f"{what} failed on the {pool!r} pool "
+                              f"({type(out).__name__}); retry")
+        return out
+
+    @rpc("gateway")
+    def Explain(self, req: rise_pb2.ExplainRequest, context) -> rise_pb2.ExplainResponse:
+        tenant = self.auth.tenant(context)
+        spec = convert.spec_from(req.scoring if req.HasField("scoring") else None)
+        if not req.hit_id:
+            raise InvalidInput("hit_id is required")
+        if req.top > 10_000:
+            raise_exhausted("top is limited to 10000")
+        if not req.queries:
+            raise InvalidInput("no queries")
+        if len(req.queries) > self.d.settings.max_queries_per_call:
+            raise_exhausted(f"{len(req.queries)} queries in one call; the limit is "
+                            f"{self.d.settings.max_queries_per_call}")
+        fields = convert.fields_from(req.fields if req.HasField("fields") else None)
+        rows = convert.record_dicts(req.queries, fields)
+        # INVALID_ARGUMENT before any lookup or work; only the explained query travels.
+        recs = records_from_dicts(rows, fields)
+        query = pick_query(recs, req.query_id or None)
+        row = rows[recs.index(query)]
+        entry, store = self._index(tenant, req.index)
+        index = open_index(store)
+        spec.centered(index.config.sketched, index.live_count)
+        out = self._ask_pool(taskclient.QUERIES_EXPLAIN, entry["pool"], [
+            tenant, index_prefix(tenant, req.index), [row], fields.to_dict(), query.id,
+            req.hit_id, {"channel": spec.channel, "score": spec.score, "lam": spec.lam,
+                         "center": spec.center}, req.top or 10], "explanation")
+        if not isinstance(out, dict) or "pairs" not in out:
+            raise Unavailable(f"explanation failed on the {entry['pool']!r} pool; retry")
+        return convert.explanation_to(out, index.generation)
 
     @rpc("gateway")
     def Value(self, req: rise_pb2.ValueRequest, context) -> rise_pb2.ValueResponse:

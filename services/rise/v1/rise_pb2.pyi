@@ -259,20 +259,32 @@ class CancelJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("index", "queries", "fields", "top", "scoring", "return_texts")
+    __slots__ = ("index", "queries", "fields", "top", "scoring", "return_texts", "generate")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     SCORING_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
     index: str
     queries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Record]
     fields: _common_pb2.FieldMap
     top: int
     scoring: _common_pb2.Scoring
     return_texts: bool
-    def __init__(self, index: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., top: _Optional[int] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., return_texts: _Optional[bool] = ...) -> None: ...
+    generate: Generation
+    def __init__(self, index: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., top: _Optional[int] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., return_texts: _Optional[bool] = ..., generate: _Optional[_Union[Generation, _Mapping]] = ...) -> None: ...
+
+class Generation(_message.Message):
+    __slots__ = ("max_new_tokens", "temperature", "seed")
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class AttributeResponse(_message.Message):
     __slots__ = ("results", "generation")
@@ -283,12 +295,16 @@ class AttributeResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class QueryResult(_message.Message):
-    __slots__ = ("query_id", "hits")
+    __slots__ = ("query_id", "hits", "prompt", "generated_text")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
-    def __init__(self, query_id: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+    prompt: str
+    generated_text: str
+    def __init__(self, query_id: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., prompt: _Optional[str] = ..., generated_text: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "record_json")
@@ -299,6 +315,113 @@ class Hit(_message.Message):
     score: float
     record_json: str
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., record_json: _Optional[str] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("index", "queries", "query_id", "hit_id", "fields", "scoring", "top")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    HIT_ID_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    SCORING_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    queries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Record]
+    query_id: str
+    hit_id: str
+    fields: _common_pb2.FieldMap
+    scoring: _common_pb2.Scoring
+    top: int
+    def __init__(self, index: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., query_id: _Optional[str] = ..., hit_id: _Optional[str] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., top: _Optional[int] = ...) -> None: ...
+
+class ExplainToken(_message.Message):
+    __slots__ = ("position", "token_id", "text", "supervised", "contribution")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SUPERVISED_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    token_id: int
+    text: str
+    supervised: bool
+    contribution: float
+    def __init__(self, position: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., supervised: _Optional[bool] = ..., contribution: _Optional[float] = ...) -> None: ...
+
+class ExplainChannel(_message.Message):
+    __slots__ = ("channel", "weight", "value", "pairs", "centering", "query_norm", "hit_norm")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    CENTERING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_NORM_FIELD_NUMBER: _ClassVar[int]
+    HIT_NORM_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    weight: float
+    value: float
+    pairs: float
+    centering: float
+    query_norm: float
+    hit_norm: float
+    def __init__(self, channel: _Optional[str] = ..., weight: _Optional[float] = ..., value: _Optional[float] = ..., pairs: _Optional[float] = ..., centering: _Optional[float] = ..., query_norm: _Optional[float] = ..., hit_norm: _Optional[float] = ...) -> None: ...
+
+class ExplainPair(_message.Message):
+    __slots__ = ("query_position", "hit_position", "contribution")
+    QUERY_POSITION_FIELD_NUMBER: _ClassVar[int]
+    HIT_POSITION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    query_position: int
+    hit_position: int
+    contribution: float
+    def __init__(self, query_position: _Optional[int] = ..., hit_position: _Optional[int] = ..., contribution: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("query_id", "hit_id", "score", "pair_total", "centering", "sketched_score", "channel", "score_kind", "centered", "channels", "query_tokens", "hit_tokens", "pair_rows", "pair_cols", "pairs", "top_pairs", "top_pairs_share", "top_pairs_abs_share", "top_query_tokens", "top_hit_tokens", "generation")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    HIT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PAIR_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CENTERING_FIELD_NUMBER: _ClassVar[int]
+    SKETCHED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    CENTERED_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_COLS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TOP_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TOP_PAIRS_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TOP_PAIRS_ABS_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TOP_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    hit_id: str
+    score: float
+    pair_total: float
+    centering: float
+    sketched_score: float
+    channel: str
+    score_kind: str
+    centered: bool
+    channels: _containers.RepeatedCompositeFieldContainer[ExplainChannel]
+    query_tokens: _containers.RepeatedCompositeFieldContainer[ExplainToken]
+    hit_tokens: _containers.RepeatedCompositeFieldContainer[ExplainToken]
+    pair_rows: _containers.RepeatedScalarFieldContainer[int]
+    pair_cols: _containers.RepeatedScalarFieldContainer[int]
+    pairs: _containers.RepeatedScalarFieldContainer[float]
+    top_pairs: _containers.RepeatedCompositeFieldContainer[ExplainPair]
+    top_pairs_share: float
+    top_pairs_abs_share: float
+    top_query_tokens: _containers.RepeatedScalarFieldContainer[int]
+    top_hit_tokens: _containers.RepeatedScalarFieldContainer[int]
+    generation: int
+    def __init__(self, query_id: _Optional[str] = ..., hit_id: _Optional[str] = ..., score: _Optional[float] = ..., pair_total: _Optional[float] = ..., centering: _Optional[float] = ..., sketched_score: _Optional[float] = ..., channel: _Optional[str] = ..., score_kind: _Optional[str] = ..., centered: _Optional[bool] = ..., channels: _Optional[_Iterable[_Union[ExplainChannel, _Mapping]]] = ..., query_tokens: _Optional[_Iterable[_Union[ExplainToken, _Mapping]]] = ..., hit_tokens: _Optional[_Iterable[_Union[ExplainToken, _Mapping]]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_cols: _Optional[_Iterable[int]] = ..., pairs: _Optional[_Iterable[float]] = ..., top_pairs: _Optional[_Iterable[_Union[ExplainPair, _Mapping]]] = ..., top_pairs_share: _Optional[float] = ..., top_pairs_abs_share: _Optional[float] = ..., top_query_tokens: _Optional[_Iterable[int]] = ..., top_hit_tokens: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ..., **kwargs) -> None: ...
 
 class ValueRequest(_message.Message):
     __slots__ = ("index", "targets", "fields", "scoring", "top", "select_fraction", "selection_uri", "values_uri")

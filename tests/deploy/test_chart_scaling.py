@@ -74,6 +74,12 @@ def test_keda_scales_each_pool_on_its_own_queues(helm):
         {"parameter": "password", "name": "rise-redis-auth", "key": "redis-password"}]
     down = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+    # KEDA's operator may reach the bundled Redis through its NetworkPolicy
+    keda = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}}
+    rules = one(docs, "NetworkPolicy", "rise-redis")["spec"]["ingress"]
+    assert any(keda in r["from"] for r in rules)
+    rules = one(docs_of(helm), "NetworkPolicy", "rise-redis")["spec"]["ingress"]
+    assert not any(keda in r["from"] for r in rules)
     cpu = one(docs, "ScaledObject", "rise-worker-cpu")
     assert cpu["spec"]["minReplicaCount"] == 0  # the default pool stays awake
     for name in ("rise-worker-default", "rise-worker-cpu"):

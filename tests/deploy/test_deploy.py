@@ -1055,7 +1055,12 @@ def test_network_policies(helm, ci_file):
     if values["redis"]["enabled"]:
         redis = rules("redis")
         assert set(redis) == {"redis"}
-        (redis_from,) = redis["redis"]
+        redis_from, *keda = redis["redis"]
+        # and KEDA's operator when a pool is autoscaled: it reads the queue lengths
+        autoscaled = values["workers"]["autoscaling"]["enabled"] or any(
+            (p or {}).get("autoscaling", {}).get("enabled")
+            for p in (values["workers"]["pools"] or {}).values())
+        assert keda == ([values["networkPolicy"]["kedaFrom"]] if autoscaled else [])
         assert all(set(p) == {"podSelector"} for p in redis_from)
         assert peer_pods(redis_from, workloads) == {"gateway", "worker", "controller"} & \
             {component_of(meta) for _, meta, _ in workloads}

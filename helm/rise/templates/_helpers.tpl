@@ -469,6 +469,13 @@ maxUnavailable: {{ if kindIs "invalid" .maxUnavailable }}1{{ else }}{{ .maxUnava
 {{- toJson $out }}
 {{- end }}
 
+{{/* "true" when some enabled pool is autoscaled by KEDA. */}}
+{{- define "rise.anyAutoscaled" -}}
+{{- range $name, $pool := (include "rise.enabledPools" . | fromJson) }}
+{{- if (include "rise.poolAutoscaling" (dict "ctx" $ "pool" $pool) | fromJson).enabled }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Fails when a pool may scale to zero while no other pool always consumes the control
      queue (job commits and compaction): someone must be awake to commit a job. */}}
 {{- define "rise.checkScaleToZero" -}}

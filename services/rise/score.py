@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -202,23 +203,27 @@ def dot_error(dim: int) -> float:
     return _gamma(c) + _gamma(-(-dim // c)) + 2 * _U32
 
 
-def scan_dots(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def scan_dots(x: torch.Tensor, q: torch.Tensor, sq_norms: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """(n, m) float32: every row of ``x`` (n, d) against every row of ``q`` (m, d), one pass.
 
     The one kernel of a sketched scan: ``x`` is the stored rows as they are (float16, a
     view of a memory-mapped file or of bytes in memory), read block by block
     (``SCAN_ROWS`` x ``SCAN_COLS``) into a reused float32 buffer and multiplied by all of
     ``q`` (rounded once to float32) at once; column blocks accumulate in float32.  The
-    same shapes give the same bits, memory-mapped or not.
+    same shapes give the same bits, memory-mapped or not.  ``sq_norms`` (n,) float64, if
+    given, receives the rows' squared norms from the same pass (squares of float16 values
+    are exact in float32 and are summed in float64: the norm is exact to float64).
     """
     n, d = x.shape
     m = q.shape[0]
     out = torch.zeros(n, m, dtype=torch.float32)
-    if n == 0 or m == 0:
+    if n == 0:
         return out
     qt = [q[:, j:j + SCAN_COLS].to(torch.float32).T.contiguous()
           for j in range(0, d, SCAN_COLS)]
     buf = torch.empty(min(n, SCAN_ROWS), min(d, SCAN_COLS), dtype=torch.float32)
+    sq = torch.empty_like(buf) if sq_norms is not None else None
     for i in range(0, n, SCAN_ROWS):
         rows = min(SCAN_ROWS, n - i)
         o = out[i:i + rows]
@@ -226,17 +231,21 @@ def scan_dots(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
             cols = min(SCAN_COLS, d - j)
             b = buf[:rows, :cols]
             b.copy_(x[i:i + rows, j:j + cols])
-            o.addmm_(b, qt[k])
+            if m:
+                o.addmm_(b, qt[k])
+            if sq is not None and sq_norms is not None:
+                t = sq[:rows, :cols]
+                torch.mul(b, b, out=t)
+                sq_norms[i:i + rows] += t.sum(1, dtype=torch.float64)
     return out
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """(n,) float64 norms of the stored rows, read block by block (so a memory-mapped
-    shard is never widened whole)."""
-    out = torch.empty(x.shape[0], dtype=torch.float64)
-    for i in range(0, x.shape[0], SCAN_ROWS):
-        out[i:i + SCAN_ROWS] = torch.linalg.vector_norm(x[i:i + SCAN_ROWS].double(), dim=1)
-    return out
+    shard is never widened whole): the ones ``scan_dots`` computes."""
+    sq = torch.zeros(x.shape[0], dtype=torch.float64)
+    scan_dots(x, x.new_zeros(0, x.shape[1], dtype=torch.float32), sq)
+    return sq.sqrt()
 
 
 def shard_norms(sd: ShardData, channel: str) -> torch.Tensor:
@@ -246,6 +255,22 @@ def shard_norms(sd: ShardData, channel: str) -> torch.Tensor:
     if key not in sd.derived:
         sd.derived[key] = row_norms(getattr(sd, channel))
     return sd.derived[key]
+
+
+def shard_dots(sd: ShardData, channel: str, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dots (n, m) float64 of the stored rows against ``q``, the rows' float64 norms),
+    one ``scan_dots`` pass: the first scan of a loaded shard computes the norms in the
+    same pass, later ones reuse them."""
+    x = getattr(sd, channel)
+    key = ("norm", channel)
+    norms = sd.derived.get(key)
+    if norms is None:
+        sq = torch.zeros(x.shape[0], dtype=torch.float64)
+        dots = scan_dots(x, q, sq)
+        norms = sd.derived[key] = sq.sqrt()
+    else:
+        dots = scan_dots(x, q)
+    return dots.double(), norms
 
 
 def _safe(n: torch.Tensor) -> torch.Tensor:
@@ -260,11 +285,10 @@ def channel_cosines(q: torch.Tensor, sd: ShardData, channel: str, mu: torch.Tens
     Centering is done algebraically -- <q-mu, x-mu> = q.x - q.mu - x.mu + mu.mu and
     |x-mu|^2 = 1 - 2 x.mu + mu.mu for unit x -- so the shard is never copied.
     """
-    x = getattr(sd, channel)
-    xn = _safe(shard_norms(sd, channel))
     nq = q.shape[0]
     both = q if mu is None else torch.cat([q, mu[None, :]])
-    dots = scan_dots(x, both).double().T / xn[None, :]
+    raw, xn = shard_dots(sd, channel, both)
+    dots = raw.T / _safe(xn)[None, :]
     s = dots[:nq]
     if mu is None:
         return s
@@ -397,24 +421,23 @@ def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
         if q is None or x is None:
             raise InvalidInput("query and index modes differ")
         if reference:
-            xn = torch.ones(len(sd), dtype=torch.float64)
             x = stored_unit(x)
-        else:
-            xn = _safe(shard_norms(sd, c))
 
-        def dots(v: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+        def dots(v: torch.Tensor, c: str = c, x: torch.Tensor = x) -> torch.Tensor:
+            """x's unit rows . v"""
             if reference:
                 return x @ v
-            return scan_dots(x, v[None, :])[:, 0].double()
+            raw, xn = shard_dots(sd, c, v[None, :])
+            return raw[:, 0] / _safe(xn)
         mu = getattr(mean, c) if mean is not None else None
         if spec.score == "raw":
             qbar = (q * targets.norms[:, col][:, None]).mean(0)
-            s = dots(qbar) / xn * sd.norms[:, col].double()
+            s = dots(qbar) * sd.norms[:, col].double()
         elif mu is not None:
             # mean_q cos_c(q, x): centering is not linear in x, so average the block.
             s = (cosine_block(q, x, mu) if reference else channel_cosines(q, sd, c, mu)).mean(0)
         else:
-            s = dots(q.mean(0)) / xn
+            s = dots(q.mean(0))
         out += w * s if w != 1.0 else s
     return out
 
@@ -449,3 +472,61 @@ def queryset_from_bytes(data: bytes) -> QuerySet:
     except (KeyError, ValueError, RuntimeError) as e:
         raise InvalidInput(f"malformed query features: {e}") from None
     return QuerySet(ids=ids, norms=t["norms"].double(), factors=fs)
+
+
+# ------------------------------------------------------------------ near-duplicates
+
+
+def check_collapse(threshold: float) -> float:
+    """InvalidInput unless ``threshold`` is a cosine in (0, 1]."""
+    if not (isinstance(threshold, int | float) and 0.0 < threshold <= 1.0):
+        raise InvalidInput(f"collapse threshold must be a cosine in (0, 1], got {threshold}")
+    return float(threshold)
+
+
+def row_similarity(a: QuerySet, b: QuerySet, spec: ScoreSpec, vocab: int,
+                   mean: PoolMean | None = None) -> torch.Tensor:
+    """(len(a), len(b)) float64: the combined cosine of indexed rows with the channels and
+    lambda of ``spec`` (always cosine, whatever ``spec.score``), sketches centered by
+    ``mean`` when given.  Rows are the stored float16 unit sketches renormalised in float64
+    (``stored_unit``) or exact factors, so every process computes the same numbers."""
+    wr, wg = spec.weights
+    out = torch.zeros(len(a), len(b), dtype=torch.float64)
+    for c, w, col in (("rh", wr, 0), ("gh", wg, 1)):
+        if w == 0.0:
+            continue
+        if a.factors is not None and b.factors is not None:
+            raw = exact.score_matrix(a.factors, b.factors, c, vocab)
+            denom = a.norms[:, col][:, None] * b.norms[:, col][None, :]
+            s = raw / denom.clamp_min(1e-300)
+        else:
+            x, y = getattr(a, c), getattr(b, c)
+            if x is None or y is None:
+                raise InvalidInput("rows of different index modes")
+            s = cosine_block(x, y, getattr(mean, c) if mean is not None else None)
+        out += w * s if w != 1.0 else s
+    return out
+
+
+def group_near_duplicates(hits: Sequence[tuple[str, float]], sim: torch.Tensor,
+                          threshold: float, top: int) -> list[list[tuple[str, float]]]:
+    """Hits (best first) into at most ``top`` groups of near-duplicates, best first.
+
+    In rank order, a hit joins the group whose first (best) hit it is most similar to when
+    that similarity (``sim[i, j]``, ``row_similarity`` of the hits) is at least
+    ``threshold``; otherwise it starts a new group while fewer than ``top`` exist, and is
+    dropped once ``top`` groups exist (it is neither shown nor a duplicate of a shown hit).
+    Deterministic: the hits' order is total (score, then id).
+    """
+    groups: list[list[int]] = []
+    for i in range(len(hits)):
+        best, at = -math.inf, -1
+        for g, members in enumerate(groups):
+            s = float(sim[i, members[0]])
+            if s > best:
+                best, at = s, g
+        if at >= 0 and best >= threshold:
+            groups[at].append(i)
+        elif len(groups) < top:
+            groups.append([i])
+    return [[(hits[i][0], hits[i][1]) for i in g] for g in groups]

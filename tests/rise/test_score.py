@@ -100,7 +100,8 @@ def test_many_queries_are_one_matrix_product(shard_bytes, monkeypatch):
     sd = parse_shard(shard_bytes)
     calls = []
     real = S.scan_dots
-    monkeypatch.setattr(S, "scan_dots", lambda x, q: calls.append(q.shape[0]) or real(x, q))
+    monkeypatch.setattr(S, "scan_dots",
+                        lambda x, q, *a: calls.append(q.shape[0]) or real(x, q, *a))
     qs = _queries(64, 4)
     mean = S.pool_mean([sd], frozenset())
     many = S.shard_scores(qs, sd, ScoreSpec(), 0, mean)
@@ -108,6 +109,15 @@ def test_many_queries_are_one_matrix_product(shard_bytes, monkeypatch):
     one = S.shard_scores(QuerySet(ids=["q"], norms=qs.norms[:1], rh=qs.rh[:1], gh=qs.gh[:1]),
                          sd, ScoreSpec(), 0, mean)
     assert float((many[:1] - one).abs().max()) < 1e-5
+
+
+def test_norms_come_from_the_first_scan_exact_to_float64(shard_bytes):
+    sd = parse_shard(shard_bytes)
+    assert ("norm", "rh") not in sd.derived
+    S.shard_scores(_queries(2, 6), sd, ScoreSpec(center=False), 0)
+    ref = torch.linalg.vector_norm(sd.rh.double(), dim=1)
+    assert float((sd.derived[("norm", "rh")] - ref).abs().max()) < 1e-12
+    assert torch.equal(S.row_norms(sd.rh), sd.derived[("norm", "rh")])
 
 
 def test_scan_dots_reads_blocks_of_any_shape():

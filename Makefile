@@ -84,6 +84,7 @@ bench-fairness: install assets-model assets-lee
 eval: install assets-model
 	$(PY) tests/assets.py --cache $(CACHE) corpus
 	nice -n 10 $(PY) tests/benchmarks/eval/run.py --keep-going
+	nice -n 10 $(PY) tests/benchmarks/eval/backdoor_explain.py
 
 # The peer libraries on the same tasks, each in its own venv under $(CACHE)/peers (hours;
 # never in CI; tests/benchmarks/peers/README.md), then the report again with their results.

@@ -288,6 +288,10 @@ def _scoring(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_attribute(a: argparse.Namespace) -> None:
     if a.generate or a.prompts:
         return _attribute_generated(a)
+    given = [f for f, v in (("--max-new-tokens", a.max_new_tokens),
+                            ("--temperature", a.temperature), ("--seed", a.seed)) if v is not None]
+    if given:
+        raise InvalidInput(f"{given[0]} needs --generate")
     if not a.queries:
         raise InvalidInput("--queries is required (or --generate --prompts FILE)")
     queries = _read(a, a.queries)

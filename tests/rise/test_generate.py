@@ -153,3 +153,19 @@ def test_cli_generate_flags(capsys, tmp_path, tiny_model, index, extra, expect):
                        "--output", tmp_path / "o.jsonl", *extra)
     assert code == 2
     assert expect in err
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--queries", "q.jsonl", "--seed", "3"], "--seed needs --generate"),
+    (["--prompts", "p.jsonl"], "takes no --queries"),
+    (["--generate", "--prompts", "p.jsonl", "--queries", "q.jsonl"], "takes no --queries"),
+    ([], "--queries is required"),
+])
+def test_remote_generate_flags(capsys, tmp_path, monkeypatch, extra, expect):
+    """Refused before any call: no gateway is reached."""
+    monkeypatch.setenv("RISE_GATEWAY", "127.0.0.1:1")
+    monkeypatch.setenv("RISE_TOKEN", "t")
+    code, _, err = run(capsys, "remote", "attribute", "c", "--output", tmp_path / "o.jsonl",
+                       *extra)
+    assert code == 2
+    assert expect in err

@@ -67,7 +67,8 @@ def cmd_ls(a: argparse.Namespace) -> None:
 def add_models_parser(sub: Any) -> None:
     """``rise models push|verify|ls`` on the main parser's sub-parsers."""
     p = sub.add_parser("models", help="put model folders into S3 for the worker pools",
-                       description=__doc__.split("\n\n")[0])
+                       description="Put model folders into S3 for the worker pools (every "
+                       "file, then rise-model.json: sizes and sha256), check them, list them.")
     verbs = p.add_subparsers(dest="models_verb", required=True, parser_class=type(p))
 
     def verb(name: str, fn: Callable[[argparse.Namespace], None],

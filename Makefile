@@ -215,3 +215,52 @@ gpu-check: install
 		--tokens 2x32 --quick --out $(CACHE)/gpu-check-smoke
 	@echo 'gpu-check: on the GPU machine, from the repository root with .whl/, run (about 6 min at most):'
 	@echo 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && PYTHONUNBUFFERED=1 PYTHONPATH=services:/tmp/site python3 tests/gpu/gpu_check.py'
+
+# --- Container images (deploy/images/, README "Container images"): `images` builds the CPU
+# image rise:<version> (gateway, scorer, controller, CPU workers, CLI), `image-cuda` the GPU
+# workers' rise:<version>-cuda, both with `buildah bud --isolation chroot` (as root) from a
+# hash-checked wheelhouse made first ($(CACHE)/images/<variant>/).  BASE_IMAGE defaults to a
+# base made from Debian packages alone (deploy/images/debian-base.sh: mmdebstrap + buildah,
+# for machines that reach no registry); e.g. BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm.
+# buildah and mmdebstrap come from apt-get when missing.  `image-test` runs a job through the
+# CPU image against the local Redis and S3 (tests/images/); `image-lock` rewrites the locks
+# deploy/images/requirements-*.txt from pyproject.toml's pins.
+IMAGE ?= rise
+IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LOCAL_BASE := localhost/rise-base:bookworm
+BASE_IMAGE ?= $(LOCAL_BASE)
+BUILDAH_BUD = nice -n 10 buildah bud --isolation chroot --layers -f deploy/images/Containerfile \
+	--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(IMAGE_VERSION) \
+	--build-arg REVISION=$(IMAGE_REVISION)
+
+.PHONY: images image-cuda image-test image-lock image-tools image-base
+images: image-tools image-base install
+	$(PY) deploy/images/wheelhouse.py fetch --variant cpu --out $(CACHE)/images/cpu --tmp $(CACHE)/images
+	$(BUILDAH_BUD) --build-arg VARIANT=cpu -t $(IMAGE):$(IMAGE_VERSION) $(CACHE)/images/cpu
+	deploy/images/check-image.sh $(IMAGE):$(IMAGE_VERSION) cpu
+
+# Multi-GB (torch's CUDA build with its nvidia-* wheels): never in CI.  The wheels come from
+# an isolated pip (no pip.conf, PIP_* variables or constraints of this machine) on PyPI.
+image-cuda: image-tools image-base install
+	$(PY) deploy/images/wheelhouse.py fetch --variant cuda --out $(CACHE)/images/cuda --tmp $(CACHE)/images
+	$(BUILDAH_BUD) --build-arg VARIANT=cuda -t $(IMAGE):$(IMAGE_VERSION)-cuda $(CACHE)/images/cuda
+	deploy/images/check-image.sh $(IMAGE):$(IMAGE_VERSION)-cuda cuda
+
+image-test: images
+	RISE_IMAGE=$(IMAGE):$(IMAGE_VERSION) $(PY) -m pytest tests/images -q
+
+image-lock: install
+	$(PY) deploy/images/wheelhouse.py lock --variant cpu --tmp $(CACHE)/images
+	$(PY) deploy/images/wheelhouse.py lock --variant cuda --tmp $(CACHE)/images
+
+image-tools:
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || { \
+		apt-get install -y --no-install-recommends buildah mmdebstrap \
+		|| { apt-get update && apt-get install -y --no-install-recommends buildah mmdebstrap; }; }
+
+# The Debian-packages-only base, built once (only when BASE_IMAGE is that base).
+image-base: image-tools
+	@if [ "$(BASE_IMAGE)" = "$(LOCAL_BASE)" ] && ! buildah inspect --type image $(LOCAL_BASE) >/dev/null 2>&1; then \
+		deploy/images/debian-base.sh $(LOCAL_BASE) $(CACHE)/images/base; \
+	fi

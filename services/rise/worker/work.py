@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -29,7 +29,7 @@ from rise.errors import BudgetExceeded, InvalidInput, Mismatch, RiseError
 from rise.ingest import IngestPlan, RecordList, RecordSource
 from rise.jobs import JobStore
 from rise.model import LoadedModel, load_model
-from rise.modelsource import local_model
+from rise.modelsource import local_model, parse_source
 from rise.placement import parse_bytes, plan_placement
 from rise.settings import Pool, Settings
 
@@ -187,6 +187,9 @@ def get_model(settings: Settings, name: str,
                 log.error("pool %s: cannot load its model: %s", name, e)
                 raise type(e)(f"the model of pool {name!r} cannot be loaded "
                               f"({type(e).__name__}); see the worker log") from None
+            source = parse_source(settings.pool(name).model)
+            if source.kind == "hub":  # loaded from a snapshot folder named by its commit
+                lm.identity = replace(lm.identity, name=source.repo, revision=source.revision)
             seconds = time.perf_counter() - start
             log.info("loaded model of pool %s in %.1f s", name, seconds)
             if on_load is not None:

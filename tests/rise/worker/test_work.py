@@ -37,3 +37,26 @@ def test_dataset_errors_name_the_uri_not_the_cache(tmp_path, monkeypatch):
     with pytest.raises(InvalidInput) as e:
         work.dataset_source(Settings(), plan)
     assert str(e.value).startswith(f"{uri} line 2") and str(tmp_path) not in str(e.value)
+
+
+def test_a_hub_pool_loads_from_the_offline_cache_and_is_named_by_its_id(tmp_path, monkeypatch):
+    """A pool whose model is a hub id, with HF_HUB_OFFLINE=1: the snapshot in the cache is
+    loaded and the model keeps its id as its name (not the snapshot's commit); an id not in
+    the cache fails naming the pool, the id in the worker's log."""
+    from conftest import save_tiny_model
+
+    commit = "c" * 40
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny"
+    save_tiny_model("gpt2", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(work, "_models", {})
+    settings = Settings(pools={"hub": Pool(model="someorg/tiny"),
+                               "gone": Pool(model="someorg/not-cached")})
+    lm = work.get_model(settings, "hub")
+    assert (lm.identity.name, lm.identity.revision) == ("someorg/tiny", None)
+    with pytest.raises(NotFound, match="pool 'gone'"):
+        work.get_model(settings, "gone")

@@ -299,8 +299,11 @@ def test_chart_runs_as_rendered(helm, s3, certs, sts, tiny, tmp_path, request, c
                             root_certificates=certs[0] if tls else None) as anon:
                 with pytest.raises(Unauthenticated):
                     anon.list_indexes()
-        else:
+        else:  # no auth: any token or none is the tenant `default`, never "invalid token"
             assert "AUTHENTICATION IS OFF" in release.log_of("gateway")
+            with RiseClient(f"127.0.0.1:{port}", "some-token", secure=tls,
+                            root_certificates=certs[0] if tls else None) as other:
+                assert [i.name for i in other.list_indexes()] == ["chart-run"]
         # S3 credentials: static keys, or the provider chain (environment, web identity)
         genv = gw.env["gateway"]
         has_keys = bool(values["s3"]["existingSecret"] or values["s3"]["accessKey"])

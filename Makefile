@@ -12,7 +12,8 @@ CACHE ?= .cache
 DEMO := $(CACHE)/demo
 SMOLLM := $(CACHE)/models/smollm2-135m-instruct
 
-.PHONY: eval-peers install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down chaos chaos-quick
+.PHONY: eval-peers install test test-unit demo bench eval eval-smoke lint clean deploy-tools assets-lee protos up down chaos chaos-quick \
+	fuzz fuzz-quick
 
 # The local stack: real Redis and S3 servers, the gateway, one worker and the scorer as
 # processes of this machine (deploy/local/README.md); `down` stops exactly what `up` started.
@@ -107,6 +108,19 @@ chaos: install
 # minutes; report in $(CACHE)/chaos-quick.
 chaos-quick: install
 	$(PY) -m tests.chaos.run --quick --out $(CACHE)/chaos-quick
+
+# Bad input against every RPC (tests/fuzz/): 1000 generated requests per RPC (Hypothesis
+# strategies from the request descriptors, generated datasets), mixed with control requests
+# that must succeed; every answer's code must be one docs/bad-input.md allows, none INTERNAL,
+# no S3 object nor Redis key written by a refused request, no process lost.  About an hour
+# on 2 cores; never in CI.  Writes the committed report tests/benchmarks/reports/fuzz.{json,md}.
+fuzz: install
+	$(PY) -m tests.fuzz.run --out tests/benchmarks/reports
+
+# 30 requests per RPC (what CI runs as tests/fuzz/test_fuzz_quick.py), a few minutes;
+# report in $(CACHE)/fuzz-quick.
+fuzz-quick: install
+	$(PY) -m tests.fuzz.run --quick --out $(CACHE)/fuzz-quick
 
 # ruff, mypy on services/rise and the layer contracts (each configured in pyproject.toml)
 lint: install

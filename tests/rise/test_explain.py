@@ -28,7 +28,7 @@ QUERY = Record(id="q", number=0, text="Sketches of gradients say which examples 
 def lm64(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain64")
     return {a: load_model(save_tiny_model(a, root / a, torch.float64), dtype="float64")
-            for a in ("gpt_neox", "llama")}
+            for a in ("gpt_neox", "llama", "gpt2")}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def build(tmp_path, lm, pool, **cfg) -> api.Index:
     return api.open_index(store)
 
 
-def head_gradients(lm, rec: Record, tau: float, max_length: int = 64):
+def head_gradients(lm, rec: Record, tau: float, max_length: int = 512):
     """Dense (RH, GH) of one example by float64 autograd of ``tau * CE(W h / tau)``
     (mean over supervised tokens) w.r.t. a separate float64 copy of the head: with K = V,
     d/dz of it is softmax(z / tau) - onehot, the residual; GH is sum_t dL/dh_t h_t^T."""
@@ -72,7 +72,7 @@ def hit_record(pool_id: str) -> Record:
     return Record(id=pool_id, number=i, text=TEXTS[i], prompt=None, response=None, raw={})
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "gpt2"])  # gpt2: tied embeddings
 def test_exact_index_explanation_sums_to_autograd_cosine(tmp_path, lm64, pool, arch):
     lm = lm64[arch]
     index = build(tmp_path, lm, pool, exact=True)
@@ -133,12 +133,26 @@ def test_centered_sketched_index_explanation_matches_autograd(tmp_path, lm64, po
     assert abs(e.pair_total + e.centering - e.score) <= 1e-12
 
 
-def test_raw_score_explanation_is_the_head_gradient_inner_product(tmp_path, lm64, pool):
+PR_QUERY = Record(id="pq", number=0, text=None, prompt="Question: what do sketches keep?",
+                  response=" A few kilobytes of each gradient.", raw={})
+
+
+@pytest.mark.parametrize("query", [QUERY, PR_QUERY], ids=["text", "prompt-response"])
+def test_raw_score_explanation_is_the_head_gradient_inner_product(tmp_path, lm64, pool, query):
+    """Raw inner products, a prompt/response query included (its response alone is
+    supervised, its prompt tokens carry nothing)."""
     lm = lm64["gpt_neox"]
     index = build(tmp_path, lm, pool, exact=True)
+    fields = FieldMap(prompt_field="prompt", response_field="response") \
+        if query.prompt is not None else None
     for ch, k in (("rh", 0), ("gh", 1)):
-        e = explain(index, lm, QUERY, "doc-0", spec=ScoreSpec(channel=ch, score="raw"))
-        gq = head_gradients(lm, QUERY, 1.0)[k]
+        e = explain(index, lm, query, "doc-0", spec=ScoreSpec(channel=ch, score="raw"),
+                    fields=fields)
+        if query.prompt is not None:
+            n_prompt = len(lm.tokenizer.encode(query.prompt, add_special_tokens=True))
+            assert all(not t.supervised for t in e.query_tokens[:n_prompt])
+            assert all(t.supervised for t in e.query_tokens[n_prompt:])
+        gq = head_gradients(lm, query, 1.0)[k]
         gx = head_gradients(lm, hit_record("doc-0"), 1.0)[k]
         want = float((gq * gx).sum())
         assert abs(e.score - want) <= 1e-6 * abs(want)

@@ -81,6 +81,7 @@ class Pod:
     mounts: dict[str, dict[str, Path]] = field(default_factory=dict)  # container -> path map
     procs: dict[str, stack.Proc] = field(default_factory=dict)  # container -> process
     env: dict[str, dict[str, str]] = field(default_factory=dict)  # container -> env
+    argv: dict[str, list[str]] = field(default_factory=dict)  # container -> command line
 
     @property
     def labels(self) -> dict[str, str]:
@@ -353,8 +354,17 @@ class Release:
                 env = self._env(pod, c, mounts)
                 argv = self._argv(pod, c, env, mounts)
                 pod.mounts[c["name"]], pod.env[c["name"]] = mounts, env
+                pod.argv[c["name"]] = argv
                 pod.procs[c["name"]] = stack.spawn(
                     f"{c['name']}", argv, pod.dir, env, die_with_parent=True)
+
+    def restart(self, pod: Pod, container: str) -> stack.Proc:
+        """Start a stopped container again with the same command, environment and volumes
+        (its log continues in the same file)."""
+        assert not pod.procs[container].alive()
+        pod.procs[container] = stack.spawn(container, pod.argv[container], pod.dir,
+                                           pod.env[container], die_with_parent=True)
+        return pod.procs[container]
 
     # ------------------------------------------------------------------ readiness
 

@@ -166,6 +166,90 @@ def known_finding(rpc: str, req: Any | None) -> str | None:
     return None
 
 
+REGRESSIONS = [
+    ("1", "The scorer answers ScoreShards/ValueShards without credentials",
+     ["tests/rise/scorer/test_server.py::test_unsigned_expired_forged_and_foreign_calls_are_refused",
+      "tests/rise/test_internalauth.py::test_a_signed_call_verifies_and_grants_its_prefix",
+      "tests/rise/stack/test_stack.py::test_the_scorer_answers_only_the_gateway"]),
+    ("1", "The scorer accepts any prefix, another tenant's included",
+     ["tests/rise/test_internalauth.py::test_foreign_prefixes_are_permission_denied",
+      "tests/rise/test_internalauth.py::test_the_gateway_signs_the_prefix_of_the_callers_index",
+      "tests/rise/stack/test_stack.py::test_the_scorer_answers_only_the_gateway"]),
+    ("1", "The chart has no NetworkPolicy",
+     ["tests/deploy/test_deploy.py::test_network_policies"]),
+    ("1", "The bundled Redis has no password",
+     ["tests/deploy/test_deploy.py::test_redis_password_reaches_every_component"]),
+    ("1", "Bearer tokens travel over plaintext gRPC",
+     ["tests/rise/test_client.py::test_tls_round_trip",
+      "tests/rise/test_client.py::test_tls_refuses_plaintext_and_untrusted_certificates",
+      "tests/rise/test_client.py::test_remote_cli_speaks_tls",
+      "tests/deploy/test_deploy.py::test_gateway_tls_and_auth_mode"]),
+    ("2", "20 WatchJob streams hold the gateway's 16 threads; other tenants' calls and the "
+     "health check time out",
+     ["tests/rise/gateway/test_limits.py::test_streams_are_capped_per_tenant_and_in_all",
+      "tests/rise/gateway/test_limits.py::test_health_answers_while_every_admitted_place_is_taken",
+      "tests/rise/gateway/test_limits.py::test_unary_calls_get_threads_of_their_own",
+      "tests/rise/gateway/test_limits.py::test_a_closed_stream_frees_its_place_and_its_thread_at_once"]),
+    ("2", "An Attribute waits behind another tenant's whole shard and fails UNAVAILABLE "
+     "after 120 s",
+     ["tests/rise/worker/test_tasks.py::test_a_query_is_answered_between_batches_of_a_running_shard"]),
+    ("3", "A removed token keeps working until the gateway restarts",
+     ["tests/rise/test_tokenfile.py::test_a_removed_token_stops_working_within_the_check_interval",
+      "tests/rise/test_tokenfile.py::test_real_time_revocation_takes_about_a_second",
+      "tests/rise/stack/test_stack.py::test_a_removed_token_stops_working_within_5_seconds"]),
+    ("3", "An unreadable token file answers INVALID_ARGUMENT naming its path",
+     ["tests/rise/gateway/test_service.py::test_an_unreadable_token_file_keeps_the_last_good_map_and_is_never_named",
+      "tests/rise/test_tokenfile.py::test_a_bad_file_after_a_good_load_keeps_the_last_good_map"]),
+    ("3", "Tokens are looked up in a dict (not constant-time by construction)",
+     ["tests/rise/test_tokenfile.py::test_lookup_is_by_digest_only",
+      "tests/rise/test_tokenfile.py::test_plain_and_hashed_keys_map_to_their_tenants"]),
+    ("4", "Temperature 1e-300 builds an index of NaNs that answers [] and nan",
+     ["tests/rise/test_config.py::test_temperatures_outside_the_range_are_refused",
+      "tests/rise/test_config.py::test_the_range_keeps_the_softmax_finite_in_float32",
+      "tests/rise/test_ingest.py::test_a_shard_with_non_finite_features_is_never_written",
+      "tests/rise/gateway/test_service.py::test_create_index_validation",
+      "tests/rise/stack/test_stack.py::test_bad_input_is_refused_at_the_door_with_its_code"]),
+    ("4", "Dims of 2^32-1 are accepted at submit and fail INTERNAL 30 s later",
+     ["tests/rise/test_config.py::test_dims_beyond_the_bounds_are_refused",
+      "tests/rise/gateway/test_service.py::test_create_index_validation",
+      "tests/rise/stack/test_stack.py::test_bad_input_is_refused_at_the_door_with_its_code"]),
+    ("4", "A 20 MB record takes 67 s and 3.9 GB",
+     ["tests/rise/test_data.py::test_a_record_over_the_size_cap_is_refused_without_reading_it_whole",
+      "tests/rise/test_data.py::test_the_size_cap_applies_to_gzip_and_parquet",
+      "tests/rise/test_data.py::test_inline_records_over_the_cap_are_refused",
+      "tests/rise/test_ingest.py::test_plan_applies_the_record_size_cap",
+      "tests/rise/stack/test_stack.py::test_bad_records_fail_their_job_as_invalid_argument_naming_the_uri"]),
+    ("4", "A 200k-deep JSON record gives INTERNAL",
+     ["tests/rise/test_data.py::test_json_nesting_is_limited",
+      "tests/rise/test_data.py::test_deep_objects_are_refused_too",
+      "tests/rise/stack/test_stack.py::test_bad_records_fail_their_job_as_invalid_argument_naming_the_uri"]),
+    ("4", "A 5,000-digit id gives INTERNAL",
+     ["tests/rise/test_data.py::test_integer_ids_are_bounded_like_strings",
+      "tests/rise/stack/test_stack.py::test_bad_records_fail_their_job_as_invalid_argument_naming_the_uri"]),
+    ("4", "A one-token query comes back UNAVAILABLE (retryable) instead of INVALID_ARGUMENT",
+     ["tests/rise/gateway/test_service.py::test_a_query_the_worker_refuses_is_invalid_argument_not_unavailable",
+      "tests/rise/test_data.py::test_no_supervised_token",
+      "tests/rise/stack/test_stack.py::test_bad_input_is_refused_at_the_door_with_its_code"]),
+    ("4", "Index names ending in a newline are accepted (a $ regex used with match)",
+     ["tests/rise/test_jobs.py::test_names_are_matched_in_full",
+      "tests/rise/gateway/test_service.py::test_create_index_validation",
+      "tests/rise/stack/test_stack.py::test_bad_input_is_refused_at_the_door_with_its_code"]),
+    ("4", "Job messages name the worker's cache file",
+     ["tests/rise/worker/test_work.py::test_dataset_errors_name_the_uri_not_the_cache",
+      "tests/rise/test_ingest.py::test_plan_names_the_dataset_uri_not_the_local_copy",
+      "tests/rise/stack/test_stack.py::test_bad_records_fail_their_job_as_invalid_argument_naming_the_uri"]),
+    ("4", "Storage errors name the S3 host:port",
+     ["tests/rise/test_datasets.py::test_an_unreachable_store_is_named_by_bucket_not_by_host",
+      "tests/rise/gateway/test_service.py::test_a_lost_worker_or_an_unreachable_broker_is_unavailable_without_its_host",
+      "tests/rise/gateway/test_service.py::test_an_unreachable_scorer_is_unavailable_without_its_address"]),
+    ("4", "Metrics ports listen on all interfaces",
+     ["tests/rise/stack/test_stack.py::test_the_scorer_answers_only_the_gateway",
+      "tests/deploy/test_deploy.py::test_metrics_bind_the_pod_ip"]),
+]
+"""The cases of the issue ("Tried as an attacker would", items 1-4), each with the tests
+that keep it (the report's last table; test_fuzz_strategies checks that each exists)."""
+
+
 T0 = time.monotonic()
 
 
@@ -1070,6 +1154,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{h['per_rpc']} requests per RPC; fuzzing {h.get('fuzz_s', '?')} s, whole run "
         f"{h.get('wall_s')} s.", "",
         f"Command: `{h.get('command', '?')}`.", "",
+        *([f"Merged from {len(h['runs'])} runs of this code at once, each on its own stack "
+           f"with its own seed, each stopped (SIGINT) once together they passed "
+           f"{h['per_rpc']} requests per RPC (`{h.get('merged_by', '')}`); per run:", ""]
+          + [f"- seed {r['seed']}: {r['requests']} requests, started {r['date']}, load "
+             f"average at start {r['loadavg_start']}, fuzzing {r.get('fuzz_s') or '-'} s, "
+             f"whole run {r['wall_s']} s, {r.get('aborted') or 'ended'}; `{r['command']}`"
+             for r in h["runs"]] + [""] if h.get("runs") else []),
         f"Reproduce: {again}; the harness is `tests/fuzz/` (strategies from the request "
         "descriptors, the oracle from `docs/bad-input.md`).", "",
         f"Stack: {h['model']}; tenants `fuzz` (fuzzed) and `ctl` (controls).  Services' "
@@ -1151,6 +1242,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- **{g['kind']}**, {g['rpc']}, {g['count']}x{known}: {g['what']}")
             for ex in g["examples"]:
                 lines.append(f"  - `{ex['request'][:400]}` -> {ex['detail'][:300]}")
+    lines += ["", "## Cases of the issue kept as regression tests", "",
+              "Every case the issue reproduced (\"Tried as an attacker would\", items 1-4), "
+              "with the tests that keep it.", "",
+              "| item | case | tests |", "|---|---|---|"]
+    for item, case, tests in REGRESSIONS:
+        lines.append(f"| {item} | {case} | " + "<br>".join(f"`{t}`" for t in tests) + " |")
     lines += ["", "## Verdict", ""]
     lines += ([f"- {v}" for v in report["verdict"]] if report["verdict"]
               else ["Every check passed."])
@@ -1164,9 +1261,67 @@ def write(report: dict[str, Any], out: Path) -> None:
     log(f"report: {out / 'fuzz.md'}")
 
 
+def merge(reports: list[dict[str, Any]], per_rpc: int) -> dict[str, Any]:
+    """One report of several runs of the same code (run at once on separate stacks, say,
+    each with its own seed, each stopped by SIGINT once together they sent ``per_rpc``
+    requests per RPC): counts added, problems and crashes joined, the verdict taken again
+    over the sums (a stopped run's own "aborted" and "fewer than" lines are not the
+    merged run's; each run's stop is kept in ``header.runs``)."""
+
+    def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            if isinstance(v, bool) or k not in out:
+                out[k] = v
+            elif isinstance(v, int | float) and k not in ("median_ms", "max_ms"):
+                out[k] = out[k] + v
+            elif k in ("median_ms", "max_ms"):
+                out[k] = max(out[k], v)
+            elif isinstance(v, dict):
+                out[k] = add(out[k], v)
+            elif isinstance(v, list):
+                out[k] = out[k] + v
+        return out
+
+    first = reports[0]
+    header = dict(first["header"])
+    header.pop("aborted", None)
+    header.update(
+        mode="full", per_rpc=per_rpc, seed=[r["header"]["seed"] for r in reports],
+        fuzz_s=max(r["header"].get("fuzz_s") or r["header"].get("wall_s", 0) for r in reports),
+        wall_s=max(r["header"].get("wall_s", 0) for r in reports),
+        runs=[{k: r["header"].get(k) for k in ("seed", "command", "date", "wall_s",
+                                                 "fuzz_s", "aborted", "loadavg_start")}
+              | {"requests": r.get("totals", {}).get("requests", 0)} for r in reports])
+    merged: dict[str, Any] = {"header": header}
+    for key in ("per_rpc", "classes", "dataset_ends", "malformed_bytes", "controls",
+                "known_findings", "totals", "log_exceptions"):
+        acc: dict[str, Any] = {}
+        for r in reports:
+            acc = add(acc, r.get(key, {}))
+        merged[key] = acc
+    merged["per_rpc"] = {rpc: merged["per_rpc"][rpc] for rpc in header["rpcs"]
+                         if rpc in merged["per_rpc"]}
+    for key in ("dataset_jobs", "crashes", "problems"):
+        merged[key] = [x for r in reports for x in r.get(key, [])]
+    merged["fixed_findings"] = first.get("fixed_findings", {})
+    merged["verdict"] = verdict(merged)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    report = run(opts)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--merge"]:  # --merge A.json B.json ... --out DIR [--per-rpc N]
+        ap = argparse.ArgumentParser(prog="python -m tests.fuzz.run --merge")
+        ap.add_argument("reports", nargs="+")
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--per-rpc", type=int, default=1000)
+        m = ap.parse_args(args[1:])
+        report = merge([json.loads(Path(p).read_text()) for p in m.reports], m.per_rpc)
+        report["header"]["merged_by"] = "python -m tests.fuzz.run " + " ".join(args)
+        write(report, Path(m.out))
+    else:
+        report = run(parse_args(argv))
     print(markdown(report))
     return 1 if report["verdict"] else 0
 

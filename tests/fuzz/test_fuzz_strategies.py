@@ -228,3 +228,20 @@ def test_every_failed_check_is_in_the_verdict():
     assert verdict[-1] == "GetJob: 1 requests, fewer than 2"
     report["problems"], report["per_rpc"]["GetJob"]["requests"] = [], 2
     assert run.verdict(report) == []
+
+
+def test_every_case_of_the_issue_names_tests_that_exist():
+    """The report's table of the issue's cases: every test it names is defined."""
+    import re
+    from pathlib import Path
+
+    from . import run
+
+    root = Path(__file__).resolve().parents[2]
+    assert len(run.REGRESSIONS) >= 20
+    for _item, case, tests in run.REGRESSIONS:
+        assert tests, case
+        for t in tests:
+            path, name = t.split("::")
+            src = (root / path).read_text()
+            assert re.search(rf"^(async )?def {re.escape(name)}\(", src, re.M), t

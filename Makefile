@@ -117,7 +117,7 @@ chaos-quick: install
 fuzz: install
 	$(PY) -m tests.fuzz.run --out tests/benchmarks/reports
 
-# 30 requests per RPC (what CI runs as tests/fuzz/test_fuzz_quick.py), a few minutes;
+# 20 requests per RPC (what CI runs as tests/fuzz/test_fuzz_quick.py), a few minutes;
 # report in $(CACHE)/fuzz-quick.
 fuzz-quick: install
 	$(PY) -m tests.fuzz.run --quick --out $(CACHE)/fuzz-quick

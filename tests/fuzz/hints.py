@@ -217,6 +217,8 @@ def hints(state: State, foreign_indexes: list[str], foreign_jobs: list[str],
     h[P + "AttributeRequest.top"] = _pick(0, 0, 1, 3, 10, 10_000, 10_001, 2**32 - 1)
     h[P + "ValueRequest.top"] = _pick(0, 0, 1, 3, 2**32 - 1)
     h[P + "ExplainRequest.top"] = _pick(0, 0, 1, 3, 10_000, 10_001, 2**32 - 1)
+    h[P + "AttributeRequest.collapse_threshold"] = _pick(
+        0.0, 0.0, 0.0, 0.5, 1.0, 1.0000001, -0.0, 5e-324, -1e-9, float("nan"), float("inf"))
     h[P + "ExplainRequest.hit_id"] = live_ids(state)
     h[P + "ExplainRequest.query_id"] = _pick("", "", "", "q1", "q2", "0", "1", "nope")
     h.update(generation_hints())

@@ -525,9 +525,31 @@ def check_generation(gen: Any, found: Found) -> None:
         found.add("generation temperature", INVALID_ARGUMENT)
 
 
+def check_collapse(req: Any, state: State, found: Found) -> bool:
+    """Attribute's collapse (the proto): collapse_threshold a cosine in (0, 1] (0: the
+    default), and only with collapse.  Returns whether the answer may also be refused for
+    the index (collapsing reads sketches: a no-sketch index may refuse it)."""
+    t = req.collapse_threshold
+    if req.collapse:
+        if t and not 0.0 < t <= 1.0:  # NaN fails too
+            found.add("collapse_threshold", INVALID_ARGUMENT)
+        info = state.indexes.get(req.index)
+        return info is not None and info.mode != "sketch"
+    if t != 0:
+        found.add("collapse_threshold without collapse", INVALID_ARGUMENT)
+    return False
+
+
 def _Attribute(req: Any, state: State, found: Found, dataset: Any) -> Expect:
     if req.top > MAX_TOP:
         found.add("top over 10000", RESOURCE_EXHAUSTED)
+    lenient = getattr(req, "collapse", None) is not None and check_collapse(req, state, found)
+    if lenient and not req.HasField("generate"):
+        _scoring_call(req, req.queries, state, found)
+        if not found.items:
+            return Expect(frozenset({OK, INVALID_ARGUMENT, FAILED_PRECONDITION}),
+                          ["collapse on a no-sketch index"])
+        return _finish(found, {OK})
     if not req.HasField("generate"):
         _scoring_call(req, req.queries, state, found)
         return _finish(found, {OK})

@@ -4,7 +4,7 @@ valid control requests, each answer judged by the oracle; a report per run.
 From the repository root::
 
     python -m tests.fuzz.run                 # 1000 requests per RPC (make fuzz)
-    python -m tests.fuzz.run --quick         # 30 per RPC (CI: test_fuzz_quick.py)
+    python -m tests.fuzz.run --quick         # 20 per RPC (CI: test_fuzz_quick.py)
 
 ``make fuzz`` writes the committed report (``tests/benchmarks/reports/fuzz.json`` and
 ``fuzz.md``); ``--quick`` writes to ``.cache/fuzz-quick/`` unless ``--out`` says otherwise.
@@ -260,8 +260,8 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="30 requests per RPC (CI)")
-    ap.add_argument("--per-rpc", type=int, help="requests per RPC (default 1000, --quick 30)")
+    ap.add_argument("--quick", action="store_true", help="20 requests per RPC (CI)")
+    ap.add_argument("--per-rpc", type=int, help="requests per RPC (default 1000, --quick 20)")
     ap.add_argument("--seed", type=int, default=20260101)
     ap.add_argument("--only", default="", help="comma-separated RPC names")
     ap.add_argument("--out", help="report folder (default: tests/benchmarks/reports, "
@@ -290,9 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts.command = " ".join(["python -m tests.fuzz.run",
                              *(sys.argv[1:] if argv is None else argv)])
     if opts.quick and opts.batch == 100:
-        opts.batch = 30
+        opts.batch = 20
     if opts.per_rpc is None:
-        opts.per_rpc = 30 if opts.quick else 1000
+        opts.per_rpc = 20 if opts.quick else 1000
     if opts.out is None:
         opts.out = str(REPO / (".cache/fuzz-quick" if opts.quick else "tests/benchmarks/reports"))
     if opts.exclude_known:

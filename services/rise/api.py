@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
-from rise import constants
+from rise import ann, constants
 from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
 from rise.explain import Explanation, explain, pick_query
 from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.generate import GenerateSpec, generate_responses
-from rise.index import Index, compact, delete, open_index, verify
+from rise.index import Index, delete, open_index, verify
+from rise.index import compact as compact_shards
 from rise.ingest import append, create_index, encode_all
 from rise.manifest import Manifest, ShardEntry
 from rise.model import LoadedModel, load_model
@@ -45,6 +46,7 @@ from rise.score import (
     value_scores,
 )
 from rise.shard import ShardData
+from rise.store import Store
 
 __all__ = [
     "load", "create", "append", "delete", "compact", "verify", "open_index",
@@ -53,6 +55,7 @@ __all__ = [
     "check_fraction", "top_fraction_records", "select_top_fraction", "fetch_records",
     "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap", "explain", "pick_query",
     "Explanation", "attribute_generated", "generate_queries", "GenerateSpec",
+    "build_ann", "approximate_candidates", "attribute_approximate",
 ]
 
 load = load_model
@@ -124,6 +127,71 @@ def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
         for q, c in enumerate(cands):
             per_query[q].extend(c)
     return per_query
+
+
+def approximate_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
+                           mean: PoolMean | None = None, nprobe: int | None = None,
+                           kind: str | None = None, load: ShardLoader | None = None,
+                           handle: ann.AnnIndex | None = None
+                           ) -> list[list[tuple[float, str]]]:
+    """Per query, candidates for the global top from the index's ANN index (``handle``, or
+    the one ``rise.ann.load_ann`` finds) over the shards it covers, and from an exact scan
+    of the current shards it does not cover (appended since it was built)."""
+    load = load or index.shard
+    handle = handle or ann.load_ann(index.store, index, kind)
+    per_query = ann.search(handle, qs, spec, top, dead=index.tombstones, mean=mean,
+                           nprobe=nprobe, load=load)
+    covered = handle.covered
+    rest = [e for e in index.manifest.shards if e.key not in covered]
+    if rest:
+        scanned = score_candidates(index, qs, spec, top, entries=rest, load=load, mean=mean)
+        per_query = [a + b for a, b in zip(per_query, scanned, strict=True)]
+    return per_query
+
+
+def attribute_approximate(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
+                          nprobe: int | None = None, kind: str | None = None,
+                          handle: ann.AnnIndex | None = None,
+                          load: ShardLoader | None = None) -> list[list[Hit]]:
+    """``attribute_sketched`` through the index's ANN index (``rise.ann``; ``kind`` picks
+    one, ``nprobe`` lists probed, default all) instead of a scan of every shard: hits are
+    reranked exactly, and with every list probed an ``ivf-flat`` answer is the scan's
+    (ids and order; scores the float64 reference's, float32-rounded)."""
+    mean = index_mean(index, spec, load)
+    cands = approximate_candidates(index, qs, spec, top, mean=mean, nprobe=nprobe,
+                                   kind=kind, load=load, handle=handle)
+    return [[Hit(i, s) for i, s in merge_topk([c], top)] for c in cands]
+
+
+def build_ann(index: Index, *, kind: str = "ivf-flat", lists: int | None = None,
+              pq_m: int = 64, threads: int | None = None) -> ann.AnnMeta:
+    """Build the ANN index of ``index``'s current shards beside them (``rise.ann.build``;
+    ``rise ann build INDEX``)."""
+    return ann.build(index.store, index, kind=kind, lists=lists, pq_m=pq_m, threads=threads)
+
+
+def compact(store: Store, *, shard_size: int | None = None,
+            before_write: Callable[[], None] | None = None) -> int | None:
+    """``rise.index.compact``, then the ANN indexes the index had are built again over the
+    new shards (same kind, lists and PQ width; lists capped by the rows left) and the old
+    ones deleted.  Returns the new generation, or None when there was nothing to erase."""
+    metas = ann.all_metas(store)
+    gen = compact_shards(store, shard_size=shard_size, before_write=before_write)
+    if gen is None or not metas:
+        return gen
+    index = open_index(store)
+    rows = sum(e.count for e in index.manifest.shards)
+    built = set()
+    for m in sorted(metas, key=lambda m: m.generation, reverse=True):
+        if m.kind in built or rows == 0:
+            continue
+        if before_write is not None:
+            before_write()
+        ann.build(store, index, kind=m.kind, lists=min(m.lists, rows),
+                  pq_m=m.pq_m or 64)
+        built.add(m.kind)
+    ann.delete_stale(store, index)
+    return gen
 
 
 def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,

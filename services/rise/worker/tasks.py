@@ -44,13 +44,13 @@ from kombu import Queue
 from kombu.exceptions import KombuError
 
 from rise import ingest, taskclient
+from rise.api import compact as compact_index
 from rise.api import explain as explain_hit
 from rise.api import generate_queries, pick_query, sketch_queries
 from rise.data import FieldMap, records_from_dicts
 from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
 from rise.generate import GenerateSpec
-from rise.index import compact as compact_index
 from rise.index import model_entry, open_index
 from rise.jobrecords import JobRecords
 from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, Fenced, JobStore
@@ -372,7 +372,8 @@ def compact(self: RiseTask, job_id: str, outage_since: float | None = None) -> s
 
 
 def _compact(settings: Settings, js: JobStore, job: dict[str, Any]) -> str:
-    """``rise.index.compact`` of the job's index, fenced like every other write."""
+    """``rise.api.compact`` of the job's index (its ANN indexes rebuilt), fenced like every
+    other write."""
     job_id = job["id"]
     js.set_state(job_id, RUNNING)
     store = _store(settings, work.Request.of(job).prefix)

@@ -46,10 +46,33 @@ class JobRecord(BaseModel):
     error_code: str = ""
     error_message: str = ""
     ended_at: float = 0.0
+    started_at: float = 0.0
+    """The job's progress as it ended (0 in records written before it ended), so that
+    GetJob still answers once the job's state in Redis expired (``job_ttl_seconds``)."""
+    shards_total: int = 0
+    shards_done: int = 0
+    examples_total: int = 0
+    examples_done: int = 0
+    tokens_done: int = 0
 
     @property
     def ended(self) -> bool:
         return self.state in TERMINAL
+
+    def as_job(self) -> dict[str, Any]:
+        """The job as the job store holds it (``rise.jobs``), from this record."""
+        return {"id": self.id, "tenant": self.tenant, "kind": self.kind, "index": self.index,
+                "state": self.state, "request": self.request, "created_at": self.created_at,
+                "started_at": self.started_at, "finished_at": self.ended_at,
+                "error_code": self.error_code, "error_message": self.error_message,
+                "generation": self.generation, "shards_total": self.shards_total,
+                "shards_done": self.shards_done, "examples_total": self.examples_total,
+                "examples_done": self.examples_done, "tokens_done": self.tokens_done,
+                "truncated": 0, "tokens_total": 0, "fence": 0}
+
+
+_PROGRESS = ("started_at", "shards_total", "shards_done", "examples_total", "examples_done",
+             "tokens_done")
 
 
 def record_key(tenant: str, job_id: str) -> str:
@@ -106,7 +129,8 @@ class JobRecords:
             "state": job["state"], "generation": int(job.get("generation") or 0)
             or record.generation, "error_code": job.get("error_code", ""),
             "error_message": job.get("error_message", ""),
-            "ended_at": job.get("finished_at") or time.time()}))
+            "ended_at": job.get("finished_at") or time.time(),
+            **{k: job.get(k) or 0 for k in _PROGRESS}}))
 
     def all(self) -> list[JobRecord]:
         out = []

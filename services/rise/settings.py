@@ -190,8 +190,8 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(default=7 * 86400, ge=60)
     """A job's hash in Redis (state, counters) expires this long after the job ended, once
     the controller wrote the end to the job's record in the store
-    (``jobs/<tenant>/<id>.json``, ``rise.jobrecords``); GetJob and ListJobs no longer show
-    it after that.  Read by the controller."""
+    (``jobs/<tenant>/<id>.json``, ``rise.jobrecords``); after that ListJobs no longer lists
+    it and GetJob answers from the record.  Read by the controller."""
 
     def tokens(self) -> dict[str, str]:
         """Bearer token -> tenant, from auth_tokens_file."""

@@ -505,10 +505,24 @@ class IndexService(_Base, rise_pb2_grpc.IndexServiceServicer):
         return ModelEntry.model_validate(out)
 
 
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 class JobService(_Base, rise_pb2_grpc.JobServiceServicer):
     @rpc("gateway")
     def GetJob(self, req: rise_pb2.GetJobRequest, context) -> rise_pb2.Job:
-        return convert.job_to(self.d.jobs.get(self.auth.tenant(context), req.id))
+        tenant = self.auth.tenant(context)
+        try:
+            return convert.job_to(self.d.jobs.get(tenant, req.id))
+        except NotFound:
+            # Its state in Redis expired after it ended (RISE_JOB_TTL_SECONDS): the record
+            # in the store still holds how it ended.  Job ids are uuid4 hex, nothing else.
+            if not _JOB_ID.fullmatch(req.id or ""):
+                raise
+            record = self.records.get(tenant, req.id)
+            if record is None or not record.ended:
+                raise
+            return convert.job_to(record.as_job())
 
     @rpc("gateway")
     def ListJobs(self, req: rise_pb2.ListJobsRequest, context) -> rise_pb2.ListJobsResponse:

@@ -245,3 +245,13 @@ def test_cli_adapter_flag(lora_index, tmp_path, capsys):
     hits = json.loads((tmp_path / "o.jsonl").read_text())["results"]
     assert len(hits) == len(TEXTS)
 
+
+def test_a_worker_pool_names_an_adapter(lora_index):
+    """``RISE_POOLS`` entries take ``adapter``: the pool's model is the adapted one."""
+    from rise.settings import Pool, Settings
+    from rise.worker.work import load_pool_model
+
+    _, base, adapter, _ = lora_index
+    lm = load_pool_model(Pool(model=str(base), adapter=str(adapter)), Settings())
+    assert lm.identity.adapter_sha256 == read_adapter(adapter).sha256
+    assert load_pool_model(Pool(model=str(base)), Settings()).identity.adapter_sha256 is None

@@ -157,8 +157,9 @@ def load_pool_model(pool: Pool, settings: Settings) -> LoadedModel:
     cache, shared by the worker processes)."""
     hf_logging.disable_progress_bar()  # Celery would log every tqdm refresh as a warning
     model = local_model(pool.model, settings)
+    adapter = local_model(pool.adapter, settings) if pool.adapter else None
     if pool.gpus == 0:
-        return load_model(model, dtype="float32", device_map=None)
+        return load_model(model, dtype="float32", device_map=None, adapter=adapter)
     # GPU branch: the planner's device map pins the head and final norm to the last GPU
     # (the head device, where the sketches run) and spreads the layers over the others.
     # Not exercised by the CPU test suite.
@@ -168,7 +169,7 @@ def load_pool_model(pool: Pool, settings: Settings) -> LoadedModel:
         raise BudgetExceeded(f"model {pool.model} does not fit the pool's GPUs: {plan.reason}")
     budget = parse_bytes(pool.gpu_memory)
     return load_model(model, dtype=pool.dtype, device_map=plan.device_map,
-                      max_memory={i: budget for i in range(pool.gpus)})
+                      max_memory={i: budget for i in range(pool.gpus)}, adapter=adapter)
 
 
 def get_model(settings: Settings, name: str,

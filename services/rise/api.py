@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from rise import ann, constants
+from rise.config import check_collapse
 from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
 from rise.errors import InvalidInput, Mismatch
 from rise.explain import Explanation, explain, pick_query
@@ -37,11 +38,14 @@ from rise.score import (
     PoolMean,
     QuerySet,
     ScoreSpec,
+    group_near_duplicates,
     make_queryset,
     merge_topk,
     pool_mean,
     rank_values,
+    row_similarity,
     shard_scores,
+    stored_unit,
     topk_candidates,
     value_scores,
 )
@@ -54,6 +58,7 @@ __all__ = [
     "score_candidates", "value_candidates", "replica_shards", "index_mean",
     "check_fraction", "top_fraction_records", "select_top_fraction", "fetch_records",
     "inspect", "read_records", "Hit", "ScoreSpec", "FieldMap", "explain", "pick_query",
+    "candidate_rows", "collapse_ranked", "overfetch",
     "Explanation", "attribute_generated", "generate_queries", "GenerateSpec",
     "build_ann", "approximate_candidates", "attribute_approximate",
 ]
@@ -66,6 +71,8 @@ create = create_index
 class Hit:
     id: str
     score: float
+    duplicates: tuple[Hit, ...] = ()
+    """With collapse: the near-duplicates grouped into this hit, best first."""
 
 
 def sketch_queries(index: Index, lm: LoadedModel, records: Sequence[Record],
@@ -108,12 +115,18 @@ def index_mean(index: Index, spec: ScoreSpec, load: ShardLoader | None = None
     return pool_mean((load(e) for e in index.manifest.shards), index.tombstones)
 
 
+Located = dict[str, tuple[ShardEntry, int]]
+"""Candidate id -> (its shard's manifest entry, its row in the shard)."""
+
+
 def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
                      entries: Sequence[ShardEntry] | None = None,
                      load: ShardLoader | None = None, mean: PoolMean | None = None,
-                     reference: bool = False) -> list[list[tuple[float, str]]]:
+                     reference: bool = False, locate: Located | None = None,
+                     ) -> list[list[tuple[float, str]]]:
     """Per query, the candidates of the given shards (default: all) for the global top.
-    ``reference``: float64 arithmetic instead of the float32 scan (``rise.score``)."""
+    ``reference``: float64 arithmetic instead of the float32 scan (``rise.score``);
+    ``locate``: filled with where each candidate is (collapsing reads its sketch)."""
     if top < 1:
         raise InvalidInput("top must be >= 1")
     load = load or index.shard
@@ -124,9 +137,88 @@ def score_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
         sd = load(entry)
         cands = topk_candidates(shard_scores(qs, sd, spec, vocab, mean, reference=reference),
                                 sd.ids, dead, top)
+        rows = ({rid: i for i, rid in enumerate(sd.ids) if rid not in dead}
+                if locate is not None else {})
         for q, c in enumerate(cands):
             per_query[q].extend(c)
+            if locate is not None:
+                for _, rid in c:
+                    locate[rid] = (entry, rows[rid])
     return per_query
+
+
+def overfetch(top: int, live: int) -> int:
+    """Candidates fetched to show ``top`` collapsed hits at first (more when too few
+    distinct sources are among them)."""
+    return min(max(top * constants.COLLAPSE_OVERFETCH, top + 16), max(live, 1))
+
+
+def candidate_rows(index: Index, ids: Sequence[str], located: Located,
+                   load: ShardLoader | None = None) -> QuerySet:
+    """The stored rows (unit sketches, or exact factors, and norms) of indexed ids, in
+    the order given, read shard by shard."""
+    load = load or index.shard
+    by_shard: dict[str, list[int]] = {}
+    entries: dict[str, ShardEntry] = {}
+    for n, rid in enumerate(ids):
+        if rid not in located:
+            raise InvalidInput(f"candidate {rid!r} has no location")
+        entry, _ = located[rid]
+        by_shard.setdefault(entry.key, []).append(n)
+        entries[entry.key] = entry
+    sketched = index.config.sketched
+    norms = torch.zeros(len(ids), 2, dtype=torch.float64)
+    rh: list[torch.Tensor | None] = [None] * len(ids)
+    gh: list[torch.Tensor | None] = [None] * len(ids)
+    factors: list[Any] = [None] * len(ids)
+    for key, positions in by_shard.items():
+        sd = load(entries[key])
+        rows = [located[ids[n]][1] for n in positions]
+        for n, r in zip(positions, rows, strict=True):
+            if not 0 <= r < len(sd) or sd.ids[r] != ids[n]:
+                raise InvalidInput(f"candidate {ids[n]!r} is not at row {r} of {key}")
+        norms[positions] = sd.norms[rows].double()
+        if sketched:
+            assert sd.rh is not None and sd.gh is not None
+            urh, ugh = stored_unit(sd.rh[rows]), stored_unit(sd.gh[rows])
+            for j, n in enumerate(positions):
+                rh[n], gh[n] = urh[j], ugh[j]
+        else:
+            assert sd.factors is not None
+            for n, r in zip(positions, rows, strict=True):
+                factors[n] = sd.factors[r]
+    if sketched:
+        dim_r, dim_g = index.config.channel_dim("rh"), index.config.channel_dim("gh")
+        return QuerySet(ids=list(ids), norms=norms,
+                        rh=torch.stack(rh) if ids else torch.zeros(0, dim_r),  # type: ignore[arg-type]
+                        gh=torch.stack(gh) if ids else torch.zeros(0, dim_g))  # type: ignore[arg-type]
+    return QuerySet(ids=list(ids), norms=norms, factors=factors)
+
+
+def collapse_ranked(index: Index, ranked: Sequence[Sequence[tuple[str, float]]],
+                    located: Located, spec: ScoreSpec, threshold: float, top: int, *,
+                    load: ShardLoader | None = None, mean: PoolMean | None = None,
+                    ) -> list[list[list[tuple[str, float]]]]:
+    """Per query, its ranked candidates grouped into at most ``top`` groups of
+    near-duplicates (``rise.score.group_near_duplicates``), the similarity being the
+    combined cosine of their stored sketches (``row_similarity``, centered by ``mean``
+    when the scores are).  Each candidate's sketch is read once for all queries."""
+    check_collapse(threshold)
+    ids = sorted({rid for hits in ranked for rid, _ in hits})
+    rows = candidate_rows(index, ids, located, load)
+    where = {rid: n for n, rid in enumerate(ids)}
+    vocab = index.manifest.model.vocab
+    out = []
+    for hits in ranked:
+        pick = [where[rid] for rid, _ in hits]
+        sub = QuerySet(ids=[ids[n] for n in pick], norms=rows.norms[pick],
+                       rh=rows.rh[pick] if rows.rh is not None else None,
+                       gh=rows.gh[pick] if rows.gh is not None else None,
+                       factors=[rows.factors[n] for n in pick]
+                       if rows.factors is not None else None)
+        sim = row_similarity(sub, sub, spec, vocab, mean)
+        out.append(group_near_duplicates(hits, sim, threshold, top))
+    return out
 
 
 def approximate_candidates(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
@@ -195,12 +287,39 @@ def compact(store: Store, *, shard_size: int | None = None,
 
 
 def attribute_sketched(index: Index, qs: QuerySet, spec: ScoreSpec, top: int, *,
-                       reference: bool = False) -> list[list[Hit]]:
+                       reference: bool = False, collapse: float | None = None
+                       ) -> list[list[Hit]]:
     """Top ``top`` live examples per query, best first, ties by id (``reference``: in
-    float64, the yardstick of the float32 scan's precision bound)."""
-    cands = score_candidates(index, qs, spec, top, mean=index_mean(index, spec),
-                             reference=reference)
-    return [[Hit(i, s) for i, s in merge_topk([c], top)] for c in cands]
+    float64, the yardstick of the float32 scan's precision bound).
+
+    ``collapse``: a cosine threshold; hits whose sketches are at least that similar are
+    one source, shown once with the others as its ``duplicates``, so the top ``top`` are
+    ``top`` distinct sources (``collapse_ranked``).  Candidates are over-fetched
+    (``overfetch``) and fetched again, four times as many, until ``top`` groups are found,
+    the whole pool or ``constants.COLLAPSE_MAX_FETCH`` candidates were seen (the services
+    stop there too, so both answer the same); duplicates are those among the candidates
+    fetched."""
+    mean = index_mean(index, spec)
+    if collapse is None:
+        cands = score_candidates(index, qs, spec, top, mean=mean, reference=reference)
+        return [[Hit(i, s) for i, s in merge_topk([c], top)] for c in cands]
+    check_collapse(collapse)
+    if top < 1:
+        raise InvalidInput("top must be >= 1")
+    live = index.live_count
+    fetch = overfetch(top, live)
+    while True:
+        located: Located = {}
+        cands = score_candidates(index, qs, spec, fetch, mean=mean, reference=reference,
+                                 locate=located)
+        ranked = [merge_topk([c], fetch) for c in cands]
+        groups = collapse_ranked(index, ranked, located, spec, collapse, top, mean=mean)
+        if fetch >= min(live, constants.COLLAPSE_MAX_FETCH) \
+                or all(len(g) >= top for g in groups):
+            break
+        fetch = min(fetch * constants.COLLAPSE_OVERFETCH, live, constants.COLLAPSE_MAX_FETCH)
+    return [[Hit(g[0][0], g[0][1], tuple(Hit(i, s) for i, s in g[1:])) for g in gs]
+            for gs in groups]
 
 
 def value_candidates(index: Index, targets: QuerySet, spec: ScoreSpec, *,
@@ -233,12 +352,15 @@ def value_sketched(index: Index, targets: QuerySet, spec: ScoreSpec, *,
 def attribute(index: Index, lm: LoadedModel, queries: str | os.PathLike, *,
               fields: FieldMap | None = None, spec: ScoreSpec | None = None, top: int = 10,
               batch_size: int = constants.DEFAULT_BATCH_SIZE,
-              progress: ProgressFn | None = None) -> list[tuple[str, list[Hit]]]:
-    """Sketch the queries in a data file and return (query id, top hits) per query."""
+              progress: ProgressFn | None = None, collapse: float | None = None,
+              ) -> list[tuple[str, list[Hit]]]:
+    """Sketch the queries in a data file and return (query id, top hits) per query
+    (``collapse``: see ``attribute_sketched``)."""
     records = read_records(queries, fields or FieldMap())
     qs = sketch_queries(index, lm, records, fields or FieldMap(), batch_size=batch_size,
                         progress=progress)
-    return list(zip(qs.ids, attribute_sketched(index, qs, spec or ScoreSpec(), top), strict=True))
+    return list(zip(qs.ids, attribute_sketched(index, qs, spec or ScoreSpec(), top,
+                                               collapse=collapse), strict=True))
 
 
 def generate_queries(index: Index, lm: LoadedModel, prompts: Sequence[Record],

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from rise import __version__, constants
 from rise.cliutil import (
+    add_collapse_arg,
     add_field_args,
     add_scoring_args,
     check_output,
@@ -29,7 +30,7 @@ from rise.cliutil import (
     write_jsonl,
     write_text,
 )
-from rise.config import make_config, parse_dims
+from rise.config import check_collapse, make_config, parse_dims
 from rise.data import FieldMap, read_records
 from rise.errors import InvalidInput, NotFound, RiseError
 from rise.modelscli import add_models_parser
@@ -225,6 +226,10 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     spec = _spec(a)
     gen = _generate_spec(a)
     check_output(a.output)
+    if a.collapse is not None:
+        check_collapse(a.collapse)
+        if gen is not None:
+            raise InvalidInput("--collapse applies to --queries, not to --generate")
     if gen is not None:
         return _attribute_generated(a, spec, gen)
     idx = _open(a.index)
@@ -235,9 +240,11 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     qs = sketch_queries(idx, lm, records, fields, batch_size=a.batch_size, progress=p)
     speed = p.close()
     t0 = time.perf_counter()
-    hits = attribute_sketched(idx, qs, spec, a.top)
-    rows = [{"query_id": q, "results": [{"id": h.id, "score": h.score} for h in hs]}
-            for q, hs in zip(qs.ids, hits, strict=True)]
+    hits = attribute_sketched(idx, qs, spec, a.top, collapse=a.collapse)
+    rows = [{"query_id": q, "results": [
+        {"id": h.id, "score": h.score, **({"duplicates": [
+            {"id": d.id, "score": d.score} for d in h.duplicates]} if a.collapse else {})}
+        for h in hs]} for q, hs in zip(qs.ids, hits, strict=True)]
     write_jsonl(a.output, rows)
     emit(a, {"queries": len(rows), "output": a.output, "top": a.top,
               "score_seconds": round(time.perf_counter() - t0, 3), **speed},
@@ -437,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float,
                    help="sample at this temperature (default: greedy)")
     g.add_argument("--seed", type=int, help="sampling seed; prompt i uses seed + i (default: 0)")
+    add_collapse_arg(sp)
     sp.add_argument("--output", required=True, help="JSONL, one line per query")
     sp.add_argument("--top", type=int, default=10)
     add_field_args(sp)

@@ -326,6 +326,24 @@ class RiseClient:
         return [(r.query_id, [(h.id, h.score, _json(h.record_json)) for h in r.hits])
                 for r in resp.results]
 
+    def attribute_collapsed(self, index: str, queries: Sequence[str | Mapping[str, Any]],
+                            top: int = 10, threshold: float = 0.0, channel: str = "both",
+                            score: str = "cosine", lam: float | None = None,
+                            center: bool | None = None, return_texts: bool = False,
+                            chat_template: bool = False,
+                            ) -> list[tuple[str, list[tuple[Hit, list[Hit]]]]]:
+        """``attribute`` with near-duplicates collapsed: per query, ``top`` distinct
+        sources, each (hit, its near-duplicates), best first; ``threshold`` is the sketch
+        cosine at which two hits are one source (0: the gateway's default)."""
+        recs, pr = _records(queries)
+        resp = self._call(self._scoring.Attribute, rise_pb2.AttributeRequest(
+            index=index, queries=recs, fields=_record_fields(pr, chat_template), top=top,
+            scoring=_scoring(channel, score, lam, center), return_texts=return_texts,
+            collapse=True, collapse_threshold=threshold))
+        return [(r.query_id, [((h.id, h.score, _json(h.record_json)),
+                               [(d.id, d.score, _json(d.record_json)) for d in h.duplicates])
+                              for h in r.hits]) for r in resp.results]
+
     def attribute_generated(self, index: str, prompts: Sequence[str | Mapping[str, Any]], *,
                             max_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0,
                             top: int = 10, channel: str = "both", score: str = "cosine",

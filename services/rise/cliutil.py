@@ -47,6 +47,15 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
                         "scores and exact/no-sketch indexes)")
 
 
+def add_collapse_arg(p: argparse.ArgumentParser) -> None:
+    """``--collapse [THRESHOLD]``: near-duplicate hits shown once, with their duplicates."""
+    p.add_argument("--collapse", nargs="?", type=float, const=constants.DEFAULT_COLLAPSE,
+                   default=None, metavar="THRESHOLD",
+                   help="group hits whose sketches have a combined cosine of at least "
+                        f"THRESHOLD (default {constants.DEFAULT_COLLAPSE}) into one result with "
+                        "its duplicates, so the top N are N distinct sources")
+
+
 def read_ids(path: str) -> list[str]:
     """Ids from a file: one per line, or JSONL lines with an ``id``; blank lines skipped."""
     if not os.path.exists(path):

@@ -209,3 +209,11 @@ def parse_dims(text: str) -> tuple[int, int, int]:
                                   for p in parts):
         raise InvalidInput(f"--dims must be three positive integers KR,KH,KG, got {text!r}")
     return (int(parts[0]), int(parts[1]), int(parts[2]))
+
+
+def check_collapse(threshold: float) -> float:
+    """InvalidInput unless ``threshold`` is a collapse threshold: a cosine in (0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) \
+            or not 0.0 < threshold <= 1.0:
+        raise InvalidInput(f"collapse threshold must be a cosine in (0, 1], got {threshold}")
+    return float(threshold)

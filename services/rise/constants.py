@@ -34,6 +34,13 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_LAMBDA = 0.5
+# Collapse of near-duplicate hits: two hits are one source when the combined cosine of
+# their sketches is at least this (measured: tests/benchmarks/reports/collapse.md).
+DEFAULT_COLLAPSE = 0.9
+# Candidates fetched per shown hit when collapsing (then more, until k groups or the pool,
+# or COLLAPSE_MAX_FETCH per query: a bound on what one scorer answer and one grouping hold).
+COLLAPSE_OVERFETCH = 4
+COLLAPSE_MAX_FETCH = 2048
 # Exact mode keeps per-token factors; refuse above this many bytes unless raised.
 DEFAULT_EXACT_BUDGET_BYTES = 2 * 1024**3
 # Head work per chunk: logits, softmax and the residual each take chunk x V floats.

@@ -39,6 +39,7 @@ from rise.settings import Settings
 SCORER_SERVICE = "rise.v1.ScorerService"
 SCORE_SHARDS = f"/{SCORER_SERVICE}/ScoreShards"
 VALUE_SHARDS = f"/{SCORER_SERVICE}/ValueShards"
+GROUP_CANDIDATES = f"/{SCORER_SERVICE}/GroupCandidates"
 
 TENANT = "x-rise-tenant"
 PREFIX = "x-rise-prefix"

@@ -38,6 +38,7 @@ from rise.client import (
     state_name,
 )
 from rise.cliutil import (
+    add_collapse_arg,
     add_field_args,
     add_scoring_args,
     check_output,
@@ -48,7 +49,7 @@ from rise.cliutil import (
     write_jsonl,
     write_text,
 )
-from rise.config import make_config, parse_dims
+from rise.config import check_collapse, make_config, parse_dims
 from rise.data import FieldMap, read_records
 from rise.errors import InvalidInput, Unauthenticated
 from rise.explainview import render_html
@@ -286,6 +287,8 @@ def _scoring(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_attribute(a: argparse.Namespace) -> None:
+    if a.collapse is not None and (a.generate or a.prompts):
+        raise InvalidInput("--collapse applies to --queries, not to --generate")
     if a.generate or a.prompts:
         return _attribute_generated(a)
     given = [f for f, v in (("--max-new-tokens", a.max_new_tokens),
@@ -295,12 +298,22 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     if not a.queries:
         raise InvalidInput("--queries is required (or --generate --prompts FILE)")
     queries = _read(a, a.queries)
+
+    def one(i: str, s: float, rec: Any) -> dict[str, Any]:
+        return {"id": i, "score": s, **({"record": rec} if a.return_texts else {})}
+
     with _client(a) as c:
-        res = c.attribute(_name(a), queries, top=a.top, return_texts=a.return_texts,
-                          **_scoring(a))
-    rows = [{"query_id": q, "results": [
-        {"id": i, "score": s, **({"record": rec} if a.return_texts else {})}
-        for i, s, rec in hits]} for q, hits in res]
+        if a.collapse is not None:
+            grouped = c.attribute_collapsed(_name(a), queries, top=a.top,
+                                            threshold=check_collapse(a.collapse),
+                                            return_texts=a.return_texts, **_scoring(a))
+            rows = [{"query_id": q, "results": [
+                dict(one(*h), duplicates=[one(*d) for d in dups]) for h, dups in groups]}
+                for q, groups in grouped]
+        else:
+            res = c.attribute(_name(a), queries, top=a.top, return_texts=a.return_texts,
+                              **_scoring(a))
+            rows = [{"query_id": q, "results": [one(*h) for h in hits]} for q, hits in res]
     write_jsonl(a.output, rows)
     emit(a, {"queries": len(rows), "output": a.output, "top": a.top},
           f"wrote top-{a.top} attributions of {len(rows)} queries to {a.output}")
@@ -467,6 +480,7 @@ def add_remote_parser(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=10)
     sp.add_argument("--return-texts", action="store_true",
                     help="add each hit's original record to the output")
+    add_collapse_arg(sp)
     add_field_args(sp)
     add_scoring_args(sp)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -477,3 +478,53 @@ def queryset_from_bytes(data: bytes) -> QuerySet:
         raise InvalidInput(f"malformed query features: {e}") from None
     return QuerySet(ids=ids, norms=t["norms"].double(), factors=fs)
 
+
+# ------------------------------------------------------------------ near-duplicates
+
+
+def row_similarity(a: QuerySet, b: QuerySet, spec: ScoreSpec, vocab: int,
+                   mean: PoolMean | None = None) -> torch.Tensor:
+    """(len(a), len(b)) float64: the combined cosine of indexed rows with the channels and
+    lambda of ``spec`` (always cosine, whatever ``spec.score``), sketches centered by
+    ``mean`` when given.  Rows are the stored float16 unit sketches renormalised in float64
+    (``stored_unit``) or exact factors, so every process computes the same numbers."""
+    wr, wg = spec.weights
+    out = torch.zeros(len(a), len(b), dtype=torch.float64)
+    for c, w, col in (("rh", wr, 0), ("gh", wg, 1)):
+        if w == 0.0:
+            continue
+        if a.factors is not None and b.factors is not None:
+            raw = exact.score_matrix(a.factors, b.factors, c, vocab)
+            denom = a.norms[:, col][:, None] * b.norms[:, col][None, :]
+            s = raw / denom.clamp_min(1e-300)
+        else:
+            x, y = getattr(a, c), getattr(b, c)
+            if x is None or y is None:
+                raise InvalidInput("rows of different index modes")
+            s = cosine_block(x, y, getattr(mean, c) if mean is not None else None)
+        out += w * s if w != 1.0 else s
+    return out
+
+
+def group_near_duplicates(hits: Sequence[tuple[str, float]], sim: torch.Tensor,
+                          threshold: float, top: int) -> list[list[tuple[str, float]]]:
+    """Hits (best first) into at most ``top`` groups of near-duplicates, best first.
+
+    In rank order, a hit joins the group whose first (best) hit it is most similar to when
+    that similarity (``sim[i, j]``, ``row_similarity`` of the hits) is at least
+    ``threshold``; otherwise it starts a new group while fewer than ``top`` exist, and is
+    dropped once ``top`` groups exist (it is neither shown nor a duplicate of a shown hit).
+    Deterministic: the hits' order is total (score, then id).
+    """
+    groups: list[list[int]] = []
+    for i in range(len(hits)):
+        best, at = -math.inf, -1
+        for g, members in enumerate(groups):
+            s = float(sim[i, members[0]])
+            if s > best:
+                best, at = s, g
+        if at >= 0 and best >= threshold:
+            groups[at].append(i)
+        elif len(groups) < top:
+            groups.append([i])
+    return [[(hits[i][0], hits[i][1]) for i in g] for g in groups]

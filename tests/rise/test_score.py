@@ -138,3 +138,43 @@ def test_pool_mean_from_memory_mapped_shard(shard_bytes, tmp_path):
     a = S.pool_mean([parse_shard(shard_bytes)], dead)
     b = S.pool_mean([map_shard(path)], dead)
     assert isinstance(b, PoolMean) and torch.equal(a.rh, b.rh) and torch.equal(a.gh, b.gh)
+
+
+# ------------------------------------------------------------------ near-duplicates
+
+
+def test_group_near_duplicates_leader_rule():
+    """In rank order a hit joins the group whose best hit it is most similar to (at least
+    the threshold), else starts a group while fewer than top exist, else is dropped."""
+    hits = [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6), ("e", 0.5)]
+    sim = torch.eye(5, dtype=torch.float64)
+    sim[1, 0] = sim[0, 1] = 0.95  # b copies a
+    sim[3, 2] = sim[2, 3] = 0.91  # d copies c
+    sim[3, 0] = sim[0, 3] = 0.93  # ... and copies a more closely: it joins a
+    sim[4, 2] = sim[2, 4] = 0.5  # e is its own source
+    groups = S.group_near_duplicates(hits, sim, 0.9, top=3)
+    assert groups == [[("a", 0.9), ("b", 0.8), ("d", 0.6)], [("c", 0.7)], [("e", 0.5)]]
+    assert S.group_near_duplicates(hits, sim, 0.9, top=2) == groups[:2]  # e dropped
+    assert S.group_near_duplicates(hits, sim, 0.99, top=5) == [[h] for h in hits]
+
+
+def test_row_similarity_is_the_centered_combined_cosine():
+    g = torch.Generator().manual_seed(3)
+    common = torch.randn(KR * KH, generator=g, dtype=torch.float64)
+    rh = S.stored_unit(_rows(6, KR * KH, g, common))
+    gh = S.stored_unit(_rows(6, KG * KH, g, common[: KG * KH]))
+    rows = QuerySet(ids=[str(i) for i in range(6)], norms=torch.ones(6, 2), rh=rh, gh=gh)
+    mean = PoolMean(rh=rh.mean(0), gh=gh.mean(0))
+    sim = S.row_similarity(rows, rows, ScoreSpec(lam=0.25), 0, mean)
+
+    def cos(x, y):
+        return float((x @ y) / (x.norm() * y.norm()))
+
+    for i, j in ((0, 1), (2, 5)):
+        want = 0.25 * cos(rh[i] - mean.rh, rh[j] - mean.rh) \
+            + 0.75 * cos(gh[i] - mean.gh, gh[j] - mean.gh)
+        assert abs(float(sim[i, j]) - want) < 1e-12
+    assert torch.allclose(torch.diagonal(sim), torch.ones(6, dtype=torch.float64))
+    # Raw scoring still compares sketches by cosine.
+    raw = S.row_similarity(rows, rows, ScoreSpec(channel="rh", score="raw"), 0, None)
+    assert abs(float(raw[0, 1]) - cos(rh[0], rh[1])) < 1e-12

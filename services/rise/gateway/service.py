@@ -26,8 +26,14 @@ import grpc
 
 from rise import constants, taskclient
 from rise import v1convert as convert
-from rise.api import check_fraction, fetch_records, pick_query, top_fraction_records
-from rise.config import SketchConfig
+from rise.api import (
+    check_fraction,
+    fetch_records,
+    overfetch,
+    pick_query,
+    top_fraction_records,
+)
+from rise.config import SketchConfig, check_collapse
 from rise.data import FieldMap, records_from_dicts, write_records
 from rise.errors import (
     AlreadyExists,
@@ -47,7 +53,7 @@ from rise.gateway.limits import check_active_jobs
 from rise.generate import DEFAULT_MAX_NEW_TOKENS, GenerateSpec
 from rise.grpcutil import rpc
 from rise.index import Index, delete, open_index, verify
-from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Signer
+from rise.internalauth import GROUP_CANDIDATES, SCORE_SHARDS, VALUE_SHARDS, Signer
 from rise.jobrecords import JobRecords
 from rise.jobs import TERMINAL, JobStore, check_name, index_prefix
 from rise.manifest import Manifest, ModelEntry
@@ -647,6 +653,11 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
         top = req.top or 10
         if top > 10_000:
             raise_exhausted("top is limited to 10000")
+        threshold: float | None = None
+        if req.collapse:
+            threshold = check_collapse(req.collapse_threshold or constants.DEFAULT_COLLAPSE)
+        elif req.collapse_threshold:
+            raise InvalidInput("collapse_threshold needs collapse")
         generated: list[dict[str, Any]] | None = None
         if req.HasField("generate"):
             index, payload, generated = self._prepare_generated(tenant, req, spec)
@@ -655,30 +666,82 @@ class ScoringService(_Base, rise_pb2_grpc.ScoringServiceServicer):
                                               req.HasField("fields"), "queries", spec)
         qbytes = base64.b64decode(payload)
         scoring = req.scoring if req.HasField("scoring") else common_pb2.Scoring()
-        replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
-            shards=self._selector(tenant, req.index, index, i, n), queries=qbytes,
-            scoring=scoring, top=top), timeout=self.d.settings.query_timeout_seconds,
-            metadata=self._signed(SCORE_SHARDS, tenant, req.index)))
-        n_queries = len(replies[0].queries)
-        merged = [merge_topk([[(c.score, c.id) for c in r.queries[q].candidates]
-                              for r in replies], top) for q in range(n_queries)]
+        if threshold is None:
+            merged = [[[c] for c in hits] for hits in
+                      self._candidates(tenant, req.index, index, qbytes, scoring, top)]
+        else:
+            merged = self._collapsed(tenant, req.index, index, qbytes, scoring, top, threshold)
         texts: dict[str, dict[str, Any]] = {}
         if req.return_texts:
-            texts = fetch_records(index, {i for hits in merged for i, _ in hits},
+            texts = fetch_records(index, {c.id for hits in merged for g in hits for c in g},
                                   self.d.materialize)
+
+        def hit(c: scorer_pb2.Candidate) -> rise_pb2.Hit:
+            return rise_pb2.Hit(id=c.id, score=c.score, record_json=json.dumps(texts[c.id])
+                                if c.id in texts else "")
         fields = convert.fields_from(req.fields if req.HasField("fields") else None)
         if generated is not None:
             qids = [g["id"] for g in generated]
         else:
             rows = convert.record_dicts(req.queries, fields)
             qids = [r.id for r in records_from_dicts(rows, fields)]
-        resp = rise_pb2.AttributeResponse(generation=index.generation, results=[
-            rise_pb2.QueryResult(query_id=qid, hits=[
-                rise_pb2.Hit(id=i, score=s, record_json=json.dumps(texts[i]) if i in texts else "")
-                for i, s in hits]) for qid, hits in zip(qids, merged, strict=True)])
+        resp = rise_pb2.AttributeResponse(generation=index.generation)
+        for qid, groups in zip(qids, merged, strict=True):
+            res = resp.results.add(query_id=qid)
+            for members in groups:
+                res.hits.append(hit(members[0]))
+                res.hits[-1].duplicates.extend(hit(c) for c in members[1:])
         for res, g in zip(resp.results, generated or [], strict=False):
             res.prompt, res.generated_text = g["prompt"], g["response"]
         return resp
+
+    def _group(self, request: scorer_pb2.GroupCandidatesRequest, tenant: str, name: str,
+               stub: scorer_pb2_grpc.ScorerServiceStub, i: int, n: int
+               ) -> scorer_pb2.GroupCandidatesResponse | None:
+        """GroupCandidates on the first replica only (any replica reads any shard)."""
+        if i != 0:
+            return None
+        return stub.GroupCandidates(request, timeout=self.d.settings.query_timeout_seconds,
+                                    metadata=self._signed(GROUP_CANDIDATES, tenant, name))
+
+    def _candidates(self, tenant: str, name: str, index: Index, qbytes: bytes,
+                    scoring: common_pb2.Scoring, top: int
+                    ) -> list[list[scorer_pb2.Candidate]]:
+        """Per query, the global top ``top`` candidates (with their shard and row), merged
+        from every scorer replica's best."""
+        replies = self._fan_out(lambda stub, i, n: stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
+            shards=self._selector(tenant, name, index, i, n), queries=qbytes,
+            scoring=scoring, top=top), timeout=self.d.settings.query_timeout_seconds,
+            metadata=self._signed(SCORE_SHARDS, tenant, name)))
+        out = []
+        for q in range(len(replies[0].queries)):
+            by_id = {c.id: c for r in replies for c in r.queries[q].candidates}
+            best = merge_topk([[(c.score, c.id) for c in r.queries[q].candidates]
+                               for r in replies], top)
+            out.append([by_id[i] for i, _ in best])
+        return out
+
+    def _collapsed(self, tenant: str, name: str, index: Index, qbytes: bytes,
+                   scoring: common_pb2.Scoring, top: int, threshold: float
+                   ) -> list[list[list[scorer_pb2.Candidate]]]:
+        """Per query, ``top`` groups of near-duplicates (fewer when the pool has fewer
+        distinct sources): the replicas' candidates over-fetched and merged, then grouped
+        by one scorer (GroupCandidates), which reads their sketches; fetched again, more,
+        while a query has fewer than ``top`` groups (``rise.api.attribute_sketched``)."""
+        live = index.live_count
+        fetch = overfetch(top, live)
+        while True:
+            cands = self._candidates(tenant, name, index, qbytes, scoring, fetch)
+            request = scorer_pb2.GroupCandidatesRequest(
+                shards=self._selector(tenant, name, index, 0, 0), scoring=scoring,
+                threshold=threshold, top=top,
+                queries=[scorer_pb2.QueryCandidates(candidates=c) for c in cands])
+            reply = self._fan_out(functools.partial(self._group, request, tenant, name))[0]
+            groups = [[list(g.members) for g in qg.groups] for qg in reply.queries]
+            if fetch >= min(live, constants.COLLAPSE_MAX_FETCH) \
+                    or all(len(g) >= top for g in groups):
+                return groups
+            fetch = min(fetch * constants.COLLAPSE_OVERFETCH, live, constants.COLLAPSE_MAX_FETCH)
 
     def _prepare_generated(self, tenant: str, req: rise_pb2.AttributeRequest, spec: ScoreSpec
                            ) -> tuple[Index, str, list[dict[str, Any]]]:

@@ -31,7 +31,13 @@ from rise.datasets import open_store
 from rise.errors import Cancelled, InvalidInput, Mismatch, RiseError
 from rise.grpcutil import rpc
 from rise.index import Index, read_manifest
-from rise.internalauth import SCORE_SHARDS, VALUE_SHARDS, Verifier, authorize
+from rise.internalauth import (
+    GROUP_CANDIDATES,
+    SCORE_SHARDS,
+    VALUE_SHARDS,
+    Verifier,
+    authorize,
+)
 from rise.manifest import Manifest, ShardEntry
 from rise.metrics import Metrics, for_service
 from rise.score import (
@@ -217,15 +223,53 @@ class Scorer(pb_grpc.ScorerServiceServicer):
         top = request.top or DEFAULT_TOP
         mean = self._mean(prefix, index, spec, entries)
         load = _while_active(context, self.cache.loader(prefix, scan=True))
+        groups = self._groups(entries)
+        located: dict[int, api.Located] = {id(g): {} for g in groups}
         parts = self._map(
             lambda group: api.score_candidates(index, qs, spec, top, entries=group, load=load,
-                                               mean=mean),
-            self._groups(entries))
+                                               mean=mean, locate=located[id(group)]),
+            groups)
+        where = {rid: loc for part in located.values() for rid, loc in part.items()}
+        position = {e.key: i for i, e in enumerate(index.manifest.shards)}
         resp = pb.ScoreShardsResponse(shards_scored=len(entries))
         for q in range(len(qs)):
             best = merge_topk((p[q] for p in parts), top)
             resp.queries.add().candidates.extend(
-                pb.Candidate(id=rid, score=score) for rid, score in best)
+                pb.Candidate(id=rid, score=score, shard=position[where[rid][0].key],
+                             row=where[rid][1]) for rid, score in best)
+        return resp
+
+    @rpc("scorer")
+    def GroupCandidates(self, request: pb.GroupCandidatesRequest, context: Any
+                        ) -> pb.GroupCandidatesResponse:
+        """Each query's candidates (merged over the replicas, best first) grouped into
+        near-duplicates (``rise.api.collapse_ranked``), their sketches read from any shard
+        of the generation; the pool mean is the one ScoreShards centered with."""
+        prefix, index, _ = self._select(request.shards, context, GROUP_CANDIDATES)
+        spec = spec_from(request.scoring if request.HasField("scoring") else None)
+        top = request.top or DEFAULT_TOP
+        shards = index.manifest.shards
+        located: api.Located = {}
+        ranked = []
+        for qc in request.queries:
+            hits = []
+            for c in qc.candidates:
+                if c.shard >= len(shards):
+                    raise InvalidInput(f"candidate {c.id!r}: shard {c.shard} is not in "
+                                       f"generation {index.generation}")
+                located[c.id] = (shards[c.shard], c.row)
+                hits.append((c.id, c.score))
+            ranked.append(hits)
+        mean = self._mean(prefix, index, spec, [])
+        load = _while_active(context, self.cache.loader(prefix))
+        grouped = api.collapse_ranked(index, ranked, located, spec, request.threshold, top,
+                                      load=load, mean=mean)
+        resp = pb.GroupCandidatesResponse()
+        for q, groups in enumerate(grouped):
+            by_id = {c.id: c for c in request.queries[q].candidates}
+            out = resp.queries.add()
+            for g in groups:
+                out.groups.add().members.extend(by_id[rid] for rid, _ in g)
         return resp
 
     @rpc("scorer")

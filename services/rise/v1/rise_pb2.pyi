@@ -259,7 +259,7 @@ class CancelJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("index", "queries", "fields", "top", "scoring", "return_texts", "generate")
+    __slots__ = ("index", "queries", "fields", "top", "scoring", "return_texts", "generate", "collapse", "collapse_threshold")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,8 @@ class AttributeRequest(_message.Message):
     SCORING_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXTS_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSE_FIELD_NUMBER: _ClassVar[int]
+    COLLAPSE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     index: str
     queries: _containers.RepeatedCompositeFieldContainer[_common_pb2.Record]
     fields: _common_pb2.FieldMap
@@ -274,7 +276,9 @@ class AttributeRequest(_message.Message):
     scoring: _common_pb2.Scoring
     return_texts: bool
     generate: Generation
-    def __init__(self, index: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., top: _Optional[int] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., return_texts: _Optional[bool] = ..., generate: _Optional[_Union[Generation, _Mapping]] = ...) -> None: ...
+    collapse: bool
+    collapse_threshold: float
+    def __init__(self, index: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[_common_pb2.Record, _Mapping]]] = ..., fields: _Optional[_Union[_common_pb2.FieldMap, _Mapping]] = ..., top: _Optional[int] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., return_texts: _Optional[bool] = ..., generate: _Optional[_Union[Generation, _Mapping]] = ..., collapse: _Optional[bool] = ..., collapse_threshold: _Optional[float] = ...) -> None: ...
 
 class Generation(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "seed")
@@ -307,14 +311,16 @@ class QueryResult(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., prompt: _Optional[str] = ..., generated_text: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "record_json")
+    __slots__ = ("id", "score", "record_json", "duplicates")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     record_json: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., record_json: _Optional[str] = ...) -> None: ...
+    duplicates: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., record_json: _Optional[str] = ..., duplicates: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("index", "queries", "query_id", "hit_id", "fields", "scoring", "top")

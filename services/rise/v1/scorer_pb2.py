@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rise.v1 import common_pb2 as rise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/scorer.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\"V\n\rShardSelector\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07replica\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\"}\n\x12ScoreShardsRequest\x12&\n\x06shards\x18\x01 \x01(\x0b\x32\x16.rise.v1.ShardSelector\x12\x0f\n\x07queries\x18\x02 \x01(\x0c\x12!\n\x07scoring\x18\x03 \x01(\x0b\x32\x10.rise.v1.Scoring\x12\x0b\n\x03top\x18\x04 \x01(\r\"&\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"9\n\x0fQueryCandidates\x12&\n\ncandidates\x18\x01 \x03(\x0b\x32\x12.rise.v1.Candidate\"W\n\x13ScoreShardsResponse\x12)\n\x07queries\x18\x01 \x03(\x0b\x32\x18.rise.v1.QueryCandidates\x12\x15\n\rshards_scored\x18\x02 \x01(\r\"p\n\x12ValueShardsRequest\x12&\n\x06shards\x18\x01 \x01(\x0b\x32\x16.rise.v1.ShardSelector\x12\x0f\n\x07targets\x18\x02 \x01(\x0c\x12!\n\x07scoring\x18\x03 \x01(\x0b\x32\x10.rise.v1.Scoring\"P\n\x13ValueShardsResponse\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.rise.v1.Candidate\x12\x15\n\rshards_scored\x18\x02 \x01(\r2\xaf\x01\n\rScorerService\x12M\n\x0bScoreShards\x12\x1b.rise.v1.ScoreShardsRequest\x1a\x1c.rise.v1.ScoreShardsResponse\"\x03\x90\x02\x01\x12O\n\x0bValueShards\x12\x1b.rise.v1.ValueShardsRequest\x1a\x1c.rise.v1.ValueShardsResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rise/v1/scorer.proto\x12\x07rise.v1\x1a\x14rise/v1/common.proto\"V\n\rShardSelector\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0f\n\x07replica\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\"}\n\x12ScoreShardsRequest\x12&\n\x06shards\x18\x01 \x01(\x0b\x32\x16.rise.v1.ShardSelector\x12\x0f\n\x07queries\x18\x02 \x01(\x0c\x12!\n\x07scoring\x18\x03 \x01(\x0b\x32\x10.rise.v1.Scoring\x12\x0b\n\x03top\x18\x04 \x01(\r\"B\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x0b\n\x03row\x18\x04 \x01(\r\"9\n\x0fQueryCandidates\x12&\n\ncandidates\x18\x01 \x03(\x0b\x32\x12.rise.v1.Candidate\"W\n\x13ScoreShardsResponse\x12)\n\x07queries\x18\x01 \x03(\x0b\x32\x18.rise.v1.QueryCandidates\x12\x15\n\rshards_scored\x18\x02 \x01(\r\"p\n\x12ValueShardsRequest\x12&\n\x06shards\x18\x01 \x01(\x0b\x32\x16.rise.v1.ShardSelector\x12\x0f\n\x07targets\x18\x02 \x01(\x0c\x12!\n\x07scoring\x18\x03 \x01(\x0b\x32\x10.rise.v1.Scoring\"P\n\x13ValueShardsResponse\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.rise.v1.Candidate\x12\x15\n\rshards_scored\x18\x02 \x01(\r\"\xae\x01\n\x16GroupCandidatesRequest\x12&\n\x06shards\x18\x01 \x01(\x0b\x32\x16.rise.v1.ShardSelector\x12!\n\x07scoring\x18\x02 \x01(\x0b\x32\x10.rise.v1.Scoring\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0b\n\x03top\x18\x04 \x01(\r\x12)\n\x07queries\x18\x05 \x03(\x0b\x32\x18.rise.v1.QueryCandidates\"5\n\x0e\x43\x61ndidateGroup\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.rise.v1.Candidate\"6\n\x0bQueryGroups\x12\'\n\x06groups\x18\x01 \x03(\x0b\x32\x17.rise.v1.CandidateGroup\"@\n\x17GroupCandidatesResponse\x12%\n\x07queries\x18\x01 \x03(\x0b\x32\x14.rise.v1.QueryGroups2\x8a\x02\n\rScorerService\x12M\n\x0bScoreShards\x12\x1b.rise.v1.ScoreShardsRequest\x1a\x1c.rise.v1.ScoreShardsResponse\"\x03\x90\x02\x01\x12O\n\x0bValueShards\x12\x1b.rise.v1.ValueShardsRequest\x1a\x1c.rise.v1.ValueShardsResponse\"\x03\x90\x02\x01\x30\x01\x12Y\n\x0fGroupCandidates\x12\x1f.rise.v1.GroupCandidatesRequest\x1a .rise.v1.GroupCandidatesResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERSERVICE'].methods_by_name['ScoreShards']._serialized_options = b'\220\002\001'
   _globals['_SCORERSERVICE'].methods_by_name['ValueShards']._loaded_options = None
   _globals['_SCORERSERVICE'].methods_by_name['ValueShards']._serialized_options = b'\220\002\001'
+  _globals['_SCORERSERVICE'].methods_by_name['GroupCandidates']._loaded_options = None
+  _globals['_SCORERSERVICE'].methods_by_name['GroupCandidates']._serialized_options = b'\220\002\001'
   _globals['_SHARDSELECTOR']._serialized_start=55
   _globals['_SHARDSELECTOR']._serialized_end=141
   _globals['_SCORESHARDSREQUEST']._serialized_start=143
   _globals['_SCORESHARDSREQUEST']._serialized_end=268
   _globals['_CANDIDATE']._serialized_start=270
-  _globals['_CANDIDATE']._serialized_end=308
-  _globals['_QUERYCANDIDATES']._serialized_start=310
-  _globals['_QUERYCANDIDATES']._serialized_end=367
-  _globals['_SCORESHARDSRESPONSE']._serialized_start=369
-  _globals['_SCORESHARDSRESPONSE']._serialized_end=456
-  _globals['_VALUESHARDSREQUEST']._serialized_start=458
-  _globals['_VALUESHARDSREQUEST']._serialized_end=570
-  _globals['_VALUESHARDSRESPONSE']._serialized_start=572
-  _globals['_VALUESHARDSRESPONSE']._serialized_end=652
-  _globals['_SCORERSERVICE']._serialized_start=655
-  _globals['_SCORERSERVICE']._serialized_end=830
+  _globals['_CANDIDATE']._serialized_end=336
+  _globals['_QUERYCANDIDATES']._serialized_start=338
+  _globals['_QUERYCANDIDATES']._serialized_end=395
+  _globals['_SCORESHARDSRESPONSE']._serialized_start=397
+  _globals['_SCORESHARDSRESPONSE']._serialized_end=484
+  _globals['_VALUESHARDSREQUEST']._serialized_start=486
+  _globals['_VALUESHARDSREQUEST']._serialized_end=598
+  _globals['_VALUESHARDSRESPONSE']._serialized_start=600
+  _globals['_VALUESHARDSRESPONSE']._serialized_end=680
+  _globals['_GROUPCANDIDATESREQUEST']._serialized_start=683
+  _globals['_GROUPCANDIDATESREQUEST']._serialized_end=857
+  _globals['_CANDIDATEGROUP']._serialized_start=859
+  _globals['_CANDIDATEGROUP']._serialized_end=912
+  _globals['_QUERYGROUPS']._serialized_start=914
+  _globals['_QUERYGROUPS']._serialized_end=968
+  _globals['_GROUPCANDIDATESRESPONSE']._serialized_start=970
+  _globals['_GROUPCANDIDATESRESPONSE']._serialized_end=1034
+  _globals['_SCORERSERVICE']._serialized_start=1037
+  _globals['_SCORERSERVICE']._serialized_end=1303
 # @@protoc_insertion_point(module_scope)

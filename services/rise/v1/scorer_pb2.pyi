@@ -32,12 +32,16 @@ class ScoreShardsRequest(_message.Message):
     def __init__(self, shards: _Optional[_Union[ShardSelector, _Mapping]] = ..., queries: _Optional[bytes] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., top: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("id", "score")
+    __slots__ = ("id", "score", "shard", "row")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    shard: int
+    row: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., shard: _Optional[int] = ..., row: _Optional[int] = ...) -> None: ...
 
 class QueryCandidates(_message.Message):
     __slots__ = ("candidates",)
@@ -70,3 +74,35 @@ class ValueShardsResponse(_message.Message):
     values: _containers.RepeatedCompositeFieldContainer[Candidate]
     shards_scored: int
     def __init__(self, values: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., shards_scored: _Optional[int] = ...) -> None: ...
+
+class GroupCandidatesRequest(_message.Message):
+    __slots__ = ("shards", "scoring", "threshold", "top", "queries")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SCORING_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    shards: ShardSelector
+    scoring: _common_pb2.Scoring
+    threshold: float
+    top: int
+    queries: _containers.RepeatedCompositeFieldContainer[QueryCandidates]
+    def __init__(self, shards: _Optional[_Union[ShardSelector, _Mapping]] = ..., scoring: _Optional[_Union[_common_pb2.Scoring, _Mapping]] = ..., threshold: _Optional[float] = ..., top: _Optional[int] = ..., queries: _Optional[_Iterable[_Union[QueryCandidates, _Mapping]]] = ...) -> None: ...
+
+class CandidateGroup(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, members: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class QueryGroups(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[CandidateGroup]
+    def __init__(self, groups: _Optional[_Iterable[_Union[CandidateGroup, _Mapping]]] = ...) -> None: ...
+
+class GroupCandidatesResponse(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[QueryGroups]
+    def __init__(self, queries: _Optional[_Iterable[_Union[QueryGroups, _Mapping]]] = ...) -> None: ...

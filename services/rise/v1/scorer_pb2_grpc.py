@@ -44,6 +44,11 @@ class ScorerServiceStub:
                 request_serializer=rise_dot_v1_dot_scorer__pb2.ValueShardsRequest.SerializeToString,
                 response_deserializer=rise_dot_v1_dot_scorer__pb2.ValueShardsResponse.FromString,
                 _registered_method=True)
+        self.GroupCandidates = channel.unary_unary(
+                '/rise.v1.ScorerService/GroupCandidates',
+                request_serializer=rise_dot_v1_dot_scorer__pb2.GroupCandidatesRequest.SerializeToString,
+                response_deserializer=rise_dot_v1_dot_scorer__pb2.GroupCandidatesResponse.FromString,
+                _registered_method=True)
 
 
 class ScorerServiceServicer:
@@ -65,6 +70,15 @@ class ScorerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GroupCandidates(self, request, context):
+        """Group each query's merged candidates (best first, with their shard and row) into at
+        most `top` groups of near-duplicates, reading their sketches from the shards: the
+        same groups whichever replica answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_ScorerServiceServicer_to_server(servicer, server):
                     servicer.ValueShards,
                     request_deserializer=rise_dot_v1_dot_scorer__pb2.ValueShardsRequest.FromString,
                     response_serializer=rise_dot_v1_dot_scorer__pb2.ValueShardsResponse.SerializeToString,
+            ),
+            'GroupCandidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.GroupCandidates,
+                    request_deserializer=rise_dot_v1_dot_scorer__pb2.GroupCandidatesRequest.FromString,
+                    response_serializer=rise_dot_v1_dot_scorer__pb2.GroupCandidatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class ScorerService:
             '/rise.v1.ScorerService/ValueShards',
             rise_dot_v1_dot_scorer__pb2.ValueShardsRequest.SerializeToString,
             rise_dot_v1_dot_scorer__pb2.ValueShardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GroupCandidates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rise.v1.ScorerService/GroupCandidates',
+            rise_dot_v1_dot_scorer__pb2.GroupCandidatesRequest.SerializeToString,
+            rise_dot_v1_dot_scorer__pb2.GroupCandidatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

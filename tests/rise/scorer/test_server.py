@@ -361,6 +361,59 @@ def test_value_replicas_equal_value_sketched(scorer, corpus, spec):
         assert scored == len(corpus.index2.manifest.shards)
 
 
+@pytest.mark.parametrize("spec", [ScoreSpec(), ScoreSpec(channel="rh", center=False)],
+                         ids=["default", "rh-plain"])
+def test_collapse_across_replicas_equals_the_embedded_answer(scorer, corpus, spec):
+    """The gateway's collapse: every replica over-fetches (ScoreShards with shard and row
+    of each candidate), the merged candidates go to one replica's GroupCandidates, which
+    reads their sketches from any shard: the groups equal ``attribute_sketched(...,
+    collapse=)`` for 1, 2 and 3 replicas.  The corpus's byte-equal copies of one text
+    (dup-a, dup-c and doc-0, dup-b being deleted: identical sketches) are one source."""
+    index = corpus.index2
+    top, threshold = 4, 0.9
+    want = [[(h.id, h.score, [d.id for d in h.duplicates]) for h in hits]
+            for hits in api.attribute_sketched(index, corpus.queries, spec, top,
+                                               collapse=threshold)]
+    fetch = api.overfetch(top, index.live_count)
+    assert fetch >= index.live_count  # one round: the pool is small
+    for replicas in (1, 2, 3):
+        resps = [scorer.stub.ScoreShards(scorer_pb2.ScoreShardsRequest(
+            shards=selector(2, r, replicas), queries=corpus.qbytes, top=fetch,
+            scoring=scoring_of(spec)), timeout=60) for r in range(replicas)]
+        merged = []
+        for q in range(len(corpus.queries)):
+            by_id = {c.id: c for r in resps for c in r.queries[q].candidates}
+            best = merge_topk([[(c.score, c.id) for c in r.queries[q].candidates]
+                               for r in resps], fetch)
+            merged.append(scorer_pb2.QueryCandidates(candidates=[by_id[i] for i, _ in best]))
+        reply = scorer.stub.GroupCandidates(scorer_pb2.GroupCandidatesRequest(
+            shards=selector(2), scoring=scoring_of(spec), threshold=threshold, top=top,
+            queries=merged), timeout=60)
+        got = [[(g.members[0].id, g.members[0].score, [m.id for m in g.members[1:]])
+                for g in qg.groups] for qg in reply.queries]
+        assert got == want, replicas
+    copies = {"doc-0", "dup-a", "dup-c"}
+    for hits in want:
+        assert len(hits) == top
+        for rid, _, dups in hits:
+            if rid in copies:
+                assert copies <= {rid, *dups}
+    # A candidate that is not where it says is refused, never grouped with a wrong sketch.
+    bad = scorer_pb2.QueryCandidates(candidates=[scorer_pb2.Candidate(id="doc-0", score=1.0,
+                                                                      shard=99, row=0)])
+    assert code_of(lambda: scorer.stub.GroupCandidates(scorer_pb2.GroupCandidatesRequest(
+        shards=selector(2), threshold=0.9, top=1, queries=[bad]), timeout=60)) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    wrong_row = scorer_pb2.QueryCandidates(candidates=[scorer_pb2.Candidate(
+        id="doc-0", score=1.0, shard=0, row=1)])
+    assert code_of(lambda: scorer.stub.GroupCandidates(scorer_pb2.GroupCandidatesRequest(
+        shards=selector(2), threshold=0.9, top=1, queries=[wrong_row]), timeout=60)) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: scorer.unsigned.GroupCandidates(scorer_pb2.GroupCandidatesRequest(
+        shards=selector(2), threshold=0.9, top=1, queries=merged), timeout=60)) \
+        == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_recreated_index_is_never_served_stale(scorer, corpus, lm, tmp_path):
     """An index deleted and created again reuses shard keys and generation numbers with
     other bytes: the scorer must score the new bytes (cache keyed by sha256)."""

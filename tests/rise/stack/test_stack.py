@@ -180,6 +180,25 @@ def test_return_texts_returns_the_records(built, a):
         assert [rec for _, _, rec in hits] == [by_id[i] for i, _, _ in hits]
 
 
+def test_collapse_through_the_gateway_equals_embedded(built, a, env, embedded):
+    """Attribute with collapse: over-fetched candidates, grouped by a scorer
+    (GroupCandidates), equal the embedded collapse, duplicates included."""
+    from rise import api, constants
+
+    for threshold in (constants.DEFAULT_COLLAPSE, 0.3):
+        want = api.attribute(embedded.index, embedded.lm, env.queries, top=5,
+                             collapse=threshold)
+        got = a.attribute_collapsed("c", QUERIES, top=5, threshold=threshold)
+        assert [q for q, _ in got] == [q for q, _ in want]
+        for (_, groups), (_, local) in zip(got, want, strict=True):
+            assert [(h[0], [d[0] for d in dups]) for h, dups in groups] == \
+                [(h.id, [d.id for d in h.duplicates]) for h in local]
+            assert [h[1] for h, _ in groups] == pytest.approx([h.score for h in local],
+                                                              abs=1e-6)
+    with pytest.raises(errors.InvalidInput, match="collapse threshold"):
+        a.attribute_collapsed("c", QUERIES, threshold=1.5)
+
+
 def test_value_writes_the_selection(built, a, env):
     uri = "s3://rise/tenants/a/sel.jsonl"
     values, selected = a.value("c", QUERIES, select_fraction=0.25, selection_uri=uri)

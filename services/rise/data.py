@@ -17,17 +17,20 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import os
 import secrets
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from rise import constants
-from rise.errors import InvalidInput, NotFound
+from rise.errors import InvalidInput, Mismatch, NotFound
+from rise.idcheck import Candidate, IdChecker
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,38 +188,52 @@ def _jsonl_objects(path: StrPath, gz: bool, name: str, cap: int
                    ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, object) per non-blank line; location names line and record number.
     A line over ``cap`` bytes is refused after reading at most cap + 2 of its bytes."""
-    number = 0
     with contextlib.ExitStack() as stack:
         stream: IO[bytes] | gzip.GzipFile = stack.enter_context(_open_binary(path, name))
         if gz:
             stream = stack.enter_context(gzip.GzipFile(fileobj=stream))
         try:
-            lineno = 0
-            while line := stream.readline(cap + 2):
-                lineno += 1
-                loc = f"line {lineno} (record {number})"
-                where = f"{name} {loc}"
-                body = line[:-1] if line.endswith(b"\n") else line
-                body = body[:-1] if body.endswith(b"\r") else body
-                if len(body) > cap:
-                    whole = line.endswith(b"\n") or len(line) < cap + 2
-                    raise _too_big(where, len(body) if whole else None, cap)
-                if not body.strip():
-                    continue  # blank lines are not records, so they do not advance number
-                try:
-                    # utf-8-sig on line 1 so a BOM written by some editors is not an error.
-                    text = body.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise InvalidInput(f"{where}: invalid UTF-8 at byte {e.start}") from None
-                obj = _parse_json(text, where)
-                if not isinstance(obj, dict):
-                    kind = "array" if isinstance(obj, list) else type(obj).__name__
-                    raise InvalidInput(f"{where}: not a JSON object (got {kind})")
-                _check_depth(obj, where, body.count(b"{") + body.count(b"["))
-                yield loc, obj
-                number += 1
+            for loc, obj, _, _ in _jsonl_lines(stream, name, cap):
+                if obj is not None:
+                    yield loc, obj
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise InvalidInput(f"{name}: not a valid gzip file ({e})") from None
+
+
+def _jsonl_lines(stream: IO[bytes] | gzip.GzipFile, name: str, cap: int, *,
+                 first_line: int = 1, first_number: int = 0
+                 ) -> Iterator[tuple[str, dict[str, Any] | None, int, bytes]]:
+    """Every line of a JSONL stream: (location, object or None for a blank line, the
+    line's byte offset in the stream, its bytes).  ``first_line`` and ``first_number`` are
+    the line and record numbers the stream starts at (a range of a file)."""
+    number = first_number
+    lineno = first_line - 1
+    pos = 0
+    while line := stream.readline(cap + 2):
+        lineno += 1
+        start, pos = pos, pos + len(line)
+        loc = f"line {lineno} (record {number})"
+        where = f"{name} {loc}"
+        body = line[:-1] if line.endswith(b"\n") else line
+        body = body[:-1] if body.endswith(b"\r") else body
+        if len(body) > cap:
+            whole = line.endswith(b"\n") or len(line) < cap + 2
+            raise _too_big(where, len(body) if whole else None, cap)
+        if not body.strip():
+            yield loc, None, start, line  # blank lines are not records: number stays
+            continue
+        try:
+            # utf-8-sig on line 1 so a BOM written by some editors is not an error.
+            text = body.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"{where}: invalid UTF-8 at byte {e.start}") from None
+        obj = _parse_json(text, where)
+        if not isinstance(obj, dict):
+            kind = "array" if isinstance(obj, list) else type(obj).__name__
+            raise InvalidInput(f"{where}: not a JSON object (got {kind})")
+        _check_depth(obj, where, body.count(b"{") + body.count(b"["))
+        yield loc, obj, start, line
+        number += 1
 
 
 def _row_bytes(batch: Any) -> list[int]:
@@ -240,16 +257,21 @@ def _row_bytes(batch: Any) -> list[int]:
     return sizes
 
 
-def _parquet_rows(path: StrPath, name: str, cap: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def _parquet_rows(path: StrPath | IO[bytes] | io.RawIOBase, name: str, cap: int, *,
+                  row_groups: list[int] | None = None, first_number: int = 0,
+                  shown_path: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, row) for each Parquet row, streamed in batches; a row over ``cap``
-    bytes is refused before the batch becomes Python objects."""
+    bytes is refused before the batch becomes Python objects.  ``row_groups``: only those
+    (numbered from ``first_number``); ``path`` may be an open file object."""
     # start-up: pyarrow only for Parquet (note at the top)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    number = 0
+    number = first_number
+    local = shown_path if shown_path is not None else \
+        (os.fspath(path) if isinstance(path, str | os.PathLike) else None)
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, row_groups=row_groups):
             for i, size in enumerate(_row_bytes(batch)):
                 if size > cap:
                     raise _too_big(f"{name} record {number + i}", size, cap)
@@ -259,7 +281,7 @@ def _parquet_rows(path: StrPath, name: str, cap: int) -> Iterator[tuple[str, dic
                 yield loc, row
                 number += 1
     except (pa.ArrowException, OSError) as e:
-        detail = str(e).replace(os.fspath(path), name)  # the local copy's path stays here
+        detail = str(e).replace(local, name) if local else str(e)  # never the local copy
         raise InvalidInput(f"{name}: not a valid Parquet file ({detail})") from None
 
 
@@ -354,9 +376,11 @@ def records_from_dicts(rows: Iterable[Mapping[str, Any]], fields: FieldMap,
 
 
 def _validated(rows: Iterator[tuple[str, dict[str, Any]]], fields: FieldMap,
-               name: str) -> Iterator[Record]:
+               name: str, *, start: int = 0, unique: bool = True) -> Iterator[Record]:
+    """Records of ``rows`` (numbered from ``start``); ``unique``: a repeated id raises
+    (holding every id seen: planning checks big files with ``rise.idcheck`` instead)."""
     seen: dict[str, str] = {}
-    for number, (loc, obj) in enumerate(rows):
+    for number, (loc, obj) in enumerate(rows, start):
         ident = _parse_id(obj.get(fields.id_field), fields.id_field, number, f"{name} {loc}")
         where = f"{name} {loc}, id {ident!r}"
         text = prompt = response = None
@@ -367,10 +391,11 @@ def _validated(rows: Iterator[tuple[str, dict[str, Any]]], fields: FieldMap,
             response = _string_field(obj, fields.response_field or "", where, non_blank=True)
         else:
             text = _string_field(obj, fields.text_field, where, non_blank=True)
-        first = seen.get(ident)
-        if first is not None:
-            raise InvalidInput(f"duplicate id {ident!r} in {name}: {first} and {loc}")
-        seen[ident] = loc
+        if unique:
+            first = seen.get(ident)
+            if first is not None:
+                raise InvalidInput(f"duplicate id {ident!r} in {name}: {first} and {loc}")
+            seen[ident] = loc
         yield Record(ident, number, text, prompt, response, obj)
 
 
@@ -516,3 +541,310 @@ def encode_record(
     if encoded.n_supervised < 1:
         raise InvalidInput(f"record id {rec.id!r}: no supervised token left after tokenization")
     return encoded
+
+
+# ------------------------------------------------------------------- streaming planning
+#
+# Planning an ingest reads the dataset once, streaming: it validates every record, counts
+# them, feeds their ids to an IdChecker (bounded memory) and cuts the file into one byte
+# range per shard (JSONL: the lines of its records; Parquet: the row groups that hold
+# them), each with its sha256.  A shard task then reads only its range (a ranged GET on
+# S3) and checks it against that hash, so no task holds or re-reads the whole dataset.
+
+
+class ByteSource(Protocol):
+    """Ranged reads of one dataset file (a local file, or an object read with ranged GETs)."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A ByteSource over a local file."""
+
+    path: StrPath
+    name: str | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        with _open_binary(self.path, self.name) as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+@dataclass(frozen=True)
+class DataRange:
+    """The bytes of one shard's records: [offset, offset + length) hashing to sha256.
+    JSONL: records [start, stop) begin on line ``line``.  Parquet: the row groups
+    ``row_groups`` (their column chunks' span), whose first ``skip`` rows precede start."""
+
+    start: int
+    stop: int
+    offset: int
+    length: int
+    sha256: str
+    line: int = 1
+    row_groups: tuple[int, ...] = ()
+    skip: int = 0
+
+
+@dataclass
+class DataScan:
+    """What one streaming pass over a dataset found."""
+
+    fmt: str
+    records: int
+    sha256: str
+    size: int
+    ranges: list[DataRange]
+    """One per shard; empty when the format has no byte ranges (gzip)."""
+    tail_offset: int | None = None
+    tail_sha256: str | None = None
+    """Parquet: the file's last bytes (the footer a reader starts from) and their hash."""
+    candidates: list[Candidate] = dataclasses.field(default_factory=list)
+    """Records whose id digests repeat: to confirm with ``confirm_unique``."""
+
+
+PARQUET_TAIL = 64 * 1024
+"""Bytes at the end of a Parquet file every range read fetches (pyarrow's first footer
+read; a longer footer is included whole)."""
+
+
+def scan_dataset(path: StrPath, fields: FieldMap, shard_size: int, checker: IdChecker, *,
+                 name: str | None = None, max_record_bytes: int | None = None) -> DataScan:
+    """One streaming pass over a dataset: every record validated (as ``read_records``
+    does), counted and its id given to ``checker``; the per-shard ranges; the file's
+    sha256.  Memory does not grow with the file."""
+    shown = name or os.fspath(path)
+    fmt = _format(path, shown)
+    cap = constants.max_record_bytes(max_record_bytes)
+    if shard_size < 1:
+        raise InvalidInput("shard size must be >= 1")
+    if fmt == "jsonl":
+        return _scan_jsonl(path, fields, shard_size, checker, shown, cap)
+    count = 0
+    for rec in _validated(_iter_rows(path, fmt, shown, cap), fields, shown, unique=False):
+        checker.add(rec.id, rec.number)
+        count += 1
+    scan = DataScan(fmt=fmt, records=count, sha256=file_sha256(path, shown),
+                    size=os.path.getsize(path), ranges=[])
+    if fmt == "parquet" and count:
+        _parquet_ranges(path, scan, shard_size, shown)
+    scan.candidates = checker.candidates()
+    return scan
+
+
+def _iter_rows(path: StrPath, fmt: str, name: str, cap: int
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+    if fmt == "parquet":
+        return _parquet_rows(path, name, cap)
+    return _jsonl_objects(path, fmt == "jsonl.gz", name, cap)
+
+
+def _scan_jsonl(path: StrPath, fields: FieldMap, shard_size: int, checker: IdChecker,
+                name: str, cap: int) -> DataScan:
+    whole = hashlib.sha256()
+    ranges: list[DataRange] = []
+    open_range: list[Any] = []  # [start, offset, line, hasher] of the range being read
+    number = 0
+    size = 0
+
+    def close(end: int) -> None:
+        start, offset, line, h = open_range
+        ranges.append(DataRange(start=start, stop=number, offset=offset,
+                                length=end - offset, sha256=h.hexdigest(), line=line))
+
+    with _open_binary(path, name) as stream:
+        lines = _jsonl_lines(stream, name, cap)
+        lineno = 0
+        for loc, obj, start, line in lines:
+            lineno += 1
+            size = start + len(line)
+            whole.update(line)
+            if obj is not None:
+                if number % shard_size == 0:
+                    if open_range:
+                        close(start)
+                    open_range[:] = [number, 0 if number == 0 else start,
+                                     1 if number == 0 else lineno, hashlib.sha256()]
+                    if number == 0 and start:
+                        open_range[3].update(_read_head(path, start, name))
+                rec = next(_validated(iter([(loc, obj)]), fields, name, start=number,
+                                      unique=False))
+                checker.add(rec.id, number)
+                number += 1
+            if open_range:
+                open_range[3].update(line)
+    if open_range:
+        close(size)
+    return DataScan(fmt="jsonl", records=number, sha256=whole.hexdigest(), size=size,
+                    ranges=ranges, candidates=checker.candidates())
+
+
+def _read_head(path: StrPath, length: int, name: str) -> bytes:
+    """The blank lines before the first record (part of range 0, which starts at 0)."""
+    return FileBytes(path, name).read(0, length)
+
+
+def _parquet_ranges(path: StrPath, scan: DataScan, shard_size: int, name: str) -> None:
+    # start-up: pyarrow only for Parquet (note at the top)
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    bounds = []  # (first row, row count, byte start, byte end) per row group
+    row = 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        lo, hi = scan.size, 0
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            first = col.dictionary_page_offset if col.has_dictionary_page else None
+            begin = min(x for x in (first, col.data_page_offset) if x is not None)
+            lo, hi = min(lo, begin), max(hi, begin + col.total_compressed_size)
+        bounds.append((row, rg.num_rows, lo, max(hi, lo)))
+        row += rg.num_rows
+    src = FileBytes(path, name)
+    for start in range(0, scan.records, shard_size):
+        stop = min(start + shard_size, scan.records)
+        groups = [g for g, (first, n, _, _) in enumerate(bounds)
+                  if first < stop and first + n > start]
+        lo = min(bounds[g][2] for g in groups)
+        hi = max(bounds[g][3] for g in groups)
+        scan.ranges.append(DataRange(start=start, stop=stop, offset=lo, length=hi - lo,
+                                     sha256=_sha_of(src, lo, hi - lo),
+                                     row_groups=tuple(groups),
+                                     skip=start - bounds[groups[0]][0]))
+    tail = max(0, scan.size - max(PARQUET_TAIL, meta.serialized_size + 8))
+    scan.tail_offset = tail
+    scan.tail_sha256 = _sha_of(src, tail, scan.size - tail)
+
+
+def _sha_of(src: ByteSource, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    done = 0
+    while done < length:
+        block = src.read(offset + done, min(1 << 22, length - done))
+        if not block:
+            break
+        h.update(block)
+        done += len(block)
+    return h.hexdigest()
+
+
+def confirm_unique(path: StrPath, fields: FieldMap, scan: DataScan, *,
+                   name: str | None = None, max_record_bytes: int | None = None,
+                   existing: Callable[[str, int], str | None] | None = None) -> None:
+    """InvalidInput naming the first repeated ids among ``scan.candidates`` (equal
+    digests), confirmed on the ids themselves in one more pass over only those records.
+    ``existing(id, tag)``: where an id of the index is (None: not there after all)."""
+    if not scan.candidates:
+        return
+    shown = name or os.fspath(path)
+    cap = constants.max_record_bytes(max_record_bytes)
+    wanted = {c.later for c in scan.candidates} | \
+        {c.earlier for c in scan.candidates if c.earlier >= 0}
+    last = max(wanted)
+    found: dict[int, tuple[str, str]] = {}
+    for number, (loc, obj) in enumerate(_iter_rows(path, scan.fmt, shown, cap)):
+        if number in wanted:
+            rec = next(_validated(iter([(loc, obj)]), fields, shown, start=number,
+                                  unique=False))
+            found[number] = (rec.id, loc)
+        if number >= last:
+            break
+    errors = []
+    for c in scan.candidates:
+        ident, loc = found[c.later]
+        if c.earlier >= 0:
+            first_id, first_loc = found[c.earlier]
+            if first_id == ident:
+                errors.append((ident, f"duplicate id {ident!r} in {shown}: {first_loc} and "
+                                      f"{loc}"))
+        elif existing is not None:
+            other = existing(ident, c.earlier)
+            if other is not None:
+                errors.append((ident, f"id {ident!r} of record {c.later} clashes with {other}"))
+    if errors:
+        more = sorted({i for i, _ in errors[1:]} - {errors[0][0]})
+        extra = f" (more repeated ids: {', '.join(map(repr, more[:3]))}" \
+            f"{', ...' if len(more) > 3 else ''})" if more else ""
+        raise InvalidInput(errors[0][1] + extra)
+
+
+def read_range(src: ByteSource, scan_fmt: str, rng: DataRange, fields: FieldMap, *,
+               name: str, max_record_bytes: int | None = None,
+               tail: tuple[int, str] | None = None, size: int | None = None) -> list[Record]:
+    """The records [rng.start, rng.stop) from their range alone, each byte checked against
+    the range's sha256 (Mismatch naming the range when it changed since planning).
+    Parquet needs the file's ``tail`` (offset, sha256) and ``size``."""
+    cap = constants.max_record_bytes(max_record_bytes)
+    data = _checked(src, rng.offset, rng.length, rng.sha256, name,
+                    f"the range of records [{rng.start}, {rng.stop})")
+    if scan_fmt == "jsonl":
+        lines = _jsonl_lines(io.BytesIO(data), name, cap, first_line=rng.line,
+                             first_number=rng.start)
+        rows: Iterator[tuple[str, dict[str, Any]]] = \
+            ((loc, obj) for loc, obj, _, _ in lines if obj is not None)
+    elif scan_fmt == "parquet":
+        if tail is None or size is None:
+            raise InvalidInput(f"{name}: a Parquet range needs the file's footer and size")
+        tail_data = _checked(src, tail[0], size - tail[0], tail[1], name, "the footer")
+        f = _RangedFile(size, {rng.offset: data, tail[0]: tail_data})
+        parquet_rows = _parquet_rows(f, name, cap, row_groups=list(rng.row_groups),
+                                     first_number=rng.start - rng.skip)
+        rows = itertools.islice(parquet_rows, rng.skip, rng.skip + rng.stop - rng.start)
+    else:
+        raise InvalidInput(f"{name}: {scan_fmt} has no byte ranges")
+    out = list(_validated(rows, fields, name, start=rng.start))
+    if len(out) != rng.stop - rng.start:
+        raise Mismatch(f"{name}: the range of records [{rng.start}, {rng.stop}) holds "
+                       f"{len(out)} records; the dataset changed since the job was planned")
+    return out
+
+
+def _checked(src: ByteSource, offset: int, length: int, digest: str, name: str,
+             what: str) -> bytes:
+    data = src.read(offset, length)
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != length or got != digest:
+        raise Mismatch(f"{name}: {what} (bytes {offset} to {offset + length}) changed since "
+                       f"the job was planned (sha256 {got[:12]} vs {digest[:12]})")
+    return data
+
+
+class _RangedFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only some regions were fetched (and
+    verified): enough for pyarrow to read the footer and the planned row groups.  A read
+    outside them is an error, never bytes that were not checked."""
+
+    def __init__(self, size: int, regions: dict[int, bytes]) -> None:
+        super().__init__()
+        self.size = size
+        self.regions = sorted(regions.items())
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), max(0, self.size - self.pos))
+        if not want:
+            return 0
+        for start, data in self.regions:
+            if start <= self.pos and self.pos + want <= start + len(data):
+                lo = self.pos - start
+                buffer[:want] = data[lo:lo + want]
+                self.pos += want
+                return want
+        raise OSError(f"read of bytes {self.pos} to {self.pos + want} outside the planned "
+                      "ranges")

@@ -27,6 +27,7 @@ import urllib3
 from minio.error import MinioException, S3Error
 
 from rise.constants import cache_dir
+from rise.data import ByteSource, FileBytes
 from rise.errors import InvalidInput, NotFound, StorageError
 from rise.s3store import S3Store
 from rise.settings import Settings
@@ -198,3 +199,35 @@ def _materialize_s3(uri: str, settings: Settings) -> Path:
             for leftover in (tmp, tmp + ".part"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
+
+
+class StoreBytes:
+    """A ByteSource over one object of a store: every read is a ranged GET."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.store.get_range(self.key, offset, length)
+
+
+def dataset_bytes(uri: str, settings: Settings) -> ByteSource:
+    """Ranged reads of dataset ``uri`` without fetching it whole: ``s3://bucket/key``
+    through ranged GETs (a file endpoint's folder: reads of its file), a local path read in
+    place.  What a shard task reads its records through (``rise.ingest.DatasetRecords``)."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidInput("dataset URI is empty")
+    if not uri.startswith("s3://"):
+        return FileBytes(materialize(uri, settings), uri)
+    bucket, key = parse_s3_uri(uri)
+    dataset_suffix(key)
+    root = local_root(settings)
+    if root is not None:
+        if bucket != settings.s3_bucket:
+            raise NotFound(f"dataset {uri} not found (bucket {bucket!r} is not "
+                           f"{settings.s3_bucket!r})")
+        return StoreBytes(LocalStore(root, label=f"s3://{bucket}/"), key)
+    store = S3Store.from_url(settings.s3_endpoint, settings.s3_access_key or None,
+                             settings.s3_secret_key or None, bucket,
+                             secure=settings.s3_secure, region=settings.s3_region)
+    return StoreBytes(store, key)

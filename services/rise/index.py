@@ -2,9 +2,19 @@
 
 Layout inside a store (a folder, or a prefix of a bucket)::
 
-    manifest-00000001.json          generation 1 (create-only)
+    manifest-00000001.json          generation 1 (create-only): a manifest list
+    meta/g00000001-shards-<h>.json  the shards generation 1 wrote (a shard list)
+    meta/g00000002-deletes-<h>.json the ids generation 2 deleted (a delete file)
     shards/g00000001/shard-000000.safetensors
+    ids/g00000001/shard-000000.json the ids, generations and record numbers of that shard
     ...
+
+The manifest list names the shard lists and delete files by key and sha256 (format
+version 3, ``rise.manifest``); a new generation reuses its predecessor's and adds at most
+one of each, so what is written per generation does not grow with the index.  A
+generation is resolved (its files read and checked) once per process and cached by the
+sha256 of its manifest list.  Indexes of versions 1 and 2 (one manifest holding every
+shard and tombstone, no id files) open, score and verify as before.
 
 Shard n of an ingest holds input records [nS, (n+1)S); its key is a pure function of
 (generation, n) and its bytes a pure function of the data, the model and the config, so a
@@ -15,15 +25,34 @@ the generation exist.  Shards without a manifest are never trusted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
+import torch
 
 from rise import constants
 from rise.config import SketchConfig
 from rise.data import FieldMap
 from rise.errors import AlreadyExists, Corrupt, InvalidInput, Mismatch, NotFound, RiseError
-from rise.manifest import Manifest, ModelEntry, ShardEntry
+from rise.manifest import (
+    LIST_VERSION,
+    DeleteEntry,
+    DeleteFile,
+    IngestEntry,
+    Manifest,
+    ManifestList,
+    ModelEntry,
+    PartEntry,
+    ShardEntry,
+    ShardList,
+    parse_json_object,
+    parse_model,
+)
 from rise.shard import ShardData, concat_rows, parse_shard, read_meta, serialize, sha256
 from rise.store import Store
 
@@ -43,27 +72,240 @@ class ReadoutModel(Protocol):
 # ----------------------------------------------------------------------------- manifests
 
 
+IDS_DIR = "ids"
+"""Per-shard id files: ``ids/g<generation>/shard-<n>.json``."""
+META_DIR = "meta"
+"""Shard lists and delete files of manifest lists (version 3)."""
+INDEX_PREFIXES = (constants.MANIFEST_PREFIX, constants.SHARD_DIR + "/", IDS_DIR + "/",
+                  META_DIR + "/")
+"""Every key of an index starts with one of these."""
+CACHED_GENERATIONS = 32
+"""Resolved manifest generations a process keeps (by the sha256 of their lists)."""
+
+
 def manifest_generations(store: Store) -> list[int]:
     gens = [constants.parse_manifest_key(k) for k in store.list(constants.MANIFEST_PREFIX)]
     return sorted(g for g in gens if g is not None)
 
 
-def read_manifest(store: Store, generation: int) -> Manifest:
+_resolved: OrderedDict[tuple[str, int, str], Manifest] = OrderedDict()
+_resolved_lock = threading.Lock()
+
+
+def read_manifest(store: Store, generation: int, *, cached: bool = True) -> Manifest:
+    """Manifest generation ``generation``, resolved: a manifest list's shard lists and
+    delete files are read, checked against their sha256 and cached (a list is immutable,
+    so the cache is keyed by its bytes' hash; ``cached=False`` reads them again, as
+    ``verify`` does); older manifests are parsed as they are."""
     key = constants.manifest_key(generation)
-    return Manifest.parse(store.get(key), key)
+    data = store.get(key)
+    raw = parse_json_object(data, key, "manifest")
+    if raw["format_version"] < LIST_VERSION:
+        return Manifest.parse(data, key)
+    memo = (store.describe(), generation, sha256(data))
+    with _resolved_lock:
+        hit = _resolved.get(memo) if cached else None
+        if hit is not None:
+            _resolved.move_to_end(memo)
+            return hit
+    ml = parse_model(ManifestList, raw, key, "manifest list")
+    if ml.generation != generation:
+        raise Corrupt(f"{key} holds generation {ml.generation}")
+    shards: list[ShardEntry] = []
+    for part in ml.parts:
+        sl = _read_meta_file(store, part.key, part.sha256, ShardList, "shard list")
+        if len(sl.shards) != part.shards or sum(e.count for e in sl.shards) != part.records:
+            raise Corrupt(f"{part.key} does not hold the shards {key} says")
+        shards += sl.shards
+    dead: list[str] = []
+    for d in ml.deletes:
+        df = _read_meta_file(store, d.key, d.sha256, DeleteFile, "delete file")
+        if len(df.ids) != d.count:
+            raise Corrupt(f"{d.key} holds {len(df.ids)} ids, {key} says {d.count}")
+        dead += df.ids
+    try:
+        m = ml.resolve(shards, dead)
+    except ValueError as e:
+        raise Corrupt(f"{key} does not resolve to a valid manifest: {e}") from None
+    with _resolved_lock:
+        _resolved[memo] = m
+        while len(_resolved) > CACHED_GENERATIONS:
+            _resolved.popitem(last=False)
+    return m
+
+
+def _read_meta_file(store: Store, key: str, digest: str, cls: type[Any], what: str) -> Any:
+    try:
+        data = store.get(key)
+    except NotFound:
+        raise NotFound(f"{what} {key} is missing") from None
+    if sha256(data) != digest:
+        raise Corrupt(f"{what} {key} fails verification (sha256 differs from its manifest)")
+    return parse_model(cls, parse_json_object(data, key, what), key, what)
 
 
 def write_manifest(store: Store, manifest: Manifest) -> None:
+    """Write a manifest of version 1 or 2 as one object (kept for tools and tests that
+    build old-format indexes; the pipeline writes manifest lists: ``write_generation``)."""
     store.put(constants.manifest_key(manifest.generation), manifest.to_json(), create_only=True)
 
 
+def _put_same(store: Store, key: str, data: bytes) -> None:
+    """Create ``key`` holding ``data``; an object already there must hold the same bytes
+    (keys of meta files carry their content's hash, so a rerun writes the same object)."""
+    try:
+        store.put(key, data, create_only=True)
+    except AlreadyExists:
+        if store.get(key) != data:
+            raise Corrupt(f"{key} in {store.describe()} holds other bytes than its "
+                          "name promises") from None
+
+
+def _meta_json(obj: Any) -> bytes:
+    return json.dumps(obj.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+
+
+def write_part(store: Store, generation: int, shards: Sequence[ShardEntry]) -> PartEntry:
+    """The shard list of ``shards`` (written by ``generation``), put; its entry."""
+    data = _meta_json(ShardList(format_version=LIST_VERSION, generation=generation,
+                                shards=list(shards)))
+    digest = sha256(data)
+    key = f"{META_DIR}/g{generation:08d}-shards-{digest[:16]}.json"
+    _put_same(store, key, data)
+    return PartEntry(key=key, generation=generation, sha256=digest, shards=len(shards),
+                     records=sum(s.count for s in shards), bytes=sum(s.bytes for s in shards))
+
+
+def write_deletes(store: Store, generation: int, ids: Iterable[str]) -> DeleteEntry:
+    """The delete file of ``ids`` (tombstoned by ``generation``), put; its entry."""
+    dead = sorted(set(ids))
+    data = _meta_json(DeleteFile(format_version=LIST_VERSION, generation=generation,
+                                 ids=dead))
+    digest = sha256(data)
+    key = f"{META_DIR}/g{generation:08d}-deletes-{digest[:16]}.json"
+    _put_same(store, key, data)
+    return DeleteEntry(key=key, generation=generation, sha256=digest, count=len(dead))
+
+
+def carried_files(store: Store, m: Manifest) -> tuple[list[PartEntry], list[DeleteEntry]]:
+    """The shard lists and delete files of ``m`` for the next generation to reuse.  An
+    older manifest (version 1 or 2) has none: its shards go into one shard list per run
+    of shards of one generation, its tombstones into one delete file (written now)."""
+    if m.format_version >= LIST_VERSION:
+        return list(m.parts), list(m.deletes)
+    parts: list[PartEntry] = []
+    run: list[ShardEntry] = []
+    for s in m.shards:
+        if run and s.generation != run[-1].generation:
+            parts.append(write_part(store, run[-1].generation, run))
+            run = []
+        run.append(s)
+    if run:
+        parts.append(write_part(store, run[-1].generation, run))
+    deletes = [write_deletes(store, m.generation, m.tombstones)] if m.tombstones else []
+    return parts, deletes
+
+
+def write_generation(store: Store, generation: int, *, model: ModelEntry,
+                     config: SketchConfig, ingests: list[IngestEntry],
+                     parts: list[PartEntry], deletes: list[DeleteEntry],
+                     before_write: Callable[[], None] | None = None) -> Manifest:
+    """Commit generation ``generation``: its manifest list, create-only (AlreadyExists if
+    another writer committed it first).  The shard lists and delete files must be in the
+    store already.  Returns the resolved manifest."""
+    ml = ManifestList.build(generation, model=model, config=config, ingests=ingests,
+                            parts=parts, deletes=deletes)
+    if before_write is not None:
+        before_write()
+    store.put(constants.manifest_key(generation), ml.to_json(), create_only=True)
+    return read_manifest(store, generation)
+
+
+def generation_keys(store: Store, generation: int) -> set[str]:
+    """Every key generation ``generation`` uses: its manifest, its shard lists and delete
+    files, its shards and their id files."""
+    m = read_manifest(store, generation)
+    keys = {constants.manifest_key(generation)}
+    keys.update(p.key for p in m.parts)
+    keys.update(d.key for d in m.deletes)
+    for s in m.shards:
+        keys.add(s.key)
+        if s.ids_key is not None:
+            keys.add(s.ids_key)
+    return keys
+
+
 def _shards_present(store: Store, manifest: Manifest) -> str | None:
-    """None if every shard of the manifest exists, else why not."""
+    """None if every shard (and id file) of the manifest exists, else why not."""
     present = set(store.list(constants.SHARD_DIR + "/"))
+    if any(s.ids_key is not None for s in manifest.shards):
+        present.update(store.list(IDS_DIR + "/"))
     for s in manifest.shards:
         if s.key not in present:
             return f"shard {s.key} is missing"
+        if s.ids_key is not None and s.ids_key not in present:
+            return f"id file {s.ids_key} is missing"
     return None
+
+
+# ---------------------------------------------------------------------------- id files
+
+
+@dataclass(frozen=True)
+class ShardIds:
+    """The ids of one shard with each record's ingest generation and record number."""
+
+    ids: list[str]
+    ingest: list[int]
+    record: list[int]
+
+
+def ids_key(shard_key: str) -> str:
+    """Key of the id file of the shard at ``shard_key``."""
+    rest = shard_key.removeprefix(constants.SHARD_DIR + "/")
+    return f"{IDS_DIR}/{rest.removesuffix(constants.SHARD_SUFFIX)}.json"
+
+
+def ids_bytes(ids: ShardIds) -> bytes:
+    """An id file's bytes (deterministic: sorted keys, no timestamps)."""
+    return json.dumps({"format_version": LIST_VERSION, "ids": ids.ids, "ingest": ids.ingest,
+                       "record": ids.record}, sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def parse_ids(data: bytes, where: str) -> ShardIds:
+    raw = parse_json_object(data, where, "id file")
+    ids, ingest, record = raw.get("ids"), raw.get("ingest"), raw.get("record")
+    if not (isinstance(ids, list) and isinstance(ingest, list) and isinstance(record, list)
+            and len(ids) == len(ingest) == len(record)
+            and all(isinstance(i, str) for i in ids)):
+        raise Corrupt(f"{where} is not a valid id file")
+    return ShardIds(ids, [int(g) for g in ingest], [int(r) for r in record])
+
+
+_ID_TENSORS = {"ids_utf8": np.uint8, "ids_offsets": np.int64, "ingest": np.int64,
+               "record": np.int64}
+
+
+def shard_ids(data: bytes) -> ShardIds:
+    """The ids, generations and record numbers of shard bytes, read from the safetensors
+    header's offsets without decoding the sketches."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        t = {}
+        for name, dt in _ID_TENSORS.items():
+            lo, hi = (8 + n + int(v) for v in header[name]["data_offsets"])
+            if not 8 + n <= lo <= hi <= len(data):
+                raise ValueError(f"tensor {name} out of range")
+            t[name] = np.frombuffer(data, dtype=dt, count=(hi - lo) // np.dtype(dt).itemsize,
+                                    offset=lo)
+        raw = t["ids_utf8"].tobytes()
+        off = t["ids_offsets"].tolist()
+        ids = [raw[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise Corrupt(f"malformed shard: {e}") from None
+    return ShardIds(ids, t["ingest"].tolist(), t["record"].tolist())
 
 
 def model_entry(lm: ReadoutModel) -> ModelEntry:
@@ -108,28 +350,62 @@ class Index:
     def live_count(self) -> int:
         return self.manifest.live_count
 
-    def shard(self, entry: ShardEntry) -> ShardData:
+    def _verified(self, entry: ShardEntry) -> bytes:
         data = self.store.get(entry.key)
         if sha256(data) != entry.sha256:
             raise Corrupt(
                 f"shard {entry.key} in {self.store.describe()} fails verification "
                 f"(sha256 differs from manifest generation {self.generation}); run rise verify"
             )
-        return parse_shard(data)
+        return data
+
+    def shard(self, entry: ShardEntry) -> ShardData:
+        return parse_shard(self._verified(entry))
 
     def shards(self) -> Iterator[ShardData]:
         for entry in self.manifest.shards:
             yield self.shard(entry)
 
+    def ids(self, entry: ShardEntry) -> ShardIds:
+        """The ids of one shard: its id file (checked against the manifest's sha256), or
+        for a shard of an older index without one, the shard itself."""
+        if entry.ids_key is None or entry.ids_sha256 is None:
+            return shard_ids(self._verified(entry))
+        try:
+            data = self.store.get(entry.ids_key)
+        except NotFound:
+            raise Corrupt(f"id file {entry.ids_key} in {self.store.describe()} is missing; "
+                          "run rise verify") from None
+        if sha256(data) != entry.ids_sha256:
+            raise Corrupt(f"id file {entry.ids_key} in {self.store.describe()} fails "
+                          f"verification (sha256 differs from manifest generation "
+                          f"{self.generation}); run rise verify")
+        got = parse_ids(data, entry.ids_key)
+        if len(got.ids) != entry.count:
+            raise Corrupt(f"id file {entry.ids_key} holds {len(got.ids)} ids, the manifest "
+                          f"says {entry.count}")
+        return got
+
+    def iter_ids(self) -> Iterator[tuple[str, int, int]]:
+        """(id, ingest generation, record number) of every row, live or not, shard by
+        shard (one shard's ids in memory at a time)."""
+        for entry in self.manifest.shards:
+            got = self.ids(entry)
+            yield from zip(got.ids, got.ingest, got.record, strict=True)
+
     def live_ids(self) -> dict[str, str]:
-        """Live id -> where it is ("index generation g record n")."""
+        """Live id -> where it is ("index generation g record n"), from the id files."""
         dead = self.tombstones
-        out = {}
-        for sd in self.shards():
-            for i, rid in enumerate(sd.ids):
-                if rid not in dead:
-                    out[rid] = f"index generation {int(sd.ingest[i])} record {int(sd.record[i])}"
-        return out
+        return {rid: f"index generation {g} record {n}"
+                for rid, g, n in self.iter_ids() if rid not in dead}
+
+    def where(self, wanted: Iterable[str]) -> dict[str, str]:
+        """Of ``wanted``, the live ids -> where they are (``live_ids`` restricted to a few
+        ids, without holding every id of the index)."""
+        want = set(wanted)
+        dead = self.tombstones
+        return {rid: f"index generation {g} record {n}"
+                for rid, g, n in self.iter_ids() if rid in want and rid not in dead}
 
     @property
     def default_fields(self) -> FieldMap:
@@ -176,31 +452,69 @@ def shard_is_valid(store: Store, key: str, meta: dict[str, Any]) -> bool:
 
 
 def shard_entry(store: Store, key: str, generation: int, n: int) -> ShardEntry:
-    """Manifest entry of a written shard, with the sha256 read back from the store."""
+    """Manifest entry of a written shard, with the sha256 read back from the store; its
+    id file is written (from the shard's own ids) and named."""
+    return shard_entry_meta(store, key, generation, n)[0]
+
+
+def shard_entry_meta(store: Store, key: str, generation: int, n: int
+                     ) -> tuple[ShardEntry, dict[str, Any]]:
+    """``shard_entry`` and the shard's metadata."""
     data = store.get(key)
+    return _entry_of(store, data, key, generation, n), read_meta(data)
+
+
+def _entry_of(store: Store, data: bytes, key: str, generation: int, n: int) -> ShardEntry:
+    id_data = ids_bytes(shard_ids(data))
+    id_key = ids_key(key)
+    store.put(id_key, id_data)
     return ShardEntry(key=key, generation=generation, shard=n, count=read_meta(data)["count"],
-                      sha256=sha256(data), bytes=len(data))
+                      sha256=sha256(data), bytes=len(data), ids_key=id_key,
+                      ids_sha256=sha256(id_data))
 
 
 # ------------------------------------------------------------------------ other changes
 
 
 def delete(store: Store, ids: Sequence[str]) -> int:
-    """Tombstone ``ids`` in a new generation; returns the new generation."""
+    """Tombstone ``ids`` in a new generation; returns the new generation.  The ids are
+    looked up in the id files (never the shards) and written as one delete file."""
+    if len(set(ids)) != len(ids):
+        idx = open_index(store)
+        unknown = [i for i in dict.fromkeys(ids) if i not in idx.where(ids)]
+        if unknown:
+            _unknown(unknown)
+        raise InvalidInput("the ids file names an id twice")
     idx = open_index(store)
-    live = idx.live_ids()
+    live = idx.where(ids)
     unknown = [i for i in ids if i not in live]
     if unknown:
-        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
-        raise NotFound(f"ids not live in the index: {', '.join(map(repr, unknown[:3]))}{more}")
-    if len(set(ids)) != len(ids):
-        raise InvalidInput("the ids file names an id twice")
+        _unknown(unknown)
     m = idx.manifest
     gen = idx.generation + 1
-    write_manifest(store, Manifest.build(gen, model=m.model, config=m.config,
-                                         ingests=m.ingests, shards=m.shards,
-                                         tombstones=idx.tombstones | set(ids)))
+    parts, deletes = carried_files(store, m)
+    deletes.append(write_deletes(store, gen, ids))
+    write_generation(store, gen, model=m.model, config=m.config, ingests=m.ingests,
+                     parts=parts, deletes=deletes)
     return gen
+
+
+def _unknown(unknown: list[str]) -> None:
+    more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+    raise NotFound(f"ids not live in the index: {', '.join(map(repr, unknown[:3]))}{more}")
+
+
+def _take_rows(sd: ShardData, rows: list[int]) -> ShardData:
+    """A shard of only ``rows`` of ``sd`` (copies), so the rest of ``sd`` can be freed."""
+    sel = torch.tensor(rows, dtype=torch.int64)
+    out = ShardData(meta=sd.meta, ids=[sd.ids[i] for i in rows], ingest=sd.ingest[sel],
+                    record=sd.record[sel], token_count=sd.token_count[sel],
+                    norms=sd.norms[sel])
+    if sd.rh is not None and sd.gh is not None:
+        out.rh, out.gh = sd.rh[sel].clone(), sd.gh[sel].clone()
+    else:
+        out.factors = [(sd.factors or [])[i] for i in rows]
+    return out
 
 
 def compact(store: Store, *, shard_size: int | None = None,
@@ -209,7 +523,9 @@ def compact(store: Store, *, shard_size: int | None = None,
 
     Returns the new generation, or None when there is nothing to erase.  The new manifest
     is committed before anything old is deleted, so a crash at any point leaves a valid
-    index; rerunning finishes the clean-up.
+    index; rerunning finishes the clean-up.  Streams: one old shard is read at a time and
+    only its live rows are kept until a new shard is full, so memory stays within about
+    two shards whatever the size of the index.
     """
     idx = open_index(store)
     m = idx.manifest
@@ -231,41 +547,50 @@ def compact(store: Store, *, shard_size: int | None = None,
                 "vocab": m.model.vocab}
         key = constants.shard_key(gen, n)
         data = serialize(meta, concat_rows(pending))
+        pending, n_pending = [], 0
         if before_write is not None:
             before_write()
         store.put(key, data)
-        entries.append(shard_entry(store, key, gen, n))
-        pending, n_pending = [], 0
+        entries.append(_entry_of(store, data, key, gen, n))
 
-    for sd in idx.shards():
+    for entry in m.shards:
+        if all(rid in dead for rid in idx.ids(entry).ids):
+            continue  # nothing live: the shard need not even be read
+        sd = idx.shard(entry)
         rows = [i for i, rid in enumerate(sd.ids) if rid not in dead]
         while rows:
             take = rows[: size - n_pending]
             rows = rows[len(take):]
-            pending.append((sd, take))
+            part = _take_rows(sd, take)
+            pending.append((part, list(range(len(take)))))
             n_pending += len(take)
             if n_pending == size:
                 flush()
+        del sd
     if n_pending:
         flush()
-    if before_write is not None:
-        before_write()
-    write_manifest(store, Manifest.build(gen, model=m.model, config=m.config,
-                                         ingests=m.ingests, shards=entries, tombstones=[]))
+    parts = [write_part(store, gen, entries)] if entries else []
+    write_generation(store, gen, model=m.model, config=m.config, ingests=m.ingests,
+                     parts=parts, deletes=[], before_write=before_write)
     _delete_unreferenced(store, read_manifest(store, gen))
     return gen
 
 
 def _delete_unreferenced(store: Store, manifest: Manifest) -> None:
-    """Delete shards the current manifest does not use, and older manifests.
+    """Delete shards, id files, shard lists and delete files the current manifest does
+    not use, and older manifests.
 
     Older manifests would point at erased shards; removing them keeps "the highest
     generation whose shards verify" equal to the current one.
     """
     keep = {s.key for s in manifest.shards}
-    for key in store.list(constants.SHARD_DIR + "/"):
-        if key not in keep:
-            store.delete(key)
+    keep.update(s.ids_key for s in manifest.shards if s.ids_key is not None)
+    keep.update(p.key for p in manifest.parts)
+    keep.update(d.key for d in manifest.deletes)
+    for prefix in (constants.SHARD_DIR + "/", IDS_DIR + "/", META_DIR + "/"):
+        for key in store.list(prefix):
+            if key not in keep:
+                store.delete(key)
     for g in manifest_generations(store):
         if g < manifest.generation:
             store.delete(constants.manifest_key(g))
@@ -289,7 +614,10 @@ class VerifyReport:
 
 
 def verify(store: Store) -> VerifyReport:
-    """Read every shard of every manifest generation and check its sha256 and format."""
+    """Read every shard of every manifest generation and check its sha256 and format (and
+    its id file against the shard's own ids); a manifest list's shard lists and delete
+    files are checked as they are read.  One shard is in memory at a time; each is read
+    once however many generations use it."""
     gens = manifest_generations(store)
     if not gens:
         raise NotFound(f"no index at {store.describe()} (no manifest)")
@@ -297,7 +625,7 @@ def verify(store: Store) -> VerifyReport:
     checked: dict[str, str | None] = {}
     for g in reversed(gens):
         try:
-            m = read_manifest(store, g)
+            m = read_manifest(store, g, cached=False)
             problem = None
             for s in m.shards:
                 if s.key not in checked:
@@ -325,6 +653,19 @@ def _check_shard(store: Store, entry: ShardEntry) -> str | None:
         return f"shard {entry.key}: {e}"
     if len(sd) != entry.count:
         return f"shard {entry.key} holds {len(sd)} records, manifest says {entry.count}"
+    if entry.ids_key is not None:
+        try:
+            id_data = store.get(entry.ids_key)
+        except NotFound:
+            return f"id file {entry.ids_key} is missing"
+        if sha256(id_data) != entry.ids_sha256:
+            return f"id file {entry.ids_key} sha256 differs from the manifest"
+        try:
+            got = parse_ids(id_data, entry.ids_key)
+        except RiseError as e:
+            return str(e)
+        if got != ShardIds(sd.ids, sd.ingest.tolist(), sd.record.tolist()):
+            return f"id file {entry.ids_key} differs from the ids of shard {entry.key}"
     return None
 
 
@@ -372,15 +713,36 @@ def copy_index(src: Store, dst: Store,
             copied += 1
         if progress is not None:
             progress(n, total)
+    # The small files of a manifest list (id files, shard lists, delete files) next.
+    small = [(s.ids_key, s.ids_sha256) for s in m.shards if s.ids_key and s.ids_sha256]
+    small += [(p.key, p.sha256) for p in m.parts] + [(d.key, d.sha256) for d in m.deletes]
+    extra = 0  # their bytes
+    for key, digest in small:
+        try:
+            there: bytes | None = dst.get(key)
+        except (NotFound, Corrupt):
+            there = None
+        if there is not None and sha256(there) == digest:
+            extra += len(there)
+            continue
+        data = src.get(key)
+        if sha256(data) != digest:
+            raise Corrupt(f"{key} in {src.describe()} fails verification; nothing was made "
+                          "visible at the destination")
+        dst.put(key, data)
+        if _stored_sha256(dst, key) != digest:
+            raise Corrupt(f"{key} read back from {dst.describe()} differs from what was "
+                          "written; nothing was made visible there")
+        extra += len(data)
     key = constants.manifest_key(m.generation)
     raw = src.get(key)
-    if Manifest.parse(raw, key) != m:
+    if read_manifest(src, m.generation) != m:
         raise Corrupt(f"{key} in {src.describe()} changed during the copy")
     dst.put(key, raw, create_only=True)
     if dst.get(key) != raw:
         raise Corrupt(f"{key} read back from {dst.describe()} differs from what was written")
     return CopyReport(generation=m.generation, shards=total, copied=copied,
-                      bytes=m.total_bytes + len(raw))
+                      bytes=m.total_bytes + len(raw) + extra)
 
 
 def _stored_sha256(store: Store, key: str) -> str | None:

@@ -8,8 +8,13 @@ workers.  So a rule about what may be ingested (ids, budgets, models) is written
 - ``plan`` reads and checks the dataset against the index (ids unique and not taken by a
   live or a deleted-but-not-compacted record, the model the index's, the exact-mode budget)
   and fixes everything the other steps need in a JSON-able ``IngestPlan``; it writes
-  nothing.
-- ``write_shard(n)`` takes only shard n's records, sketches them and writes the shard
+  nothing.  It reads the dataset once, streaming, in bounded memory: ids are checked as
+  digests (``rise.idcheck``, spilled to temporary files), the index's ids come from its
+  id files, and the file is cut into one byte range per shard (JSONL lines, Parquet row
+  groups) with a sha256 each.  It tokenises nothing (exact modes excepted: their storage
+  budget is checked before any work).
+- ``write_shard(n)`` takes only shard n's records (read from its range alone, checked
+  against the range's hash), tokenises and sketches them and writes the shard
   under a key that is a pure function of (generation, n); a valid shard already there is
   kept, so a redelivered or rerun shard task does no harm.  Features that are not finite
   (NaN, infinity) are refused before the put, naming the record: no index holds a NaN.
@@ -19,9 +24,10 @@ workers.  So a rule about what may be ingested (ids, budgets, models) is written
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
@@ -31,26 +37,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from rise import constants, exact
 from rise.config import SketchConfig
 from rise.data import (
+    ByteSource,
+    DataRange,
+    DataScan,
     Encoded,
     FieldMap,
+    FileBytes,
     Record,
-    check_unique_ids,
+    confirm_unique,
     encode_record,
-    file_sha256,
-    read_records,
+    iter_records,
+    read_range,
+    scan_dataset,
 )
 from rise.errors import AlreadyExists, BudgetExceeded, InvalidInput, Mismatch, StorageError
 from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
+from rise.idcheck import CHUNK, EXISTING, TOMBSTONED, IdChecker
 from rise.index import (
+    carried_files,
     check_model,
     manifest_generations,
     model_entry,
     open_index,
     read_manifest,
-    shard_entry,
+    shard_entry_meta,
     shard_is_valid,
-    write_manifest,
+    write_generation,
+    write_part,
 )
 from rise.manifest import FieldsEntry, IngestEntry, Manifest, ModelEntry
 from rise.model import LoadedModel
@@ -61,6 +75,26 @@ from rise.store import Store
 class ShardsPending(StorageError):
     """Commit found shards not yet written (a redelivered shard task made a chord fire
     early, say).  A StorageError, so a commit task is retried with backoff."""
+
+
+class RangeEntry(BaseModel):
+    """A shard's byte range of the dataset (``rise.data.DataRange``), in the plan."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: Annotated[int, Field(ge=0)]
+    stop: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+    length: Annotated[int, Field(ge=0)]
+    sha256: str
+    line: Annotated[int, Field(ge=1)] = 1
+    row_groups: list[int] = []
+    skip: Annotated[int, Field(ge=0)] = 0
+
+    def data_range(self) -> DataRange:
+        return DataRange(start=self.start, stop=self.stop, offset=self.offset,
+                         length=self.length, sha256=self.sha256, line=self.line,
+                         row_groups=tuple(self.row_groups), skip=self.skip)
 
 
 class IngestPlan(BaseModel):
@@ -83,6 +117,15 @@ class IngestPlan(BaseModel):
     """Records cut to max_length."""
     exact_bytes_estimate: int | None = None
     """Storage of per-token factors (modes exact and nosketch only)."""
+    data_format: str | None = None
+    """``jsonl``, ``jsonl.gz`` or ``parquet`` (None: a plan without ranges)."""
+    data_size: Annotated[int, Field(ge=0)] | None = None
+    ranges: list[RangeEntry] = []
+    """One byte range per shard, each with its sha256 (empty: read the whole file, which
+    must hash to ``dataset_sha256``; gzip has no ranges)."""
+    tail_offset: Annotated[int, Field(ge=0)] | None = None
+    tail_sha256: str | None = None
+    """Parquet: the footer every range read starts from, and its hash."""
 
     @property
     def appends(self) -> bool:
@@ -116,11 +159,12 @@ class IngestPlan(BaseModel):
             meta["adapter_sha256"] = self.model.adapter_sha256
         return meta
 
-    def ingest_entry(self) -> IngestEntry:
-        """The manifest's entry for this ingest."""
+    def ingest_entry(self, truncated: int | None = None) -> IngestEntry:
+        """The manifest's entry for this ingest (``truncated``: as counted by the shards)."""
         return IngestEntry(generation=self.generation, dataset_uri=self.dataset_uri,
                            dataset_sha256=self.dataset_sha256, fields=self.fields,
-                           records=self.n_records, truncated=self.truncated,
+                           records=self.n_records,
+                           truncated=self.truncated if truncated is None else truncated,
                            shard_size=self.shard_size)
 
 
@@ -138,6 +182,56 @@ class RecordList:
 
     def read(self, start: int, stop: int) -> Sequence[Record]:
         return self.records[start:stop]
+
+
+class DatasetRecords:
+    """A RecordSource over a planned dataset: each read fetches only the byte ranges of
+    the records asked for (``plan.ranges``), each checked against its sha256.  Also a
+    read-only sequence (``len``, indexing, slicing) for callers that hold "the records"."""
+
+    def __init__(self, p: IngestPlan, src: ByteSource, path: str | os.PathLike[str] | None,
+                 max_record_bytes: int | None = None) -> None:
+        self.plan, self.src, self.path = p, src, path
+        self.max_record_bytes = max_record_bytes
+
+    def __len__(self) -> int:
+        return self.plan.n_records
+
+    def __iter__(self) -> Iterator[Record]:
+        for n in range(self.plan.n_shards):
+            yield from self.read(*_bounds(self.plan.shard_range(n)))
+
+    def __getitem__(self, item: int | slice) -> Any:
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step != 1:
+                raise ValueError("records are read in ranges: step 1 only")
+            return self.read(start, stop)
+        index = range(len(self))[item]
+        return self.read(index, index + 1)[0]
+
+    def read(self, start: int, stop: int) -> Sequence[Record]:
+        p = self.plan
+        if stop <= start:
+            return []
+        if not p.ranges:
+            if self.path is None:
+                raise InvalidInput(f"{p.dataset_uri}: a plan without ranges reads the whole "
+                                   "file, and none was given")
+            rows = iter_records(self.path, p.field_map, name=p.dataset_uri,
+                                max_record_bytes=self.max_record_bytes)
+            return list(itertools.islice(rows, start, stop))
+        out: list[Record] = []
+        for r in p.ranges:
+            if r.stop <= start or r.start >= stop:
+                continue
+            got = read_range(self.src, p.data_format or "", r.data_range(), p.field_map,
+                             name=p.dataset_uri, max_record_bytes=self.max_record_bytes,
+                             tail=(p.tail_offset, p.tail_sha256)
+                             if p.tail_offset is not None and p.tail_sha256 else None,
+                             size=p.data_size)
+            out += got[max(0, start - r.start): stop - r.start]
+        return out
 
 
 @dataclass
@@ -158,6 +252,7 @@ class ShardWrite:
     written: bool
     examples: int
     tokens: int
+    truncated: int = 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,7 +283,8 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
          dataset_uri: str | None = None,
          exact_budget: int = constants.DEFAULT_EXACT_BUDGET_BYTES,
          max_record_bytes: int | None = None,
-         ) -> tuple[IngestPlan, list[Record]]:
+         id_chunk: int | None = None,
+         ) -> tuple[IngestPlan, DatasetRecords]:
     """Check ``data`` against the index at ``store`` and fix the plan; writes nothing.
 
     Create (``append=False``): the store holds no manifest; ``config`` and ``shard_size``
@@ -199,9 +295,10 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
     ``dataset_uri`` is what the manifest records (default: the file's absolute path) and
     what every message about the data names (never the local copy a worker reads).
     ``max_record_bytes``: the record size cap (default ``constants.max_record_bytes()``).
-    Returns the plan and the dataset's records.
+    ``id_chunk``: ids held in memory before they spill (``rise.idcheck.CHUNK``).
+    Returns the plan and the dataset's records, read range by range on demand.
     """
-    taken: dict[str, str] | None = None
+    idx = None
     if append:
         idx = open_index(store)
         check_model(idx.manifest.model, lm)
@@ -216,9 +313,6 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
             fields = idx.default_fields
         generation = idx.generation + 1
         shard_size = idx.manifest.shard_size
-        taken = idx.live_ids()
-        taken.update({t: "a deleted id not yet compacted (run rise compact first)"
-                      for t in idx.tombstones})
     else:
         gens = manifest_generations(store)
         if gens:
@@ -233,13 +327,31 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InvalidInput("shard size must be >= 1")
     uri = dataset_uri or os.path.abspath(data)
-    records = read_records(data, fields, name=uri, max_record_bytes=max_record_bytes)
-    if not records:
+    with IdChecker(chunk=id_chunk or CHUNK) as checker:
+        if idx is not None:
+            dead = idx.tombstones
+            for rid, _, _ in idx.iter_ids():
+                checker.add(rid, TOMBSTONED if rid in dead else EXISTING)
+        scan = scan_dataset(data, fields, shard_size, checker, name=uri,
+                            max_record_bytes=max_record_bytes)
+    if not scan.records:
         raise InvalidInput(f"{uri}: no records")
-    check_unique_ids(records, taken)
-    encoded = encode_all(records, lm, config, fields)
+
+    def existing(ident: str, tag: int) -> str | None:
+        if tag == TOMBSTONED:
+            return "a deleted id not yet compacted (run rise compact first)"
+        return idx.where([ident]).get(ident) if idx is not None else None
+
+    confirm_unique(data, fields, scan, name=uri, max_record_bytes=max_record_bytes,
+                   existing=existing)
+    tokens = truncated = 0
     estimate = None
-    if not config.sketched:
+    if not config.sketched:  # small validation indexes: the budget is checked up front
+        encoded = encode_all(list(iter_records(data, fields, name=uri,
+                                               max_record_bytes=max_record_bytes)),
+                             lm, config, fields)
+        tokens = sum(e.n_supervised for e in encoded)
+        truncated = sum(e.truncated for e in encoded)
         estimate = exact_bytes(encoded, config, lm.head.vocab, lm.head.hidden)
         if estimate > exact_budget:
             raise BudgetExceeded(
@@ -247,12 +359,21 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
                 f"factors, over the budget of {exact_budget / 2**20:.1f} MiB; index fewer "
                 "records or raise --exact-budget")
     p = IngestPlan(
-        generation=generation, dataset_uri=uri, dataset_sha256=file_sha256(data, uri),
+        generation=generation, dataset_uri=uri, dataset_sha256=scan.sha256,
         fields=_fields_entry(fields), config=config, model=model_entry(lm),
-        n_records=len(records), shard_size=shard_size,
-        tokens=sum(e.n_supervised for e in encoded),
-        truncated=sum(e.truncated for e in encoded), exact_bytes_estimate=estimate)
-    return p, records
+        n_records=scan.records, shard_size=shard_size, tokens=tokens, truncated=truncated,
+        exact_bytes_estimate=estimate, **_scan_fields(scan))
+    return p, DatasetRecords(p, FileBytes(data, uri), data, max_record_bytes)
+
+
+def _scan_fields(scan: DataScan) -> dict[str, Any]:
+    """The plan's fields of a dataset scan: format, size, ranges, Parquet footer."""
+    return {"data_format": scan.fmt, "data_size": scan.size,
+            "ranges": [RangeEntry(start=r.start, stop=r.stop, offset=r.offset,
+                                  length=r.length, sha256=r.sha256, line=r.line,
+                                  row_groups=list(r.row_groups), skip=r.skip)
+                       for r in scan.ranges],
+            "tail_offset": scan.tail_offset, "tail_sha256": scan.tail_sha256}
 
 
 # ------------------------------------------------------------------------- write_shard
@@ -279,11 +400,12 @@ def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
     check_model(p.model, lm)
     encoded = encode_all(records, lm, p.config, p.field_map)
     tokens = sum(e.n_supervised for e in encoded)
+    truncated = sum(e.truncated for e in encoded)
     key = p.shard_key(n)
     if shard_is_valid(store, key, p.shard_meta(n)):
         if progress is not None:
             progress(len(records), tokens)
-        return ShardWrite(False, len(records), tokens)
+        return ShardWrite(False, len(records), tokens, truncated)
     feats = featurize(lm, encoded, p.config, batch_size=batch_size, progress=progress,
                       cancel=cancel)
     ids = [r.id for r in records]
@@ -293,13 +415,15 @@ def write_shard(store: Store, lm: LoadedModel, p: IngestPlan, n: int,
         bad = int((~torch.isfinite(norms).all(dim=1)).nonzero()[0])
         raise InvalidInput(f"record id {ids[bad]!r}: the norm of its head gradient overflows "
                            "float64 (refused: no index stores a NaN or an infinity)")
-    data = build_shard(p.shard_meta(n), ids,
+    # The truncated count rides in the shard: planning no longer tokenises, so the commit
+    # sums it from the shards for the manifest.
+    data = build_shard(dict(p.shard_meta(n), truncated=truncated), ids,
                        [p.generation] * len(records), [r.number for r in records], feats,
                        p.config.storage_dtype, norms)
     if before_write is not None:
         before_write()
     store.put(key, data)
-    return ShardWrite(True, len(records), tokens)
+    return ShardWrite(True, len(records), tokens, truncated)
 
 
 # ------------------------------------------------------------------------------ commit
@@ -322,13 +446,19 @@ def commit(store: Store, p: IngestPlan,
         raise ShardsPending(
             f"shards {', '.join(map(str, missing[:3]))}{more} of generation "
             f"{p.generation} are missing or invalid")
-    entries = [shard_entry(store, p.shard_key(n), p.generation, n) for n in range(p.n_shards)]
+    written = [shard_entry_meta(store, p.shard_key(n), p.generation, n)
+               for n in range(p.n_shards)]
+    entries = [e for e, _ in written]
+    # Shards count their truncated records (planning no longer tokenises); a shard of an
+    # older run has no count, and then the plan's (exact modes) stands.
+    truncated = max(p.truncated, sum(int(meta.get("truncated", 0)) for _, meta in written))
     if p.generation in manifest_generations(store):
         there = read_manifest(store, p.generation)
         if [s.sha256 for s in there.shards[-len(entries):]] == [e.sha256 for e in entries]:
             return there  # committed by an earlier run of this step
         raise AlreadyExists(f"generation {p.generation} of the index at {store.describe()} "
                             "was committed by another ingest")
+    part = write_part(store, p.generation, entries)
     if p.appends:
         prev = open_index(store)
         if prev.generation != p.generation - 1:
@@ -336,16 +466,14 @@ def commit(store: Store, p: IngestPlan,
                 f"the index moved to generation {prev.generation} while generation "
                 f"{p.generation} was being ingested")
         m = prev.manifest
-        manifest = Manifest.build(p.generation, model=m.model, config=m.config,
-                                  ingests=[*m.ingests, p.ingest_entry()],
-                                  shards=[*m.shards, *entries], tombstones=m.tombstones)
-    else:
-        manifest = Manifest.build(1, model=p.model, config=p.config,
-                                  ingests=[p.ingest_entry()], shards=entries, tombstones=[])
-    if before_write is not None:
-        before_write()
-    write_manifest(store, manifest)
-    return manifest
+        parts, deletes = carried_files(store, m)
+        return write_generation(store, p.generation, model=m.model, config=m.config,
+                                ingests=[*m.ingests, p.ingest_entry(truncated)],
+                                parts=[*parts, part], deletes=deletes,
+                                before_write=before_write)
+    return write_generation(store, 1, model=p.model, config=p.config,
+                            ingests=[p.ingest_entry(truncated)], parts=[part], deletes=[],
+                            before_write=before_write)
 
 
 # ------------------------------------------------------------------- in one process
@@ -358,13 +486,17 @@ def run(store: Store, lm: LoadedModel, p: IngestPlan, source: RecordSource, *,
     summary = IngestSummary(generation=p.generation, records=p.n_records, tokens=p.tokens,
                             truncated=p.truncated,
                             exact_bytes_estimate=p.exact_bytes_estimate)
+    tokens = truncated = 0
     for n in range(p.n_shards):
         done = write_shard(store, lm, p, n, source.read(*_bounds(p.shard_range(n))),
                            batch_size=batch_size, progress=progress, cancel=cancel)
+        tokens += done.tokens
+        truncated += done.truncated
         if done.written:
             summary.shards_written += 1
         else:
             summary.shards_skipped += 1
+    summary.tokens, summary.truncated = tokens, truncated
     commit(store, p)
     return summary
 
@@ -398,12 +530,12 @@ def append(store: Store, lm: LoadedModel, data: str | os.PathLike[str],
     return _run_planned(store, lm, p, records, batch_size, progress, cancel, on_plan)
 
 
-def _run_planned(store: Store, lm: LoadedModel, p: IngestPlan, records: list[Record],
+def _run_planned(store: Store, lm: LoadedModel, p: IngestPlan, records: RecordSource,
                  batch_size: int, progress: ProgressFn | None, cancel: CancelFn | None,
                  on_plan: PlanCallback | None) -> IngestSummary:
     if on_plan is not None:
         on_plan(p, IngestSummary(generation=p.generation, records=p.n_records,
                                  tokens=p.tokens, truncated=p.truncated,
                                  exact_bytes_estimate=p.exact_bytes_estimate))
-    return run(store, lm, p, RecordList(records), batch_size=batch_size, progress=progress,
+    return run(store, lm, p, records, batch_size=batch_size, progress=progress,
                cancel=cancel)

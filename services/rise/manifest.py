@@ -24,12 +24,29 @@ changing the format:
    generation written by ``rise compact``), never a silent reinterpretation.
 
 Shard files carry their own ``format_version`` in their metadata under the same rule.
+
+Version 3: the manifest list
+----------------------------
+From version 3 the object ``manifest-<generation>.json`` is a *manifest list*
+(``ManifestList``): the model, the config and the ingests as before, but instead of every
+shard and every tombstoned id it names small immutable files by key and sha256 -- a
+*shard list* per generation that wrote shards (``ShardList``: an ingest or a compaction)
+and a *delete file* per generation that deleted ids (``DeleteFile``).  A new generation
+reuses the files of the previous one and adds at most one of each, so the object written
+per generation does not grow with the shards or the tombstones (as table formats such as
+Iceberg and Delta do).  Each shard entry of a shard list also names the shard's *id file*
+(``ids_key``, ``ids_sha256``): the ids, ingest generations and record numbers of the
+shard alone, so id checks read ids, never sketches.  Readers resolve a list into the same
+``Manifest`` that older versions hold in one object (``rise.index.read_manifest``); the
+``parts`` and ``deletes`` of a resolved manifest say which files it came from.
+Older indexes (versions 1 and 2) open as before; the first generation written over one
+carries its shards and tombstones into files of version 3.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -37,10 +54,13 @@ from rise import __version__
 from rise.config import SketchConfig
 from rise.errors import Corrupt, Mismatch, validation_message
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest manifest format this code reads and writes."""
 
-FIELD_SINCE: dict[str, int] = {"model.adapter_sha256": 2}
+LIST_VERSION = 3
+"""The first version written as a manifest list over shard lists and delete files."""
+
+FIELD_SINCE: dict[str, int] = {"model.adapter_sha256": 2, "parts": 3, "deletes": 3}
 """Dotted field path (``"model.adapter_sha256"``) -> the format version that added it."""
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -97,7 +117,8 @@ class IngestEntry(_Strict):
 
 
 class ShardEntry(_Strict):
-    """One shard object: its key, which ingest (or compaction) wrote it, and its hash."""
+    """One shard object: its key, which ingest (or compaction) wrote it, and its hash;
+    from version 3 also its id file (None: an older shard, whose ids are in it only)."""
 
     key: str
     generation: Generation
@@ -105,6 +126,94 @@ class ShardEntry(_Strict):
     count: Count
     sha256: Sha256
     bytes: Count
+    ids_key: str | None = None
+    ids_sha256: Sha256 | None = None
+
+
+class PartEntry(_Strict):
+    """A shard list (``ShardList``) named by a manifest list (version 3)."""
+
+    key: str
+    generation: Generation
+    sha256: Sha256
+    shards: Count
+    records: Count
+    bytes: Count
+
+
+class DeleteEntry(_Strict):
+    """A delete file (``DeleteFile``) named by a manifest list (version 3)."""
+
+    key: str
+    generation: Generation
+    sha256: Sha256
+    count: Count
+
+
+class ShardList(_Strict):
+    """The shards one generation wrote (an ingest or a compaction), in order."""
+
+    format_version: Annotated[int, Field(ge=LIST_VERSION)]
+    generation: Generation
+    shards: list[ShardEntry]
+
+
+class DeleteFile(_Strict):
+    """The ids one generation tombstoned, sorted."""
+
+    format_version: Annotated[int, Field(ge=LIST_VERSION)]
+    generation: Generation
+    ids: list[str]
+
+
+class ManifestList(_Strict):
+    """A manifest generation of version 3 or later, as stored: shard lists and delete
+    files by key and hash instead of every shard and tombstone."""
+
+    format_version: Annotated[int, Field(ge=LIST_VERSION)]
+    generation: Generation
+    tool_version: str
+    model: ModelEntry
+    config: SketchConfig
+    config_sha256: Sha256
+    ingests: list[IngestEntry]
+    parts: list[PartEntry]
+    deletes: list[DeleteEntry]
+    live_count: Count
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ManifestList:
+        if self.config.sha256() != self.config_sha256:
+            raise ValueError("config_sha256 does not match config")
+        if not self.ingests:
+            raise ValueError("a manifest has at least one ingest")
+        if self.live_count != sum(p.records for p in self.parts) - sum(
+                d.count for d in self.deletes):
+            raise ValueError("live_count differs from the shard lists' records less the "
+                             "delete files' ids")
+        return self
+
+    @classmethod
+    def build(cls, generation: int, *, model: ModelEntry, config: SketchConfig,
+              ingests: list[IngestEntry], parts: list[PartEntry],
+              deletes: list[DeleteEntry]) -> ManifestList:
+        return cls(format_version=LIST_VERSION, generation=generation,
+                   tool_version=f"rise {__version__}", model=model, config=config,
+                   config_sha256=config.sha256(), ingests=ingests, parts=parts,
+                   deletes=deletes,
+                   live_count=sum(p.records for p in parts) - sum(d.count for d in deletes))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+
+    def resolve(self, shards: list[ShardEntry], tombstones: list[str]) -> Manifest:
+        """The ``Manifest`` of this generation given its shard lists' shards and its
+        delete files' ids (in list order)."""
+        return Manifest(format_version=self.format_version, generation=self.generation,
+                        tool_version=self.tool_version, model=self.model,
+                        config=self.config, config_sha256=self.config_sha256,
+                        ingests=self.ingests, shards=shards, tombstones=sorted(tombstones),
+                        live_count=self.live_count, parts=self.parts, deletes=self.deletes)
 
 
 class Manifest(_Strict):
@@ -120,6 +229,10 @@ class Manifest(_Strict):
     shards: list[ShardEntry]
     tombstones: list[str]
     live_count: Count
+    parts: list[PartEntry] = []
+    """Version 3: the shard lists this generation was resolved from (empty: older)."""
+    deletes: list[DeleteEntry] = []
+    """Version 3: the delete files this generation was resolved from."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -187,30 +300,50 @@ class Manifest(_Strict):
             if info is not None and getattr(obj, last) == info.get_default(
                     call_default_factory=True):
                 raw.pop(last, None)
+        for shard in data["shards"]:  # shards of version 1 and 2 have no id file
+            for key in ("ids_key", "ids_sha256"):
+                if shard.get(key) is None:
+                    shard.pop(key, None)
         return json.dumps(data, sort_keys=True, indent=1).encode()
 
     @classmethod
     def parse(cls, data: bytes | str, where: str) -> Manifest:
-        """Validate manifest bytes; Corrupt (or Mismatch for a newer format) naming ``where``."""
-        try:
-            raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Corrupt(f"{where} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise Corrupt(f"{where} is not a JSON object")
-        version = raw.get("format_version")
-        if isinstance(version, int) and not isinstance(version, bool) \
-                and version > FORMAT_VERSION:
-            raise Mismatch(f"{where} has format version {version}, written by a newer rise; "
-                           f"this rise reads up to {FORMAT_VERSION}")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise Corrupt(f"{where} has format version {version!r}; this rise reads "
-                          f"1 to {FORMAT_VERSION}")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            detail = validation_message(e, locations=True)
-            raise Corrupt(f"{where} is not a valid manifest: {detail}") from None
+        """Validate manifest bytes; Corrupt (or Mismatch for a newer format) naming ``where``.
+        A manifest list (version 3) is resolved by ``rise.index.read_manifest``, not here."""
+        raw = parse_json_object(data, where, "manifest")
+        return parse_model(cls, raw, where, "manifest")
+
+
+def parse_json_object(data: bytes | str, where: str, what: str) -> dict[str, Any]:
+    """The JSON object of a manifest-format file, its version checked (refused newer
+    naming both versions, as ``Manifest.parse``)."""
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Corrupt(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise Corrupt(f"{where} is not a JSON object")
+    version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) \
+            and version > FORMAT_VERSION:
+        raise Mismatch(f"{where} has format version {version}, written by a newer rise; "
+                       f"this rise reads up to {FORMAT_VERSION}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise Corrupt(f"{where} has format version {version!r}; this rise reads "
+                      f"1 to {FORMAT_VERSION}")
+    return raw
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(cls: type[M], raw: dict[str, Any], where: str, what: str) -> M:
+    """``cls`` validated from ``raw``; Corrupt naming ``where`` and the field."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        detail = validation_message(e, locations=True)
+        raise Corrupt(f"{where} is not a valid {what}: {detail}") from None
 
 
 def written_version(m: BaseModel) -> int:

@@ -257,6 +257,33 @@ class S3Store:
                           f"its metadata ({len(data)} bytes read)")
         return data
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """A ranged GET: ``length`` bytes from ``offset``.  The object's sha256 metadata
+        covers the whole object, so the range is the caller's to check (a dataset's
+        ranges are checked against the hashes in the ingest plan)."""
+        name = self._name(key)
+        if isinstance(offset, bool) or isinstance(length, bool) or offset < 0 or length < 0:
+            raise InvalidInput(f"invalid byte range: offset {offset!r}, length {length!r}")
+        if length == 0:
+            return b""
+
+        def read() -> bytes:
+            resp = self.client.get_object(self.bucket, name, offset=offset, length=length)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            return self._call(f"read {key}", read)
+        except S3Error as e:
+            if e.code in _MISSING:
+                raise NotFound(f"{key} not found in {self.describe()}") from None
+            if e.code == "InvalidRange":
+                return b""
+            raise self._refused(f"read {key}", e) from None
+
     def exists(self, key: str) -> bool:
         name = self._name(key)
         try:

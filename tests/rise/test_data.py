@@ -18,15 +18,19 @@ from hypothesis import strategies as st
 from rise.data import (
     Encoded,
     FieldMap,
+    FileBytes,
     Record,
     check_unique_ids,
     encode_record,
     file_sha256,
     iter_records,
+    read_range,
     read_records,
+    scan_dataset,
     write_records,
 )
-from rise.errors import InvalidInput, NotFound
+from rise.errors import InvalidInput, Mismatch, NotFound
+from rise.idcheck import IdChecker
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -549,3 +553,85 @@ def test_messages_name_the_file_as_the_caller_named_it(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as nf:
         file_sha256(tmp_path / "gone.jsonl", "s3://rise/tenants/a/gone.jsonl")
     assert str(tmp_path) not in str(nf.value)
+
+
+# --------------------------------------------------------- streaming scan, byte ranges
+
+
+def _scan(path: Path, shard_size: int):
+    with IdChecker() as checker:
+        return scan_dataset(path, FieldMap(), shard_size, checker)
+
+
+def _ranged_rows(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "text": f"text number {i} " * (1 + i % 3)} for i in range(n)]
+
+
+def test_jsonl_ranges_read_back_exactly_their_records(tmp_path):
+    rows = _ranged_rows(11)
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    path.write_text("\n" + "\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
+    scan = _scan(path, 4)
+    assert scan.records == 11 and scan.sha256 == file_sha256(path)
+    assert [(r.start, r.stop) for r in scan.ranges] == [(0, 4), (4, 8), (8, 11)]
+    assert sum(r.length for r in scan.ranges) == path.stat().st_size  # ranges tile the file
+    whole = read_records(path, FieldMap())
+    for r in scan.ranges:
+        got = read_range(FileBytes(path), "jsonl", r, FieldMap(), name="d.jsonl")
+        assert got == whole[r.start:r.stop]
+
+
+def test_a_changed_range_is_refused_and_the_others_still_read(tmp_path):
+    rows = _ranged_rows(9)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scan = _scan(path, 3)
+    data = bytearray(path.read_bytes())
+    middle = scan.ranges[1]
+    at = data.index(b"number 4")
+    assert middle.offset <= at < middle.offset + middle.length
+    data[at + 7] = ord("9")  # same length, one byte: only range 1's hash catches it
+    path.write_bytes(bytes(data))
+    with pytest.raises(Mismatch) as e:
+        read_range(FileBytes(path), "jsonl", middle, FieldMap(), name="s3://b/d.jsonl")
+    assert str(e.value).startswith("s3://b/d.jsonl: the range of records [3, 6)")
+    assert "changed since the job was planned" in str(e.value)
+    for r in (scan.ranges[0], scan.ranges[2]):
+        assert len(read_range(FileBytes(path), "jsonl", r, FieldMap(), name="d")) == 3
+
+
+def test_parquet_ranges_are_row_groups_and_read_only_their_bytes(tmp_path):
+    rows = _ranged_rows(23)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    scan = _scan(path, 4)
+    assert [r.row_groups for r in scan.ranges[:3]] == [(0,), (0, 1), (1, 2)]
+    whole = read_records(path, FieldMap())
+    reads: list[tuple[int, int]] = []
+
+    class Counting(FileBytes):
+        def read(self, offset: int, length: int) -> bytes:
+            reads.append((offset, length))
+            return super().read(offset, length)
+
+    for r in scan.ranges:
+        reads.clear()
+        got = read_range(Counting(path), "parquet", r, FieldMap(), name="d",
+                         tail=(scan.tail_offset, scan.tail_sha256), size=scan.size)
+        assert got == whole[r.start:r.stop]
+        assert reads == [(r.offset, r.length), (scan.tail_offset, scan.size - scan.tail_offset)]
+    bad = bytearray(path.read_bytes())
+    bad[scan.ranges[-1].offset + 2] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    with pytest.raises(Mismatch, match="changed since the job was planned"):
+        read_range(FileBytes(path), "parquet", scan.ranges[-1], FieldMap(), name="d",
+                   tail=(scan.tail_offset, scan.tail_sha256), size=scan.size)
+
+
+def test_gzip_has_no_ranges_but_is_scanned(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _ranged_rows(5))
+    scan = _scan(path, 2)
+    assert scan.records == 5 and scan.ranges == [] and scan.sha256 == file_sha256(path)

@@ -559,7 +559,9 @@ def test_verify_flipped_byte_in_latest_generation(tmp_path, gen2):
     with pytest.raises(Corrupt, match="sha256"):
         idx.shard(entry)
     with pytest.raises(Corrupt):
-        idx.live_ids()
+        list(idx.shards())
+    # id checks read the id files, which are intact: the sketches are not read for them
+    assert set(idx.live_ids()) == set(IDS)
 
 
 def test_verify_flipped_byte_in_first_generation_taints_both(tmp_path, gen2):
@@ -827,3 +829,97 @@ def test_copy_takes_the_current_generation(tmp_path, idx8):
     assert I.copy_index(idx8, dst).generation == 2
     assert I.open_index(dst).tombstones == {"doc-1"}
     assert I.manifest_generations(dst) == [2]
+
+
+# ------------------------------------------------- manifest lists, delete files, id files
+
+
+class _ReadLog(LocalStore):
+    """A LocalStore that records every key it reads (whole or ranged)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        self.reads.append(key)
+        return super().get(key)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self.reads.append(key)
+        return super().get_range(key, offset, length)
+
+
+def test_id_checks_read_id_files_never_sketches(tmp_path, lm, idx8):
+    store = _ReadLog(idx8.root)
+    idx = I.open_index(store)
+    assert all(s.ids_key and s.ids_sha256 for s in idx.manifest.shards)
+    assert set(idx.live_ids()) == {f"doc-{i}" for i in range(len(TEXTS))}
+    I.delete(store, ["doc-2"])
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"id": "doc-5", "text": "clash"}])
+    with pytest.raises(InvalidInput, match="clashes with index generation 1 record 5"):
+        ingest.plan(store, lm, dup, append=True)
+    assert store.reads and not [k for k in store.reads if k.startswith("shards/")]
+    assert any(k.startswith("ids/") for k in store.reads)
+
+
+def test_manifest_list_and_delete_files_round_trip(tmp_path, gen2):
+    store = gen2
+    raw1 = store.get("manifest-00000002.json")
+    listed = json.loads(raw1)
+    assert listed["format_version"] == 3 and "shards" not in listed
+    assert [p["generation"] for p in listed["parts"]] == [1, 2] and listed["deletes"] == []
+    I.delete(store, [IDS[0], IDS[6]])
+    I.delete(store, [IDS[3]])
+    raw = store.get("manifest-00000004.json")
+    m4 = json.loads(raw)
+    assert m4["parts"] == listed["parts"]  # reused, not rewritten
+    assert [(d["generation"], d["count"]) for d in m4["deletes"]] == [(3, 2), (4, 1)]
+    assert not any(i.encode() in raw for i in IDS)  # ids live in the delete files only
+    deletes = [store.get(d["key"]) for d in m4["deletes"]]
+    assert json.loads(deletes[0])["ids"] == sorted([IDS[0], IDS[6]])
+    m = I.read_manifest(store, 4)
+    assert m.tombstones == sorted([IDS[0], IDS[3], IDS[6]]) and m.live_count == 7
+    assert [s.key for s in m.shards] == [s.key for s in I.read_manifest(store, 2).shards]
+    assert I.read_manifest(store, 4) is m  # resolved once per generation, then cached
+    # one more delete adds one small file; the list grows by one entry, not by its ids
+    I.delete(store, [IDS[i] for i in (1, 2, 4, 5, 7, 8, 9)])
+    assert len(store.get("manifest-00000005.json")) - len(raw) < len(raw) - len(raw1)
+    r = I.verify(store)
+    assert r.ok and set(r.generations.values()) == {"ok"}
+
+
+def test_a_damaged_delete_file_fails_its_generation(tmp_path, gen2):
+    store = gen2
+    I.delete(store, [IDS[0]])
+    key = next(k for k in store.list("meta/") if "-deletes-" in k)
+    store.put(key, store.get(key).replace(IDS[0].encode(), IDS[1].encode()))
+    r = I.verify(store)
+    assert key in r.generations[3] and r.current == 2
+    with pytest.raises(Corrupt, match="fails verification"):
+        I.read_manifest(store, 3, cached=False)
+    # a process that had not resolved generation 3 yet opens the newest that resolves
+    assert I.open_index(LocalStore(store.root, label="elsewhere")).generation == 2
+
+
+def test_compaction_keeps_only_the_current_files(tmp_path, gen2):
+    store = gen2
+    I.delete(store, [IDS[2]])
+    I.compact(store)
+    m = I.open_index(store).manifest
+    keys = set(store.list())
+    assert keys == I.generation_keys(store, m.generation)
+    assert all(k.startswith(("manifest-", "meta/g00000004-", "shards/g00000004/",
+                             "ids/g00000004/")) for k in keys)
+
+
+def test_localstore_ranged_get(tmp_path):
+    s = LocalStore(tmp_path)
+    s.put("a/b.bin", b"0123456789")
+    assert s.get_range("a/b.bin", 2, 3) == b"234"
+    assert s.get_range("a/b.bin", 8, 10) == b"89"
+    assert s.get_range("a/b.bin", 20, 5) == b""
+    with pytest.raises(NotFound):
+        s.get_range("nope", 0, 1)
+    with pytest.raises(InvalidInput):
+        s.get_range("a/b.bin", -1, 2)

@@ -12,7 +12,7 @@ from conftest import TEXTS, write_jsonl
 from rise import api, ingest
 from rise.config import make_config
 from rise.data import FieldMap
-from rise.errors import InvalidInput
+from rise.errors import InvalidInput, Mismatch
 from rise.index import open_index
 from rise.model import load_model
 from rise.store import LocalStore
@@ -109,3 +109,37 @@ def test_features_are_finite_at_the_temperature_bounds(tmp_path, lm):
         for sd in open_index(store).shards():
             assert sd.rh is not None and sd.gh is not None
             assert torch.isfinite(sd.rh.float()).all() and torch.isfinite(sd.norms).all()
+
+
+def test_a_shard_reads_only_its_range_and_refuses_it_changed(tmp_path, lm):
+    """Planning tokenises nothing and cuts the file into hashed ranges; a shard's records
+    come from its range alone, and a range whose bytes changed since is refused."""
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS[:7])]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    store = LocalStore(tmp_path / "idx")
+    p, records = ingest.plan(store, lm, data, config=CONFIG, shard_size=3)
+    assert p.tokens == 0 and [(r.start, r.stop) for r in p.ranges] == [(0, 3), (3, 6), (6, 7)]
+    assert ingest.IngestPlan.model_validate(p.model_dump(mode="json")) == p  # a task message
+    assert [r.id for r in records[3:6]] == ["r3", "r4", "r5"]
+    raw = bytearray(data.read_bytes())
+    at = raw.index(b'"r4"')
+    raw[at + 2] = ord("9")  # r4 -> r9 in place: same length, other bytes
+    data.write_bytes(bytes(raw))
+    changed = r"records \[3, 6\) \(bytes \d+ to \d+\) changed since the job was planned"
+    with pytest.raises(Mismatch, match=changed):
+        records.read(3, 6)
+    assert [r.id for r in records.read(0, 3)] == ["r0", "r1", "r2"]  # the others are intact
+    with pytest.raises(Mismatch):
+        ingest.run(store, lm, p, records)
+    assert not store.list("manifest-")
+
+
+def test_truncation_is_counted_by_the_shards(tmp_path, lm):
+    """Planning no longer tokenises: the manifest's truncated count comes from the shards."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"r{i}", "text": t}
+                                              for i, t in enumerate(TEXTS[:5])])
+    store = LocalStore(tmp_path / "idx")
+    s = ingest.create_index(store, lm, data, FieldMap(),
+                            make_config(dims=(16, 8, 8), max_length=4), shard_size=2)
+    assert s.truncated == 5 and s.tokens == 5 * 3
+    assert open_index(store).manifest.ingests[0].truncated == 5

@@ -161,3 +161,36 @@ def test_golden_index_opens_verifies_and_scores_the_same(tmp_path, golden_lm, na
             assert max(abs(a[1] - b[1]) for a, b in zip(got[qid], want, strict=True)) < 1e-4
         assert [i for i, _ in values] == [i for i, _ in expected["value"]]
         assert max(abs(a[1] - b[1]) for a, b in zip(values, expected["value"], strict=True)) < 1e-4
+
+
+def test_a_delete_over_an_old_index_writes_a_manifest_list(tmp_path):
+    """The first generation written over a version-1 index carries its shards and
+    tombstones into shard lists and a delete file (version 3); the old generations stay
+    as they are, and both open and verify."""
+    shutil.copytree(GOLDEN / "sketch", tmp_path / "sketch")
+    store = LocalStore(tmp_path / "sketch")
+    old = I.open_index(store)
+    assert old.manifest.format_version == 1 and old.manifest.tombstones
+    live = sorted(old.live_ids())
+    gen = I.delete(store, [live[0]])
+    raw = json.loads(store.get(f"manifest-{gen:08d}.json"))
+    assert raw["format_version"] == manifest.FORMAT_VERSION == 3
+    assert "shards" not in raw and "tombstones" not in raw
+    new = I.open_index(store)
+    assert new.generation == gen
+    assert [s.key for s in new.manifest.shards] == [s.key for s in old.manifest.shards]
+    assert set(new.manifest.tombstones) == set(old.manifest.tombstones) | {live[0]}
+    assert sorted(new.live_ids()) == live[1:]  # older shards: ids read from the shards
+    report = I.verify(store)
+    assert report.ok and set(report.generations.values()) == {"ok"}
+    assert I.read_manifest(store, old.generation) == old.manifest  # untouched
+    I.compact(store)  # compaction writes id files for the shards it writes
+    assert all(s.ids_key for s in I.open_index(store).manifest.shards)
+    assert sorted(I.open_index(store).live_ids()) == live[1:]
+
+
+def test_a_manifest_list_is_refused_by_older_readers_naming_both_versions():
+    raw = json.loads((GOLDEN / "sketch" / "manifest-00000003.json").read_text())
+    raw["format_version"] = manifest.FORMAT_VERSION + 1
+    with pytest.raises(Mismatch, match=f"reads up to {manifest.FORMAT_VERSION}"):
+        manifest.parse_json_object(json.dumps(raw), "m.json", "manifest")

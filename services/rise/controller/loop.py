@@ -48,7 +48,7 @@ from typing import Any
 
 from rise import constants, ingest, taskclient
 from rise.errors import NotFound, RiseError
-from rise.index import manifest_generations, read_manifest
+from rise.index import INDEX_PREFIXES, generation_keys, manifest_generations
 from rise.jobrecords import JobRecord, JobRecords
 from rise.jobs import (
     FAILED,
@@ -423,14 +423,14 @@ class Controller:
             owned.add(RECORD_KEY)
             for g in gens:
                 owned.add(constants.manifest_key(g))
-                try:
-                    owned.update(s.key for s in read_manifest(store, g).shards)
+                try:  # its shards, id files, shard lists and delete files
+                    owned.update(generation_keys(store, g))
                 except RiseError:
                     continue  # a damaged manifest owns nothing; rise verify reports it
         if job is not None and job["state"] not in TERMINAL:
-            # A live job may write the next generations' shards and manifest.
-            owned.update(k for k in keys if k.startswith(constants.SHARD_DIR + "/")
-                         or k.startswith(constants.MANIFEST_PREFIX))
+            # A live job may write the next generations' shards, id files, shard lists,
+            # delete files and manifest.
+            owned.update(k for k in keys if k.startswith(INDEX_PREFIXES))
         return owned
 
     # ------------------------------------------------------------------- metrics

@@ -262,12 +262,11 @@ def _prepare(task: RiseTask, settings: Settings, js: JobStore, job: dict[str, An
     pool = work.pool_name(settings, req.pool)
     store = _store(settings, req.prefix)
     lm = _model(settings, pool)
-    p, records = ingest.plan(
+    p, _ = ingest.plan(
         store, lm, materialize(req.dataset_uri, settings), append=req.append,
         fields=work.request_fields(req), config=work.request_config(req),
         # An append keeps the index's shard size, whatever the request says.
         shard_size=None if req.append else req.shard_size, dataset_uri=req.dataset_uri)
-    work.remember_records(p, records)
     js.update(job_id, plan=p.model_dump(mode="json"), shards_total=p.n_shards,
               examples_total=p.n_records, truncated=p.truncated, tokens_total=p.tokens)
     JobRecords(lambda: open_store(settings, "")).planned(job["tenant"], job_id, p.generation)
@@ -343,8 +342,13 @@ def commit(self: RiseTask, results: Any, job_id: str,
             return "skipped"
         p = _plan_of(job)
         store = _store(settings, work.Request.of(job).prefix)
-        gen = ingest.commit(store, p, before_write=lambda: js.check_fence(job_id)).generation
-        if not js.set_state(job_id, SUCCEEDED, generation=gen):
+        m = ingest.commit(store, p, before_write=lambda: js.check_fence(job_id))
+        gen = m.generation
+        # Shards count what they truncated (planning does not tokenise): the job's count
+        # is the manifest's.
+        entry = next((i for i in m.ingests if i.generation == p.generation), None)
+        done = {"truncated": entry.truncated} if entry is not None else {}
+        if not js.set_state(job_id, SUCCEEDED, generation=gen, **done):
             log.warning("job %s ended (%s) while generation %d was committed", job_id,
                         js.get_any(job_id)["state"], gen)
         _unlock(js, job)

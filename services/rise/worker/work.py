@@ -8,12 +8,10 @@ CLI and the Python API call.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,10 +21,10 @@ from transformers.utils import logging as hf_logging
 
 from rise import constants
 from rise.config import SketchConfig, sketch_config
-from rise.data import FieldMap, Record, file_sha256, read_records
-from rise.datasets import materialize
+from rise.data import FieldMap, FileBytes, file_sha256
+from rise.datasets import dataset_bytes, materialize
 from rise.errors import BudgetExceeded, InvalidInput, Mismatch, RiseError
-from rise.ingest import IngestPlan, RecordList, RecordSource
+from rise.ingest import DatasetRecords, IngestPlan, RecordSource
 from rise.jobs import JobStore
 from rise.model import LoadedModel, load_model
 from rise.modelsource import local_model, parse_source
@@ -37,8 +35,6 @@ log = logging.getLogger("rise.worker")
 
 # How often a running shard asks Redis whether its job was cancelled.
 CANCEL_POLL_S = 1.0
-# Datasets whose parsed records a worker process keeps (most recent first).
-RECORD_CACHE_ENTRIES = 2
 
 
 # ------------------------------------------------------------------------------ redis
@@ -202,45 +198,23 @@ def get_model(settings: Settings, name: str,
 # ------------------------------------------------------------------------------ datasets
 
 
-_records: OrderedDict[tuple[str, str, str], list[Record]] = OrderedDict()
-
-
-def _fields_key(fields: FieldMap) -> str:
-    return json.dumps(fields.to_dict(), sort_keys=True)
-
-
-def _cache_records(key: tuple[str, str, str], records: list[Record]) -> None:
-    _records[key] = records
-    _records.move_to_end(key)
-    while len(_records) > RECORD_CACHE_ENTRIES:
-        _records.popitem(last=False)
-
-
 def dataset_source(settings: Settings, p: IngestPlan) -> RecordSource:
-    """The records of the dataset a plan names, cached per process by sha256.
+    """The records of the dataset a plan names, read range by range.
 
-    The file is fetched again (if not cached on disk) and must still hash to the plan's
-    sha256: a dataset replaced after planning would otherwise mix two datasets in one
-    index.
+    With ranges (JSONL, Parquet) a shard reads only its own bytes, by ranged GETs on S3,
+    each range checked against the sha256 the plan recorded for it: a dataset replaced
+    after planning is refused (Mismatch naming the range), never mixed into one index.
+    Without (gzip), the file is fetched whole (if not cached on disk) and must still hash
+    to the plan's sha256.
     """
-    fields = p.field_map
-    key = (p.dataset_uri, p.dataset_sha256, _fields_key(fields))
-    if key in _records:
-        _records.move_to_end(key)
-        return RecordList(_records[key])
+    if p.ranges:
+        return DatasetRecords(p, dataset_bytes(p.dataset_uri, settings), None)
     path = materialize(p.dataset_uri, settings)
     got = file_sha256(path, p.dataset_uri)
     if got != p.dataset_sha256:
         raise Mismatch(f"dataset {p.dataset_uri} changed since the job was planned (sha256 "
                        f"{got[:12]} vs {p.dataset_sha256[:12]})")
-    records = read_records(path, fields, name=p.dataset_uri)  # messages name the URI
-    remember_records(p, records)
-    return RecordList(records)
-
-
-def remember_records(p: IngestPlan, records: list[Record]) -> None:
-    """Keep the records a plan was made from, so this process's shard tasks reuse them."""
-    _cache_records((p.dataset_uri, p.dataset_sha256, _fields_key(p.field_map)), records)
+    return DatasetRecords(p, FileBytes(path, p.dataset_uri), path)
 
 
 # ---------------------------------------------------------------------------- requests

@@ -175,12 +175,26 @@ def cmd_delete(a: argparse.Namespace) -> None:
 
 def cmd_compact(a: argparse.Namespace) -> None:
     # start-up: torch only in the verbs that need it (note at the top)
-    from rise.index import compact
+    from rise.api import compact
 
     idx = _open(a.index)
     gen = compact(idx.store)
     emit(a, {"generation": gen or idx.generation, "compacted": gen is not None},
           f"compacted into generation {gen}" if gen else "nothing to compact")
+
+
+def cmd_ann(a: argparse.Namespace) -> None:
+    # start-up: torch only in the verbs that need it (note at the top)
+    from rise.api import build_ann
+
+    idx = _open(a.index)
+    t0 = time.perf_counter()
+    meta = build_ann(idx, kind=a.kind, lists=a.lists, pq_m=a.pq_m)
+    emit(a, {"kind": meta.kind, "generation": meta.generation, "lists": meta.lists,
+              "rows": meta.rows, "bytes": meta.faiss_bytes, "key": meta.faiss_key,
+              "seconds": round(time.perf_counter() - t0, 3)},
+          f"built {meta.kind} over {meta.rows} rows in {meta.lists} lists: "
+          f"{meta.faiss_key} ({meta.faiss_bytes / 2**20:.1f} MiB)")
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
@@ -221,7 +235,7 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 
 def cmd_attribute(a: argparse.Namespace) -> None:
     # start-up: torch only in the verbs that need it (note at the top)
-    from rise.api import attribute_sketched, sketch_queries
+    from rise.api import attribute_approximate, attribute_sketched, sketch_queries
 
     spec = _spec(a)
     gen = _generate_spec(a)
@@ -240,7 +254,12 @@ def cmd_attribute(a: argparse.Namespace) -> None:
     qs = sketch_queries(idx, lm, records, fields, batch_size=a.batch_size, progress=p)
     speed = p.close()
     t0 = time.perf_counter()
-    hits = attribute_sketched(idx, qs, spec, a.top, collapse=a.collapse)
+    if a.approximate:  # the index's ANN index (rise.ann), hits reranked exactly
+        if getattr(a, "collapse", None) is not None:
+            raise InvalidInput("--approximate does not combine with --collapse")
+        hits = attribute_approximate(idx, qs, spec, a.top, nprobe=a.nprobe)
+    else:
+        hits = attribute_sketched(idx, qs, spec, a.top, collapse=a.collapse)
     rows = [{"query_id": q, "results": [
         {"id": h.id, "score": h.score, **({"duplicates": [
             {"id": d.id, "score": d.score} for d in h.duplicates]} if a.collapse else {})}
@@ -449,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=10)
     add_field_args(sp)
     add_scoring_args(sp)
+    sp.add_argument("--approximate", action="store_true",
+                    help="search the index's ANN index (rise ann build) instead of scanning "
+                    "every shard; hits are reranked exactly")
+    sp.add_argument("--nprobe", type=int,
+                    help="with --approximate: inverted lists probed (default: all, which "
+                    "gives the exact answer with ivf-flat)")
 
     sp = verb("value", cmd_value, "value every indexed example for a target set")
     sp.add_argument("--index", required=True)
@@ -472,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = verb("compact", cmd_compact, "rewrite shards to erase deleted examples")
     sp.add_argument("index")
+    sp = verb("ann", cmd_ann, "approximate search: build an ANN index (FAISS IVF) of the "
+              "index's current shards beside them (needs rise[ann])")
+    sp.add_argument("action", choices=["build"])
+    sp.add_argument("index")
+    sp.add_argument("--kind", choices=["ivf-flat", "ivf-pq"], default="ivf-flat")
+    sp.add_argument("--lists", type=int, help="inverted lists (default: about sqrt(rows))")
+    sp.add_argument("--pq-m", type=int, default=64, help="ivf-pq: bytes per row")
     sp = verb("verify", cmd_verify, "check every shard of every generation")
     sp.add_argument("index")
     sp = verb("inspect", cmd_inspect, "summarise an index")

@@ -4,9 +4,11 @@ shards appended after the build are handled; fewer lists give a measured recall.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from rise import ann, api
+from rise import ann, api, cli
 from rise.config import make_config
 from rise.errors import InvalidInput, NotFound
 from rise.factors import Features
@@ -182,3 +184,10 @@ def test_refusals(store):
         api.attribute_approximate(index, _queries(1, 1), ScoreSpec(channel="rh", score="raw"), 3)
     with pytest.raises(InvalidInput):
         api.attribute_approximate(index, _queries(1, 1), ScoreSpec(), 3, nprobe=5)
+
+
+def test_cli_builds(store, capsys):
+    assert cli.main(["ann", "build", str(store.root), "--lists", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "ivf-flat" and out["rows"] == 400 and out["lists"] == 4
+    assert ann.find(store, open_index(store)) is not None

@@ -493,6 +493,8 @@ def expected_pools_setting(values) -> dict:
              "dtype": pool.get("dtype", "bfloat16"), "batch_size": pool.get("batchSize", 8)}
         if pool.get("queue"):
             p["queue"] = pool["queue"]
+        if pool.get("adapter"):
+            p["adapter"] = pool["adapter"]
         if pool.get("gpuMemory"):
             p["gpu_memory"] = pool["gpuMemory"]
         out[name] = p

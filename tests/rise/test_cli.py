@@ -16,7 +16,7 @@ from rise import errors
 from rise.cli import main
 
 VERBS = ["index", "attribute", "value", "append", "delete", "compact", "verify", "inspect", "plan",
-         "explain"]
+         "explain", "copy"]
 PR_ROWS = [
     {"id": f"pr-{i}", "prompt": f"Question {i}: what does line {i} say?", "response": t}
     for i, t in enumerate(TEXTS)

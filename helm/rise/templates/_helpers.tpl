@@ -409,12 +409,13 @@ emptyDir:
 {{- end }}
 
 {{/* The worker pools as rise.settings.Settings reads them from RISE_POOLS: a JSON object of
-     pool name -> the fields of rise.settings.Pool (model, queue, gpus, gpu_memory, dtype,
-     batch_size; nothing else, the Pool model forbids extra keys). */}}
+     pool name -> the fields of rise.settings.Pool (model, adapter, queue, gpus,
+     gpu_memory, dtype, batch_size; nothing else, the Pool model forbids extra keys). */}}
 {{- define "rise.poolsSetting" -}}
 {{- $out := dict }}
 {{- range $name, $pool := (include "rise.enabledPools" . | fromJson) }}
 {{- $p := dict "model" (required (printf "workers.pools.%s.model is required" $name) $pool.model) }}
+{{- with $pool.adapter }}{{ $_ := set $p "adapter" . }}{{ end }}
 {{- with $pool.queue }}{{ $_ := set $p "queue" . }}{{ end }}
 {{- $_ := set $p "gpus" (ternary (int $pool.gpus) 1 (hasKey $pool "gpus")) }}
 {{- with $pool.gpuMemory }}{{ $_ := set $p "gpu_memory" (toString .) }}{{ end }}

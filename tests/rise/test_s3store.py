@@ -332,3 +332,13 @@ def test_rise_copy_between_folders_and_s3_every_way(s3_server, tiny_model, tmp_p
 
 def objects_of(store) -> dict[str, bytes]:
     return {k: store.get(k) for k in store.list()}
+
+
+def test_ranged_get(store: S3Store):
+    """A ranged GET returns just those bytes (a dataset's range, checked by its caller)."""
+    store.put("data/d.jsonl", b"0123456789")
+    assert store.get_range("data/d.jsonl", 2, 3) == b"234"
+    assert store.get_range("data/d.jsonl", 8, 10) == b"89"
+    assert store.get_range("data/d.jsonl", 4, 0) == b""
+    with pytest.raises(NotFound):
+        store.get_range("data/none.jsonl", 0, 4)

@@ -33,20 +33,28 @@ the pool mean mu_c of the live unit rows:
   |cos_c| |n_c(x)/m_c - 1| <= delta_c = (max n_c - min n_c) / (max n_c + min n_c), so
   |score(x) - (P(x) - const)| <= Delta = sum_c w_c delta_c.
 
-The per-row values <x_c, mu_c> (the "row terms", 16 bytes a row) are computed by one pass
-over the rows for each pool mean and kept with the loaded ANN index (the cost of one exact
-query, once per mean; nothing is rebuilt).
+The per-row values n_c(x) (the "row terms", 16 bytes a row) are computed by one pass over
+the rows for each pool mean and kept with the loaded ANN index (the cost of one exact
+query, once per mean; nothing is rebuilt).  The proxy chooses the lists to probe (the
+centroids are uncentered rows too) and is what ``ivf-pq`` searches.
 
-Search.  FAISS returns the best ``fetch`` rows by the proxy among the ``nprobe`` lists
-nearest the query (FAISS's ``nprobe``); they are rescored exactly (the stored float16 rows,
-read from their shards, in float64: ``rise.score.cosine_block``), dead rows dropped.  For
-``ivf-flat`` the answer is certified: if the ``top``-th exact score among the candidates is
-at least the proxy of the last candidate plus ``Delta`` plus the float32 rounding bound of
-the proxy, no row outside the candidates can beat it (within the probed lists); otherwise
-``fetch`` doubles, up to every row.  So with ``nprobe`` = the number of lists the answer
-is the exact scan's top, ids and order, with scores equal to the float64 reference
-(``tests/rise/test_ann.py``).  With fewer lists, rows of unprobed lists can be missed:
-recall@10 against the exact scan is measured in ``tests/benchmarks/reports/scale.md``.
+Search, ``ivf-flat``.  The ``nprobe`` lists whose centroids have the largest proxy inner
+product with the query are read (FAISS's inverted lists: the rows' float32 values), and
+every row in them is scored by the exact formula above in float32, channel by channel
+(<q'_c, x_c> from the float32 rows, then k_c and the row's n_c): the ANN index holds
+uncentered rows, the centering is all on the query side and in the per-row terms.  The
+best ``fetch`` of them are rescored exactly (the stored float16 rows, read from their
+shards, in float64: ``rise.score.cosine_block``), dead rows dropped; if the ``top``-th
+exact score does not exceed the float32 score of the last one fetched plus the float32
+error bound (a dot of unit vectors of m values: gamma_m + 3u, over the smallest n_c),
+``fetch`` doubles, up to every probed row.  So the answer is exact within the probed
+lists, and with ``nprobe`` = the number of lists it is the exact scan's top: ids, order,
+and scores equal to the float64 reference (``tests/rise/test_ann.py``).  With fewer lists,
+rows of unprobed lists can be missed: recall@10 against the exact scan and the speed-up
+are measured in ``tests/benchmarks/reports/scale.md``.
+
+Search, ``ivf-pq``.  FAISS's own search of the proxy over PQ codes (``m`` bytes a row
+instead of 4 bytes a value), the best ``16 top`` rescored exactly: no certificate.
 
 Storage, beside the shards:  ``ann/g{generation:08d}-{kind}.faiss`` (FAISS's bytes) and
 ``ann/g{generation:08d}-{kind}.json`` (kind, lists, the shards covered with their sha256,
@@ -334,72 +342,103 @@ def search(ann: AnnIndex, qs: QuerySet, spec: ScoreSpec, top: int, *,
         raise InvalidInput("approximate search ranks cosine scores; raw scores are scanned")
     if qs.rh is None or qs.gh is None:
         raise InvalidInput("approximate search needs a sketched index")
-    fi = ann.faiss_index
     nl = ann.meta.lists
     probe = nl if nprobe is None else nprobe
     if not 1 <= probe <= nl:
         raise InvalidInput(f"nprobe must be in [1, {nl}], got {probe}")
-    fi.nprobe = probe
     w = spec.weights
-    rows = ann.meta.rows
-    centered = mean is not None
-    if centered:
-        assert mean is not None
-        n_rh, n_gh = _row_terms(ann, mean, load)
-        mids, deltas = [], []
-        for n in (n_rh, n_gh):
-            lo, hi = float(n.min()), float(n.max())
-            mids.append((lo + hi) / 2 if hi > 0 else 1.0)
-            deltas.append((hi - lo) / (hi + lo) if hi + lo > 0 else 0.0)
-    else:
-        mids, deltas = [1.0, 1.0], [0.0, 0.0]
-    qc = []
-    for c in ("rh", "gh"):
+    terms = _row_terms(ann, mean, load) if mean is not None else None
+    # per channel: the (centered) unit query q'_c and its constant k_c = <q'_c, mu_c>
+    qc, kc, mids = [], [], []
+    for col, c in enumerate(("rh", "gh")):
         q = getattr(qs, c)
-        if centered:
-            assert mean is not None
-            q = q - getattr(mean, c)[None, :]
+        if mean is not None:
+            mu = getattr(mean, c)
+            q = q - mu[None, :]
             q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            kc.append(q @ mu)
+            assert terms is not None
+            mids.append(float(terms[col].min() + terms[col].max()) / 2 or 1.0)
+        else:
+            kc.append(torch.zeros(len(qs), dtype=torch.float64))
+            mids.append(1.0)
         qc.append(q)
     u = torch.cat([w[0] / mids[0] * qc[0], w[1] / mids[1] * qc[1]], 1).to(torch.float32)
-    slack = sum(wc * d for wc, d in zip(w, deltas, strict=True))
-    dim = ann.meta.dim
-    gamma = dim * _U32 / (1 - dim * _U32) + 2 * _U32
-    certify = ann.meta.kind == "ivf-flat"
-    out: list[list[tuple[float, str]]] = []
+    split = qs.rh.shape[1]
+    out = []
     for i in range(len(qs)):
-        fetch = min(rows, max(top * FETCH_FACTOR, top + 16))
-        ui = u[i:i + 1].numpy()
-        eps = gamma * float(np.linalg.norm(ui)) * math.sqrt(2.0)
-        while True:
-            prox, labels = fi.search(ui, fetch)
-            prox, labels = prox[0], labels[0]
-            keep = labels >= 0
-            prox, labels = prox[keep], labels[keep]
+        if ann.meta.kind == "ivf-flat":
+            out.append(_flat(ann, qs, i, spec, top, probe, u[i:i + 1].numpy(), qc, kc, terms,
+                             split, dead, mean, load))
+        else:
+            ann.faiss_index.nprobe = probe
+            fetch = min(ann.meta.rows, top * FETCH_FACTOR * 4)
+            _, labels = ann.faiss_index.search(u[i:i + 1].numpy(), fetch)
+            labels = labels[0][labels[0] >= 0]
             scored = _rescore(ann, qs, i, spec, labels, dead, mean, load)
-            if not certify or fetch >= rows or len(labels) < fetch:
-                break
-            live = sorted((s for s, _ in scored), reverse=True)
-            bound = float(prox[-1]) - _proxy_const(qs, i, w, mids, mean) + slack + eps
-            if len(live) >= top and live[top - 1] > bound:
-                break
-            fetch = min(rows, fetch * 2)
-        best = sorted(scored, key=lambda c: (-c[0], c[1]))[:top]
-        out.append(best)
+            out.append(sorted(scored, key=lambda c: (-c[0], c[1]))[:top])
     return out
 
 
-def _proxy_const(qs: QuerySet, i: int, w: tuple[float, float], mids: list[float],
-                 mean: PoolMean | None) -> float:
-    """sum_c w_c k_c / m_c: the proxy's per-query constant (module docstring)."""
-    if mean is None:
-        return 0.0
-    total = 0.0
-    for c, wc, m in zip(("rh", "gh"), w, mids, strict=True):
-        q = getattr(qs, c)[i] - getattr(mean, c)
-        q = q / q.norm().clamp_min(1e-30)
-        total += wc * float(q @ getattr(mean, c)) / m
-    return total
+def _flat(ann: AnnIndex, qs: QuerySet, i: int, spec: ScoreSpec, top: int, probe: int,
+          ui: np.ndarray, qc: list[torch.Tensor], kc: list[torch.Tensor],
+          terms: tuple[np.ndarray, np.ndarray] | None, split: int,
+          dead: AbstractSet[str], mean: PoolMean | None, load: ShardLoader
+          ) -> list[tuple[float, str]]:
+    """IVF-Flat, one query: every row of the ``probe`` lists nearest ``ui`` (the proxy)
+    scored by the exact formula in float32 from the index's float32 rows, per channel
+    (``<q'_c, x_c>``, then ``k_c`` and the row's ``n_c``); the best rescored in float64
+    from the shards, as many as the float32 error bound requires (module docstring)."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(ann.faiss_index)
+    lists = ivf.invlists
+    dim = ann.meta.dim
+    _, probed = ivf.quantizer.search(ui, probe)
+    offsets = np.cumsum([0] + [e.count for e in ann.entries])
+    w = spec.weights
+    qf = [q[i].to(torch.float32).numpy() for q in qc]
+    labels, scores = [], []
+    for ln in probed[0].tolist():
+        size = lists.list_size(ln) if ln >= 0 else 0
+        if size == 0:
+            continue
+        rows = faiss.rev_swig_ptr(lists.get_codes(ln), size * ivf.code_size
+                                  ).view(np.float32).reshape(size, dim)
+        ids = faiss.rev_swig_ptr(lists.get_ids(ln), size).copy()
+        s = np.zeros(size, dtype=np.float64)
+        where = offsets[ids >> 32] + (ids & 0xFFFFFFFF) if terms is not None else None
+        for col, (lo, hi) in enumerate(((0, split), (split, dim))):
+            if w[col] == 0.0:
+                continue
+            d = rows[:, lo:hi] @ qf[col]
+            if terms is not None:
+                s += w[col] * (d - float(kc[col][i])) / terms[col][where]
+            else:
+                s += w[col] * d
+        labels.append(ids)
+        scores.append(s)
+    if not labels:
+        return []
+    lab = np.concatenate(labels)
+    s32 = np.concatenate(scores)
+    order = np.argsort(-s32, kind="stable")
+    # float32 error of each term: a dot of unit vectors (gamma of its length, the float32
+    # roundings of q and x), divided by the smallest n_c
+    eps = 0.0
+    for col, (lo, hi) in enumerate(((0, split), (split, dim))):
+        m = hi - lo
+        low = float(terms[col].min()) if terms is not None else 1.0
+        eps += w[col] * (m * _U32 / (1 - m * _U32) + 3 * _U32) / max(low, 1e-30)
+    fetch = min(len(lab), max(top * FETCH_FACTOR, top + 16))
+    while True:
+        scored = _rescore(ann, qs, i, spec, lab[order[:fetch]], dead, mean, load)
+        if fetch >= len(lab):
+            break
+        live = sorted((v for v, _ in scored), reverse=True)
+        if len(live) >= top and live[top - 1] > float(s32[order[fetch - 1]]) + eps:
+            break
+        fetch = min(len(lab), fetch * 2)
+    return sorted(scored, key=lambda c: (-c[0], c[1]))[:top]
 
 
 def _rescore(ann: AnnIndex, qs: QuerySet, i: int, spec: ScoreSpec, labels: np.ndarray,

@@ -263,7 +263,7 @@ def shard_norms(sd: ShardData, channel: str) -> torch.Tensor:
 
 
 def shard_dots(sd: ShardData, channel: str, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dots (n, m) float64 of the stored rows against ``q``, the rows' float64 norms),
+    """(dots (n, m) float32 of the stored rows against ``q``, the rows' float64 norms),
     one ``scan_dots`` pass: the first scan of a loaded shard computes the norms in the
     same pass, later ones reuse them."""
     x = getattr(sd, channel)
@@ -275,7 +275,7 @@ def shard_dots(sd: ShardData, channel: str, q: torch.Tensor) -> tuple[torch.Tens
         norms = sd.derived[key] = sq.sqrt()
     else:
         dots = scan_dots(x, q)
-    return dots.double(), norms
+    return dots, norms
 
 
 def _safe(n: torch.Tensor) -> torch.Tensor:
@@ -293,15 +293,19 @@ def channel_cosines(q: torch.Tensor, sd: ShardData, channel: str, mu: torch.Tens
     nq = q.shape[0]
     both = q if mu is None else torch.cat([q, mu[None, :]])
     raw, xn = shard_dots(sd, channel, both)
-    dots = raw.T / _safe(xn)[None, :]
-    s = dots[:nq]
+    xs = _safe(xn)
+    # One (q, n) float64 result, updated in place: no temporaries of the block's size.
+    s = torch.empty(nq, raw.shape[0], dtype=torch.float64)
+    s.copy_(raw[:, :nq].T)
+    s.div_(xs[None, :])
     if mu is None:
         return s
-    xm = dots[nq]
+    xm = raw[:, nq].double() / xs
     qm, mm = q @ mu, mu @ mu
     nqc = (1.0 - 2.0 * qm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
     nxc = (1.0 - 2.0 * xm + mm).clamp_min(0.0).sqrt().clamp_min(1e-30)
-    return (s - qm[:, None] - xm[None, :] + mm) / (nqc[:, None] * nxc[None, :])
+    s.sub_(qm[:, None]).sub_(xm[None, :]).add_(mm)
+    return s.div_(nqc[:, None]).div_(nxc[None, :])
 
 
 def cosine_block(q: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
@@ -364,7 +368,7 @@ def shard_scores(qs: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
                 s = channel_cosines(q, sd, c, mu)
             if spec.score == "raw":
                 s = s * qs.norms[:, col][:, None] * sd.norms[:, col].double()[None, :]
-        out += w * s if w != 1.0 else s
+        out.add_(s, alpha=w)
     return out
 
 
@@ -433,7 +437,7 @@ def value_scores(targets: QuerySet, sd: ShardData, spec: ScoreSpec, vocab: int,
             if reference:
                 return x @ v
             raw, xn = shard_dots(sd, c, v[None, :])
-            return raw[:, 0] / _safe(xn)
+            return raw[:, 0].double() / _safe(xn)
         mu = getattr(mean, c) if mean is not None else None
         if spec.score == "raw":
             qbar = (q * targets.norms[:, col][:, None]).mean(0)

@@ -213,6 +213,29 @@ def test_value_writes_the_selection(built, a, env):
     assert rows == [by_id[i] for i, _ in values[:3]]
 
 
+def test_value_writes_every_value_to_parquet(built, a, env):
+    """values_uri: every value in a Parquet file of the tenant's area, the answer its
+    location, the summary and the best top; the same values as inline."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    inline, _ = a.value("c", QUERIES)
+    resp = a.value_response("c", QUERIES, top=2, values_uri="s3://rise/tenants/a/v/all.parquet")
+    assert resp.values_uri == "s3://rise/tenants/a/v/all.parquet" and resp.examples == 12
+    assert [(h.id, h.score) for h in resp.values] == inline[:2]
+    vals = [v for _, v in inline]
+    assert (resp.summary.count, resp.summary.min, resp.summary.max) == (12, min(vals), max(vals))
+    obj = env.s3.get_object("rise", "tenants/a/v/all.parquet")
+    try:
+        table = pq.read_table(io.BytesIO(obj.data))
+    finally:
+        obj.close()
+        obj.release_conn()
+    assert list(zip(table["id"].to_pylist(), table["value"].to_pylist(), strict=True)) == inline
+    assert table["rank"].to_pylist() == list(range(1, 13))
+
+
 def test_bearer_token_is_required(env):
     for token in ("", "not-a-token"):
         with RiseClient(env.gateway, token, timeout=30) as c:

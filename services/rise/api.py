@@ -438,10 +438,9 @@ def fetch_records(index: Index, ids: Iterable[str],
     """
     wanted = set(ids)
     where: dict[int, set[int]] = {}
-    for sd in index.shards():
-        for i, rid in enumerate(sd.ids):
-            if rid in wanted:
-                where.setdefault(int(sd.ingest[i]), set()).add(int(sd.record[i]))
+    for rid, gen, number in index.iter_ids():  # the id files: no sketch is read
+        if rid in wanted:
+            where.setdefault(gen, set()).add(number)
     out: dict[str, dict[str, Any]] = {}
     for ing in index.manifest.ingests:
         numbers = where.get(ing.generation)

@@ -175,10 +175,10 @@ def find_hit(index: Index, hit_id: str) -> tuple[ShardData, int]:
     example of the index."""
     if hit_id in index.tombstones:
         raise NotFound(f"hit id {hit_id!r} was deleted from the index")
-    for sd in index.shards():
-        for i, rid in enumerate(sd.ids):
-            if rid == hit_id:
-                return sd, i
+    for entry in index.manifest.shards:  # found by the id files; only its shard is read
+        ids = index.ids(entry).ids
+        if hit_id in ids:
+            return index.shard(entry), ids.index(hit_id)
     raise NotFound(f"hit id {hit_id!r} is not an example of the index")
 
 

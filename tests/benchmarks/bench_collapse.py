@@ -98,7 +98,14 @@ def main() -> None:
     planted = rng.sample(range(len(base)), a.planted)
     rows = [{"id": r["id"], "text": r["text"]} for r in base]
     kind_of: dict[str, str] = {}
-    source: dict[str, str] = {r["id"]: r["id"] for r in base}
+    # The corpus holds a few duplicates of its own (articles with the same first 250
+    # characters, more than max_length keeps): one source each, reported as such.
+    first: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for r in base:
+        source[r["id"]] = first.setdefault(r["text"][:250], r["id"])
+    corpus_dups = sorted([rid for rid in source if source[rid] == s] for s in set(source.values())
+                         if sum(1 for v in source.values() if v == s) > 1)
     for i in planted:
         for j, kind in enumerate(rng.sample(KINDS, 2)):
             rid = f"{base[i]['id']}~{j}"
@@ -162,6 +169,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.strip(),
         "pool": n, "planted": a.planted, "dup_pairs": int(dup_mask.sum()),
+        "corpus_duplicates": corpus_dups,
         "other_pairs": int((~dup_mask).sum()), "index_seconds": round(index_s, 1),
         "dup": {"min": q(dup, 0.0), "p05": q(dup, 0.05), "median": q(dup, 0.5)},
         "other": {"max": q(other, 1.0), "p999": q(other, 0.999), "p99": q(other, 0.99),
@@ -186,8 +194,10 @@ def main() -> None:
         "sketches under the default scoring (both channels, lambda 0.5, centered by the pool "
         "mean), `rise.score.row_similarity`.",
         "",
-        f"- near-duplicate pairs ({report['dup_pairs']}, copies of one article among "
-        f"themselves included): min {report['dup']['min']}, 5th percentile "
+        f"- near-duplicate pairs ({report['dup_pairs']}: copies of one article among "
+        "themselves included, and the corpus's own duplicates, articles sharing their first "
+        f"250 characters: {', '.join('/'.join(g) for g in corpus_dups) or 'none'}): "
+        f"min {report['dup']['min']}, 5th percentile "
         f"{report['dup']['p05']}, median {report['dup']['median']}",
         f"- pairs of distinct articles ({report['other_pairs']}): max {report['other']['max']}, "
         f"99.9th percentile {report['other']['p999']}, 99th {report['other']['p99']}, median "

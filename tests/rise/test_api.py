@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import TEXTS, write_jsonl
-from rise import api
+from rise import api, constants
 from rise.config import make_config
 from rise.data import FieldMap, Record
 from rise.errors import InvalidInput
@@ -31,10 +31,9 @@ EDITS = {
 
 
 # The tiny random model's sketches of these light edits have combined centered cosines of
-# 0.75-0.98 with their originals and among themselves, distinct texts at most 0.33: a
-# threshold between the two (a trained model's near-duplicates are closer: the default is
-# measured on one, tests/benchmarks/reports/collapse.md).
-THRESHOLD = 0.7
+# 0.75-0.98 with their originals and among themselves, distinct texts at most 0.33: the
+# default threshold (measured on SmolLM2, tests/benchmarks/reports/collapse.md) lies between.
+THRESHOLD = constants.DEFAULT_COLLAPSE
 
 
 def source(rid: str) -> str:

@@ -923,3 +923,36 @@ def test_localstore_ranged_get(tmp_path):
         s.get_range("nope", 0, 1)
     with pytest.raises(InvalidInput):
         s.get_range("a/b.bin", -1, 2)
+
+
+class _IoLog(_ReadLog):
+    """A _ReadLog that also records puts, in one sequence of ("get"|"put", key)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.log: list[tuple[str, str]] = []
+
+    def get(self, key: str) -> bytes:
+        self.log.append(("get", key))
+        return super().get(key)
+
+    def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        self.log.append(("put", key))
+        super().put(key, data, create_only=create_only)
+
+
+def test_compaction_streams_shard_by_shard(tmp_path, gen2):
+    """Compaction writes each new shard as soon as it is full (never after reading the
+    whole index) and does not even read a shard whose rows are all deleted."""
+    I.delete(gen2, [IDS[1], IDS[3], IDS[4]])  # shard g1/1 holds IDS[3:5]: all deleted
+    store = _IoLog(gen2.root)
+    assert I.compact(store) == 4
+    gets = [k for op, k in store.log if op == "get" and k.startswith("shards/")]
+    assert "shards/g00000001/shard-000001.safetensors" not in gets
+    first_put = store.log.index(("put", "shards/g00000004/shard-000000.safetensors"))
+    last_get = max(i for i, (op, k) in enumerate(store.log)
+                   if op == "get" and k.startswith("shards/g0000000") and "g00000004" not in k)
+    assert first_put < last_get  # the first new shard left memory before the last old one
+    idx = I.open_index(gen2)
+    assert sorted(idx.live_ids()) == sorted(set(IDS) - {IDS[1], IDS[3], IDS[4]})
+    assert I.verify(gen2).ok

@@ -328,26 +328,28 @@ def _string_field(obj: Mapping[str, Any], field: str, where: str, non_blank: boo
 
 
 def iter_records(path: StrPath, fields: FieldMap, *, name: str | None = None,
-                 max_record_bytes: int | None = None) -> Iterator[Record]:
+                 max_record_bytes: int | None = None, unique: bool = True
+                 ) -> Iterator[Record]:
     """Stream validated records; a duplicate id raises when its second copy is reached.
 
     ``name`` is what messages call the file (default: its path); ``max_record_bytes``
-    the size cap (default: ``rise.constants.max_record_bytes()``).  The extension, the
-    cap and the file's existence are checked now, not on first iteration, so a caller's
-    try block around this call sees those errors."""
+    the size cap (default: ``rise.constants.max_record_bytes()``); ``unique=False``: no
+    duplicate check (which holds every id seen; a planned dataset was checked already).
+    The extension, the cap and the file's existence are checked now, not on first
+    iteration, so a caller's try block around this call sees those errors."""
     shown = name or os.fspath(path)
     fmt = _format(path, shown)
     cap = constants.max_record_bytes(max_record_bytes)
     _open_binary(path, shown).close()
-    return _iter_records(path, fmt, fields, shown, cap)
+    return _iter_records(path, fmt, fields, shown, cap, unique)
 
 
-def _iter_records(path: StrPath, fmt: str, fields: FieldMap, name: str, cap: int
-                  ) -> Iterator[Record]:
+def _iter_records(path: StrPath, fmt: str, fields: FieldMap, name: str, cap: int,
+                  unique: bool = True) -> Iterator[Record]:
     """Generator behind iter_records."""
     rows = _parquet_rows(path, name, cap) if fmt == "parquet" else \
         _jsonl_objects(path, fmt == "jsonl.gz", name, cap)
-    return _validated(rows, fields, name)
+    return _validated(rows, fields, name, unique=unique)
 
 
 def _inline_bytes(row: Mapping[str, Any]) -> int:

@@ -219,7 +219,7 @@ class DatasetRecords:
                 raise InvalidInput(f"{p.dataset_uri}: a plan without ranges reads the whole "
                                    "file, and none was given")
             rows = iter_records(self.path, p.field_map, name=p.dataset_uri,
-                                max_record_bytes=self.max_record_bytes)
+                                max_record_bytes=self.max_record_bytes, unique=False)
             return list(itertools.islice(rows, start, stop))
         out: list[Record] = []
         for r in p.ranges:
@@ -347,7 +347,7 @@ def plan(store: Store, lm: LoadedModel, data: str | os.PathLike[str], *,
     tokens = truncated = 0
     estimate = None
     if not config.sketched:  # small validation indexes: the budget is checked up front
-        encoded = encode_all(list(iter_records(data, fields, name=uri,
+        encoded = encode_all(list(iter_records(data, fields, name=uri, unique=False,
                                                max_record_bytes=max_record_bytes)),
                              lm, config, fields)
         tokens = sum(e.n_supervised for e in encoded)

@@ -143,3 +143,27 @@ def test_truncation_is_counted_by_the_shards(tmp_path, lm):
                             make_config(dims=(16, 8, 8), max_length=4), shard_size=2)
     assert s.truncated == 5 and s.tokens == 5 * 3
     assert open_index(store).manifest.ingests[0].truncated == 5
+
+
+def test_jsonl_gzip_and_parquet_index_the_same(tmp_path, lm):
+    """Byte ranges (JSONL), row groups (Parquet) and the whole-file read (gzip) give the
+    same shards' content."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS[:7])]
+    plain = write_jsonl(tmp_path / "d.jsonl", rows)
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=2)
+    got = []
+    for path in (plain, gz, parquet):
+        store = LocalStore(tmp_path / path.name.replace(".", "-"))
+        ingest.create_index(store, lm, path, FieldMap(), CONFIG, shard_size=3)
+        shards = list(open_index(store).shards())
+        got.append(([sd.ids for sd in shards], torch.cat([sd.rh for sd in shards])))
+    for ids, rh in got[1:]:
+        assert ids == got[0][0] and torch.equal(rh, got[0][1])

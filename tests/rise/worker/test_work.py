@@ -35,8 +35,41 @@ def test_dataset_errors_name_the_uri_not_the_cache(tmp_path, monkeypatch):
                                              fields=ingest.FieldsEntry(**work.FieldMap()
                                                                        .to_dict()))
     with pytest.raises(InvalidInput) as e:
-        work.dataset_source(Settings(), plan)
+        work.dataset_source(Settings(), plan).read(0, 2)
     assert str(e.value).startswith(f"{uri} line 2") and str(tmp_path) not in str(e.value)
+
+
+def test_a_shard_reads_its_range_from_the_store_and_refuses_a_changed_one(tmp_path):
+    """A planned dataset is read range by range through the store (ranged GETs; here a
+    file endpoint), each range checked against the plan's sha256."""
+    import dataclasses
+
+    from rise import ingest
+    from rise.data import FieldMap, scan_dataset
+    from rise.errors import Mismatch
+    from rise.idcheck import IdChecker
+
+    root = tmp_path / "bucket"
+    data = root / "tenants" / "a" / "data" / "d.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps({"id": f"r{i}", "text": f"text {i}"}) + "\n"
+                            for i in range(6)))
+    with IdChecker() as ids:
+        scan = scan_dataset(data, FieldMap(), 3, ids)
+    uri = "s3://rise/tenants/a/data/d.jsonl"
+    plan = ingest.IngestPlan.model_construct(
+        dataset_uri=uri, dataset_sha256=scan.sha256,
+        fields=ingest.FieldsEntry(**FieldMap().to_dict()), n_records=6, shard_size=3,
+        data_format="jsonl", data_size=scan.size, tail_offset=None, tail_sha256=None,
+        ranges=[ingest.RangeEntry(**dataclasses.asdict(r)) for r in scan.ranges])
+    settings = Settings(s3_endpoint=f"file://{root}", s3_bucket="rise")
+    source = work.dataset_source(settings, plan)
+    assert [r.id for r in source.read(3, 6)] == ["r3", "r4", "r5"]
+    data.write_bytes(data.read_bytes().replace(b"text 1", b"text 7"))
+    with pytest.raises(Mismatch) as e:
+        source.read(0, 3)
+    assert str(e.value).startswith(f"{uri}: the range of records [0, 3)")
+    assert [r.id for r in source.read(3, 6)] == ["r3", "r4", "r5"]
 
 
 def test_a_hub_pool_loads_from_the_offline_cache_and_is_named_by_its_id(tmp_path, monkeypatch):

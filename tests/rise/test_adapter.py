@@ -172,15 +172,24 @@ def lora_index(tmp_path_factory, base64_models):
 
 def test_index_identity_includes_the_adapter(lora_index):
     root, base, adapter, _ = lora_index
+    sha = read_adapter(adapter).sha256
     idx = open_index(LocalStore(root / "idx"))
-    assert idx.manifest.model.adapter_sha256 == read_adapter(adapter).sha256
-    assert idx.manifest.format_version == 2
+    assert idx.manifest.model.adapter_sha256 == sha
     raw = json.loads((root / "idx" / "manifest-00000001.json").read_text())
-    assert raw["format_version"] == 2 and raw["model"]["adapter_sha256"]
-    # Without an adapter: version 1, and no new key in the bytes (older code reads it).
-    plain = json.loads((root / "plain" / "manifest-00000001.json").read_text())
-    assert plain["format_version"] == 1 and "adapter_sha256" not in plain["model"]
-    Manifest.parse(json.dumps(plain), "m")
+    assert raw["model"]["adapter_sha256"] == sha
+    plain = open_index(LocalStore(root / "plain")).manifest
+    assert plain.model.adapter_sha256 is None
+    # Rule 2 of rise.manifest: a one-object manifest is written with the lowest version
+    # that expresses it, version 2 with an adapter; without one it stays version 1, byte
+    # for byte without the new key, so older code reads it.
+    parts = dict(config=plain.config, ingests=plain.ingests, shards=plain.shards,
+                 tombstones=plain.tombstones)
+    v1 = Manifest.build(1, model=plain.model, **parts)
+    assert v1.format_version == 1 and "adapter_sha256" not in json.loads(v1.to_json())["model"]
+    Manifest.parse(v1.to_json(), "m")
+    v2 = Manifest.build(1, model=idx.manifest.model, **parts)
+    assert v2.format_version == 2
+    assert Manifest.parse(v2.to_json(), "m").model.adapter_sha256 == sha
     # Query with the same adapter: accepted.
     idx.check_model(load_model(base, adapter=adapter))
 

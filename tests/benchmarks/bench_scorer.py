@@ -1,70 +1,77 @@
-"""Scan throughput of the scorer's core, one core, side by side with plain matrix products.
+"""Scan speed of the scorer against the machine's limits, in one run (make bench).
 
-    .venv/bin/python tests/benchmarks/bench_scorer.py [--examples 32768] [--shard-size 4096]
+    .venv/bin/python tests/benchmarks/bench_scorer.py [--examples 16384] [--large 32768]
+        [--dims 128 64 64] [--shard-size 4096] [--out tests/benchmarks/reports]
 
-Builds random float16 unit sketches (dims 64x32x32 unless --dims: 3072 values, 6 KiB per
-example) in real shard bytes (``rise.shard.build_shard``), parses them as the scorer's
-cache holds them, and times with ``torch.set_num_threads(1)``, median of 3:
+Writes real shards (``rise.shard.build_shard``, random float16 unit sketches at the default
+dims: 24.6 KB per example) into a local store, then times with ``torch.set_num_threads(1)``
+(numpy reads with one thread too), cases interleaved, median of ``--repeats``:
 
-* ``rise.api.score_candidates`` (both channels, cosine; and centered), 1 and 16 queries,
-  on float16 shards (whose float64 unit rows are derived once per load, as the
-  scorer's cache keeps them), and on shards stored as float64 for comparison;
-* ``q @ X.T`` on a preloaded float32 X of the same sketches (the floor of a float32 scan);
-* ``q @ X.T`` on preloaded float64 shards (the scorer's arithmetic, conversion excluded);
-* float16 -> float64 unit rows per shard (``stored_unit``), then ``q @ X.T`` (the
-  scorer's arithmetic, conversion included, no top-k);
-* a cache miss's CPU work: sha256 + ``parse_shard`` of the shard bytes.
+* read bandwidth: a plain streaming read of the same sketch bytes (numpy sum of the
+  memory-mapped files viewed as int64), warm in the page cache;
+* the scorer's scan (``rise.api.score_candidates`` through ``ShardCache`` in disk mode:
+  shards memory-mapped from the node-local cache, both channels, cosine, centered, top 10)
+  over a memory-resident index, for 1, 16 and 256 queries; and a bare float32 matrix
+  product of the same shape on a preloaded float32 copy (the compute limit);
+* the same scan over a larger index with the cache budget set to a quarter of it, so that
+  every pass evicts and fetches again (download, sha256, atomic write, map);
+* copies of the memory-resident index's files dropped from the page cache before each
+  pass (``posix_fadvise(DONTNEED)``) and mapped afresh (what a scan of an index larger
+  than RAM reads: the disk), beside the plain read of the same cold bytes.
 
-Throughput is in GB/s of stored sketches (float16 bytes) per core for every row, so the
-ratios are ratios of time.  Cases are interleaved (each repeat runs them all) so that load
-from other processes hits every case alike.  Memory: about 2 GB at the default size (the
-sketches in float16, float32 and float64).
+Rates are GB/s of stored sketch bytes; ratios are times of the same bytes.  Reports:
+``scorer.json`` and ``scorer.md`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from rise.api import score_candidates
 from rise.featurize import Features
-from rise.index import Index
-from rise.score import QuerySet, ScoreSpec, pool_mean, stored_unit
-from rise.shard import ShardData, build_shard, parse_shard, sha256
+from rise.manifest import ShardEntry
+from rise.score import QuerySet, ScoreSpec, pool_mean, scan_dots, stored_unit
+from rise.scorer.cache import ShardCache
+from rise.shard import build_shard, map_shard, sha256
+from rise.store import LocalStore
+
+QUERIES = (1, 16, 256)
+REPORTS = Path(__file__).resolve().parent / "reports"
 
 
-def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def make_shards(n: int, shard_size: int, dims: tuple[int, int, int], seed: int
-                ) -> tuple[list[dict], dict[str, bytes]]:
+def make_index(root: Path, n: int, shard_size: int, dims: tuple[int, int, int], seed: int
+               ) -> tuple[LocalStore, list[ShardEntry]]:
     kr, kh, kg = dims
+    store = LocalStore(root)
     g = torch.Generator().manual_seed(seed)
-    entries, blobs = [], {}
+    entries = []
     for s, start in enumerate(range(0, n, shard_size)):
         m = min(shard_size, n - start)
         feats = Features(token_counts=torch.full((m,), 100, dtype=torch.int64),
-                         rh=torch.randn(m, kr * kh, generator=g, dtype=torch.float64),
-                         gh=torch.randn(m, kg * kh, generator=g, dtype=torch.float64))
+                         rh=torch.randn(m, kr * kh, generator=g, dtype=torch.float32).double(),
+                         gh=torch.randn(m, kg * kh, generator=g, dtype=torch.float32).double())
         ids = [f"ex-{start + i:09d}" for i in range(m)]
         data = build_shard({"kind": "bench", "shard": s}, ids, [1] * m,
                            list(range(start, start + m)), feats, "float16")
         key = f"shards/g00000001/shard-{s:06d}.safetensors"
-        blobs[key] = data
-        entries.append({"key": key, "generation": 1, "shard": s, "count": m,
-                        "sha256": sha256(data), "bytes": len(data)})
-    return entries, blobs
+        store.put(key, data)
+        entries.append(ShardEntry(key=key, generation=1, shard=s, count=m,
+                                  sha256=sha256(data), bytes=len(data)))
+        del feats, data
+    return store, entries
 
 
 def queries(q: int, dims: tuple[int, int, int], seed: int) -> QuerySet:
@@ -75,105 +82,238 @@ def queries(q: int, dims: tuple[int, int, int], seed: int) -> QuerySet:
         x = torch.randn(q, d, generator=g, dtype=torch.float64)
         return stored_unit((x / x.norm(dim=1, keepdim=True)).to(torch.float16))
 
-    return QuerySet(ids=[f"q{i}" for i in range(q)],
-                    norms=torch.ones(q, 2, dtype=torch.float64),
+    return QuerySet(ids=[f"q{i}" for i in range(q)], norms=torch.ones(q, 2, dtype=torch.float64),
                     rh=unit(kr * kh), gh=unit(kg * kh))
+
+
+def sketch_views(cache: ShardCache, prefix: str, entries: list[ShardEntry]) -> list[np.ndarray]:
+    """The memory-mapped sketch bytes of every shard, as the scan reads them."""
+    out = []
+    for e in entries:
+        sd = cache.load(prefix, e)
+        for t in (sd.rh, sd.gh):
+            assert t is not None
+            out.append(t.numpy().view(np.int64))
+    return out
+
+
+def drop_page_cache(folder: str) -> None:
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed(fn: Callable[[], object], before: Callable[[], object] | None = None) -> float:
+    if before is not None:
+        before()
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--examples", type=int, default=8 * 4096)
+    ap.add_argument("--examples", type=int, default=16384)
+    ap.add_argument("--large", type=int, default=32768)
     ap.add_argument("--shard-size", type=int, default=4096)
-    ap.add_argument("--dims", type=int, nargs=3, default=(64, 32, 32))
+    ap.add_argument("--dims", type=int, nargs=3, default=(128, 64, 64))
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--out", default=str(REPORTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
     dims = tuple(args.dims)
-    n, d = args.examples, dims[0] * dims[1] + dims[2] * dims[1]
+    d = dims[0] * dims[1] + dims[2] * dims[1]
+    work = Path(args.work or tempfile.mkdtemp(prefix="rise-bench-scorer-"))
+    prefix = "bench/"
+    try:
+        t0 = time.perf_counter()
+        small_store, small = make_index(work / "small", args.examples, args.shard_size, dims, 0)
+        large_store, large = make_index(work / "large", args.large, args.shard_size, dims, 1)
+        small_bytes = args.examples * d * 2
+        large_bytes = args.large * d * 2
+        built = time.perf_counter() - t0
+        resident = ShardCache(lambda p: small_store, 1 << 40, directory=work / "cache-small")
+        budget = sum(e.bytes for e in large) // 4
+        evicting = ShardCache(lambda p: large_store, budget, directory=work / "cache-large")
+        views = sketch_views(resident, prefix, small)
+        spec = ScoreSpec(center=True)
+        mean_small = pool_mean((resident.load(prefix, e) for e in small), frozenset())
+        mean_large = pool_mean((evicting.load(prefix, e, keep=False) for e in large), frozenset())
+        index_small = SimpleNamespace(manifest=SimpleNamespace(model=SimpleNamespace(vocab=1)),
+                                      tombstones=frozenset())
+        x32 = torch.randn(args.shard_size, d, dtype=torch.float32)  # one shard, float32
+        assert resident.directory is not None
 
-    t0 = time.perf_counter()
-    entries, blobs = make_shards(n, args.shard_size, dims, seed=0)
-    shards: dict[str, ShardData] = {k: parse_shard(v) for k, v in blobs.items()}
-    sketch_bytes = sum(sd.rh.nbytes + sd.gh.nbytes for sd in shards.values())
-    stored_bytes = sum(len(v) for v in blobs.values())
-    print(f"{n} examples x {d} float16 values ({sketch_bytes / 1e9:.3f} GB of sketches, "
-          f"{stored_bytes / 1e9:.3f} GB of shard bytes) in {len(entries)} shards of "
-          f"{args.shard_size}; built in {time.perf_counter() - t0:.1f} s; torch "
-          f"{torch.__version__}, 1 thread, median of {args.repeats}")
+        def read_all() -> None:
+            for v in views:
+                v.sum()
 
-    def miss() -> None:
-        for e in entries:
-            data = blobs[e["key"]]
-            assert sha256(data) == e["sha256"]
-            parse_shard(data)
+        # Cold copies of the same shard files, opened afresh for each pass (pages still
+        # mapped by a process are not dropped from the page cache).
+        cold_dir = work / "cold"
+        cold_dir.mkdir()
+        cold_paths = {}
+        for e in small:
+            cold_paths[e.key] = str(cold_dir / f"{e.sha256}.safetensors")
+            shutil.copyfile(os.path.join(resident.directory, f"{e.sha256}.safetensors"),
+                            cold_paths[e.key])
 
-    t_miss = median_time(miss, args.repeats)
-    blobs = {}  # drop the serialised copies; the parsed shards stay
-    gc.collect()
+        def cold() -> None:
+            gc.collect()
+            drop_page_cache(str(cold_dir))
 
-    manifest = {"model": {"vocab": 1}, "tombstones": [], "shards": entries}
-    index = Index(store=None, manifest=manifest)  # type: ignore[arg-type] - never read
-    load = lambda e: shards[e["key"]]  # noqa: E731 - the cache's hit path
-    # The same sketches stored as float64 (same scores): a comparison point.
-    wide = {k: ShardData(meta=sd.meta, ids=sd.ids, ingest=sd.ingest, record=sd.record,
-                         token_count=sd.token_count, norms=sd.norms, rh=sd.rh.double(),
-                         gh=sd.gh.double(), rh_sum=sd.rh_sum, gh_sum=sd.gh_sum)
-            for k, sd in shards.items()}
-    load_wide = lambda e: wide[e["key"]]  # noqa: E731
-    # The same sketches as one preloaded float32 matrix (both channels side by side).
-    x32 = torch.cat([torch.cat([shards[e["key"]].rh, shards[e["key"]].gh], 1).float()
-                     for e in entries])
-    spec, centered = ScoreSpec(), ScoreSpec(center=True)
-    mean = pool_mean(shards.values(), set())
+        def read_cold() -> None:
+            for e in small:
+                sd = map_shard(cold_paths[e.key])
+                for t in (sd.rh, sd.gh):
+                    assert t is not None
+                    t.numpy().view(np.int64).sum()
 
-    cases: list[tuple[str, int, Callable[[], object]]] = []
-    for q in (1, 16):
-        qs = queries(q, dims, seed=q)
-        q32 = torch.cat([qs.rh, qs.gh], 1).float()
-        assert score_candidates(index, qs, spec, args.top, load=load_wide) == \
-            score_candidates(index, qs, spec, args.top, load=load)
-
-        def f64_preloaded(qs=qs) -> None:
-            for sd in wide.values():
-                qs.rh @ sd.rh.T
-                qs.gh @ sd.gh.T
-
-        def f16_to_f64(qs=qs) -> None:
-            for sd in shards.values():
-                qs.rh @ stored_unit(sd.rh).T
-                qs.gh @ stored_unit(sd.gh).T
-
-        cases += [
-            ("plain q @ X.T, float32 X preloaded", q, lambda q32=q32: q32 @ x32.T),
-            ("plain q @ X.T, float64 X preloaded", q, f64_preloaded),
-            ("float16 -> float64 unit rows + q @ X.T", q, f16_to_f64),
-            ("rise.api.score_candidates, cosine", q,
-             lambda qs=qs: score_candidates(index, qs, spec, args.top, load=load)),
-            ("score_candidates, cosine, float64 cache", q,
-             lambda qs=qs: score_candidates(index, qs, spec, args.top, load=load_wide)),
-            ("rise.api.score_candidates, centered", q,
-             lambda qs=qs: score_candidates(index, qs, centered, args.top, load=load,
-                                            mean=mean)),
+        cases: list[tuple[str, int, float, Callable[[], object], Callable[[], object] | None]] = [
+            ("read: numpy sum over the mapped sketches", 0, small_bytes, read_all, None),
+            ("read, cold (page cache dropped)", 0, small_bytes, read_cold, cold),
         ]
+        for q in QUERIES:
+            qs = queries(q, dims, seed=q)
+            q32 = torch.cat([qs.rh, qs.gh], 1).float()
+            shards = len(small)
 
-    # Interleaved: every repeat runs every case, so load from other processes hits all.
-    times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
-    for _ in range(args.repeats):
-        for i, (_, _, fn) in enumerate(cases):
-            times[i].append(median_time(fn, 1))
-    base = {q: statistics.median(times[i]) for i, (name, q, _) in enumerate(cases)
-            if name.startswith("plain q @ X.T, float32")}
-    print()
-    print(f"| {'case':<42} | queries | {'ms':>9} | sketch GB/s/core | x float32 matmul time |")
-    print(f"|{'-' * 44}|---------|{'-' * 11}|------------------|-----------------------|")
-    for i, (name, q, _) in enumerate(cases):
-        t = statistics.median(times[i])
-        print(f"| {name:<42} | {q:>7} | {t * 1e3:>9.1f} | {sketch_bytes / t / 1e9:>16.2f} | "
-              f"{t / base[q]:>21.1f} |")
-    print(f"| {'cache miss: sha256 + parse_shard':<42} | {'-':>7} | {t_miss * 1e3:>9.1f} | "
-          f"{sketch_bytes / t_miss / 1e9:>16.2f} | {'':>21} |")
+            def scan(qs=qs) -> None:
+                score_candidates(index_small, qs, spec, args.top, entries=small,
+                                 load=resident.loader(prefix), mean=mean_small)
+
+            def scan_large(qs=qs) -> None:
+                score_candidates(index_small, qs, spec, args.top, entries=large,
+                                 load=evicting.loader(prefix), mean=mean_large)
+
+            def scan_cold(qs=qs) -> None:
+                score_candidates(index_small, qs, spec, args.top, entries=small,
+                                 load=lambda e: map_shard(cold_paths[e.key]), mean=mean_small)
+
+            def kernel(qs=qs) -> None:
+                for e in small:
+                    sd = resident.load(prefix, e)
+                    scan_dots(sd.rh, torch.cat([qs.rh, mean_small.rh[None, :]]))
+                    scan_dots(sd.gh, torch.cat([qs.gh, mean_small.gh[None, :]]))
+
+            def gemm(q32=q32, shards=shards) -> None:
+                for _ in range(shards):
+                    q32 @ x32.T
+
+            cases += [
+                ("bare float32 GEMM, same shape (preloaded)", q, small_bytes, gemm, None),
+                ("kernel only (rise.score.scan_dots), resident", q, small_bytes, kernel, None),
+                ("scan, memory-resident index", q, small_bytes, scan, None),
+                ("scan, index 4x the cache budget", q, large_bytes, scan_large, None),
+                ("scan, cold files (page cache dropped)", q, small_bytes, scan_cold, cold),
+            ]
+        times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+        for _ in range(args.repeats):
+            for i, (_, _, _, fn, before) in enumerate(cases):
+                times[i].append(timed(fn, before))
+        rows = []
+        for i, (name, q, nbytes, _, _) in enumerate(cases):
+            t = statistics.median(times[i])
+            rows.append({"case": name, "queries": q, "seconds": t, "bytes": nbytes,
+                         "gb_per_s": nbytes / t / 1e9})
+        rate = {(r["case"], r["queries"]): r["gb_per_s"] for r in rows}
+        read = rate[("read: numpy sum over the mapped sketches", 0)]
+        read_cold = rate[("read, cold (page cache dropped)", 0)]
+        ratios = {}
+        for q in QUERIES:
+            ratios[q] = {
+                "scan / read bandwidth": rate[("scan, memory-resident index", q)] / read,
+                "scan / bare GEMM": rate[("scan, memory-resident index", q)]
+                / rate[("bare float32 GEMM, same shape (preloaded)", q)],
+                "kernel / read bandwidth":
+                    rate[("kernel only (rise.score.scan_dots), resident", q)] / read,
+                "over-budget scan / read bandwidth":
+                    rate[("scan, index 4x the cache budget", q)] / read,
+                "cold scan / cold read": rate[("scan, cold files (page cache dropped)", q)]
+                / read_cold,
+            }
+        report = {
+            "machine": {"cpu": platform.processor() or platform.machine(),
+                        "cores": os.cpu_count(), "torch": torch.__version__,
+                        "numpy": np.__version__, "threads": 1,
+                        "load_average_at_end": os.getloadavg()},
+            "index": {"dims": dims, "values_per_example": d, "examples": args.examples,
+                      "sketch_bytes": small_bytes, "large_examples": args.large,
+                      "large_sketch_bytes": large_bytes, "cache_budget_large": budget,
+                      "shard_size": args.shard_size, "built_seconds": built},
+            "repeats": args.repeats, "rows": rows,
+            "ratios": {str(q): r for q, r in ratios.items()},
+        }
+        write_report(Path(args.out), report)
+        resident.close()
+        evicting.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_report(out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scorer.json").write_text(json.dumps(report, indent=1) + "\n")
+    ix, m = report["index"], report["machine"]
+    lines = [
+        "# Scorer scan speed against the machine's limits",
+        "",
+        "`make bench` (`tests/benchmarks/bench_scorer.py`); one thread for numpy and torch, "
+        f"cases interleaved, median of {report['repeats']}.  {m['cores']} cores shared with "
+        f"other work (load average at the end {m['load_average_at_end'][0]:.2f}); "
+        f"torch {m['torch']}, numpy {m['numpy']}.",
+        "",
+        f"Index: {ix['examples']} examples at dims {tuple(ix['dims'])} ({ix['values_per_example']} "
+        f"float16 values, {ix['values_per_example'] * 2 / 1000:.1f} KB each): "
+        f"{ix['sketch_bytes'] / 1e9:.2f} GB of sketches in shards of {ix['shard_size']}, "
+        "memory-mapped from the scorer's cache folder.  Over-budget index: "
+        f"{ix['large_examples']} examples ({ix['large_sketch_bytes'] / 1e9:.2f} GB) with a cache "
+        f"budget of {ix['cache_budget_large'] / 1e9:.2f} GB, so every pass evicts and fetches "
+        "again (read from the store, sha256, atomic write, map).  The scan is "
+        "`rise.api.score_candidates`: both channels, cosine, centered, top 10.",
+        "",
+        "| case | queries | s | GB/s of sketches |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        q = r["queries"] or "-"
+        lines.append(f"| {r['case']} | {q} | {r['seconds']:.3f} | {r['gb_per_s']:.2f} |")
+    lines += ["", "| queries | scan / read bandwidth | kernel / read bandwidth | scan / bare GEMM "
+              "| over-budget scan / read bandwidth | cold scan / cold read |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for q, r in report["ratios"].items():
+        lines.append(f"| {q} | {r['scan / read bandwidth']:.2f} | "
+                     f"{r.get('kernel / read bandwidth', float('nan')):.2f} | "
+                     f"{r['scan / bare GEMM']:.2f} | "
+                     f"{r['over-budget scan / read bandwidth']:.2f} | "
+                     f"{r['cold scan / cold read']:.2f} |")
+    lines += ["", "Goals: one query at >= 0.50 of the read bandwidth; many queries at the "
+              "speed of a bare GEMM of the same shape (ratio near 1).", "",
+              "Reading it: the scan widens each block of float16 rows to float32 (torch's "
+              "copy, one core) before the matrix product, so one query is bound by that "
+              "widening, not by memory (the kernel row: the scan without top-k and "
+              "centering); a kernel that multiplies float16 directly (this CPU has no "
+              "AVX512-FP16) is what would reach the goal.  Many queries are compute-bound "
+              "and run near a bare GEMM.  The over-budget index pays a fetch per shard per "
+              "pass (read from the store, sha256, write, map) and cold files pay the disk: "
+              "both are bound by the store and the disk, not by the scan.  Loaded runs "
+              "(load average above 2 on 2 cores) lower every rate; the ratios are of cases "
+              "interleaved in the same run.", ""]
+    (out / "scorer.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--rewrite-md"]:  # the markdown again from a report's json
+        out = Path(sys.argv[2])
+        write_report(out, json.loads((out / "scorer.json").read_text()))
+    else:
+        main()

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rise import constants, ingest, taskclient
+from rise.ann import ANN_DIR
 from rise.errors import NotFound, RiseError
 from rise.index import INDEX_PREFIXES, generation_keys, manifest_generations
 from rise.jobrecords import JobRecord, JobRecords
@@ -427,6 +428,8 @@ class Controller:
                     owned.update(generation_keys(store, g))
                 except RiseError:
                     continue  # a damaged manifest owns nothing; rise verify reports it
+            # ANN indexes beside the shards (rise.ann): compaction deletes the stale ones
+            owned.update(k for k in keys if k.startswith(ANN_DIR + "/"))
         if job is not None and job["state"] not in TERMINAL:
             # A live job may write the next generations' shards, id files, shard lists,
             # delete files and manifest.

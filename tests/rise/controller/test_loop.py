@@ -231,6 +231,7 @@ def test_sweeper_deletes_only_what_nothing_owns(env, lm, tmp_path):
     Registry(env.js, env.store).claim(TENANT, "kept", POOL)
     ingest.commit(store, p)
     store.put("shards/g00000009/shard-000000.safetensors", b"stale")  # no manifest names it
+    store.put("ann/g00000001-ivf-flat.faiss", b"ann")  # rise.ann beside the shards: owned
     # A deleted index whose stale writer put a shard afterwards: no record, no manifest.
     gone = env.store(index_prefix(TENANT, "gone"))
     gone.put("shards/g00000001/shard-000000.safetensors", b"late")
@@ -244,6 +245,7 @@ def test_sweeper_deletes_only_what_nothing_owns(env, lm, tmp_path):
     before_old = old.list("")
     assert env.ctl.sweep() == 2
     assert "shards/g00000009/shard-000000.safetensors" not in store.list("")
+    assert "ann/g00000001-ivf-flat.faiss" in store.list("")
     assert open_index(store).live_count == 5 and gone.list("") == []
     assert busy.list("") == ["shards/g00000001/shard-000000.safetensors"]
     assert old.list("") == before_old

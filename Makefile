@@ -71,6 +71,15 @@ bench: install assets-model assets-lee
 	$(PY) tests/benchmarks/bench_scorer.py
 	$(PY) tests/benchmarks/bench_stack.py
 
+# How cost grows with the pool (tests/benchmarks/bench_scale.py): synthetic indexes of 10^4
+# and 10^5 examples of real shards in $(CACHE)/scale (kept for reruns: 2.7 GiB), the scorer
+# resident, over its cache budget, split over 2 replicas and through S3, and rise.ann's
+# recall and speed-up.  About an hour on 2 cores; never in CI.
+# Writes the committed report tests/benchmarks/reports/scale.{json,md}.
+.PHONY: bench-scale
+bench-scale: install
+	nice -n 10 $(PY) tests/benchmarks/bench_scale.py
+
 # Fairness under abuse (tests/benchmarks/bench_fairness.py): tenant A's 50 concurrent
 # Attribute calls alone and while tenant B holds 100 WatchJob streams and runs a long shard
 # on the same pool, health checks all along.  About 3 minutes on 2 cores; never in CI.

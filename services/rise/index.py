@@ -90,6 +90,11 @@ def manifest_generations(store: Store) -> list[int]:
 
 _resolved: OrderedDict[tuple[str, int, str], Manifest] = OrderedDict()
 _resolved_lock = threading.Lock()
+_present: set[tuple[str, int, str]] = set()
+"""Resolved generations whose shards and id files were all found once by ``open_index``
+(a shard lost later is reported when it is read: every read checks its sha256)."""
+_last_memo = threading.local()
+"""The cache key of the manifest list this thread read last (None: an older manifest)."""
 
 
 def read_manifest(store: Store, generation: int, *, cached: bool = True) -> Manifest:
@@ -100,9 +105,11 @@ def read_manifest(store: Store, generation: int, *, cached: bool = True) -> Mani
     key = constants.manifest_key(generation)
     data = store.get(key)
     raw = parse_json_object(data, key, "manifest")
+    _last_memo.value = None
     if raw["format_version"] < LIST_VERSION:
         return Manifest.parse(data, key)
     memo = (store.describe(), generation, sha256(data))
+    _last_memo.value = memo
     with _resolved_lock:
         hit = _resolved.get(memo) if cached else None
         if hit is not None:
@@ -130,7 +137,8 @@ def read_manifest(store: Store, generation: int, *, cached: bool = True) -> Mani
     with _resolved_lock:
         _resolved[memo] = m
         while len(_resolved) > CACHED_GENERATIONS:
-            _resolved.popitem(last=False)
+            gone, _ = _resolved.popitem(last=False)
+            _present.discard(gone)
     return m
 
 
@@ -417,7 +425,9 @@ class Index:
 
 
 def open_index(store: Store) -> Index:
-    """The highest manifest generation whose shards are all present."""
+    """The highest manifest generation whose shards are all present.  A manifest list
+    (version 3) is resolved and its shards listed once per process; later opens of the
+    same generation read only the list of manifests and the newest manifest list."""
     gens = manifest_generations(store)
     if not gens:
         raise NotFound(f"no index at {store.describe()} (no manifest)")
@@ -428,8 +438,15 @@ def open_index(store: Store) -> Index:
         except RiseError as e:
             problems.append(str(e))
             continue
+        memo = getattr(_last_memo, "value", None)
+        if memo is not None and memo in _present:
+            return Index(store, m)  # listed once per generation and process
         why = _shards_present(store, m)
         if why is None:
+            if memo is not None:
+                with _resolved_lock:
+                    if memo in _resolved:
+                        _present.add(memo)
             return Index(store, m)
         problems.append(f"generation {g}: {why}")
     raise Corrupt(f"no generation of the index at {store.describe()} verifies: {problems[0]}")

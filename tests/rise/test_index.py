@@ -956,3 +956,22 @@ def test_compaction_streams_shard_by_shard(tmp_path, gen2):
     idx = I.open_index(gen2)
     assert sorted(idx.live_ids()) == sorted(set(IDS) - {IDS[1], IDS[3], IDS[4]})
     assert I.verify(gen2).ok
+
+
+def test_a_generation_is_resolved_and_listed_once_per_process(tmp_path, gen2):
+    class Listing(_ReadLog):
+        lists: list[str] = []
+
+        def list(self, prefix: str = "") -> list[str]:
+            self.lists.append(prefix)
+            return super().list(prefix)
+
+    store = Listing(gen2.root)
+    first = I.open_index(store)
+    assert "shards/" in store.lists and any(k.startswith("meta/") for k in store.reads)
+    store.lists.clear()
+    store.reads.clear()
+    again = I.open_index(store)
+    assert again.manifest is first.manifest
+    assert store.lists == ["manifest-"]  # no shard listing, no shard list read again
+    assert store.reads == ["manifest-00000002.json"]

@@ -613,6 +613,22 @@ def _delete_unreferenced(store: Store, manifest: Manifest) -> None:
             store.delete(constants.manifest_key(g))
 
 
+def discard_generation(store: Store, generation: int) -> int:
+    """Delete what an ingest of ``generation`` wrote before it failed (its shards, id files
+    and shard list), unless that generation was committed; returns the objects deleted.
+    A shard task that finds a bad record (tokenising happens there) fails the job after
+    other shards may have been written: nothing of a failed job stays behind."""
+    if generation in manifest_generations(store):
+        return 0
+    gone = 0
+    for prefix in (f"{constants.SHARD_DIR}/g{generation:08d}/", f"{IDS_DIR}/g{generation:08d}/",
+                   f"{META_DIR}/g{generation:08d}-"):
+        for key in store.list(prefix):
+            store.delete(key)
+            gone += 1
+    return gone
+
+
 @dataclass
 class VerifyReport:
     current: int | None  # highest generation whose shards all verify

@@ -51,7 +51,7 @@ from rise.data import FieldMap, records_from_dicts
 from rise.datasets import materialize, open_store
 from rise.errors import Cancelled, InvalidInput, NotFound, RiseError, StorageError
 from rise.generate import GenerateSpec
-from rise.index import model_entry, open_index
+from rise.index import discard_generation, model_entry, open_index
 from rise.jobrecords import JobRecords
 from rise.jobs import FAILED, RUNNING, SUCCEEDED, TERMINAL, Fenced, JobStore
 from rise.model import LoadedModel
@@ -136,11 +136,30 @@ def fail_job(settings: Settings, js: JobStore, job_id: str, code: str, message: 
         return
     if not js.set_state(job_id, FAILED, error_code=code, error_message=message):
         return  # ended already (cancelled, say): its own ending did the rest
+    _discard_planned(settings, job)  # while the lock is held: no next job writes yet
     js.unlock_index(job["tenant"], job["index"], job_id)
     try:
         free_failed_create(Registry(js, lambda prefix: open_store(settings, prefix)), job)
     except RiseError as e:  # the store is away: the controller frees it later
         log.warning("name of failed job %s not freed yet: %s", job_id, e)
+
+
+def _discard_planned(settings: Settings, job: dict[str, Any]) -> None:
+    """The shards a failed ingest wrote before it failed (a bad record met by one shard
+    task while others had written theirs), deleted before the job lets go of the index
+    (so no next job's shards of that generation are taken for them); a shard task still
+    running may write after, and the controller's sweeper removes that later."""
+    plan = job.get("plan")
+    if not isinstance(plan, dict) or not isinstance(plan.get("generation"), int):
+        return
+    try:
+        prefix = work.Request.of(job).prefix
+        gone = discard_generation(open_store(settings, prefix), plan["generation"])
+    except (RiseError, *RETRYABLE) as e:  # the store is away: the sweeper takes them later
+        log.warning("shards of failed job %s not discarded yet: %s", job.get("id"), e)
+        return
+    if gone:
+        log.info("discarded %d objects of failed job %s", gone, job.get("id"))
 
 
 def _unlock(js: JobStore, job: dict[str, Any]) -> None:

@@ -322,6 +322,19 @@ def test_bad_dataset_fails_and_unlocks(env, worker, app):
     wait_unlocked(env, "missing", timeout=1.0)
 
 
+def test_a_bad_record_met_by_a_shard_task_leaves_nothing_behind(env, worker, app):
+    """Records are tokenised by the shard tasks (planning only reads): a record with no
+    supervised position fails the job from its shard task, and the shards the other
+    tasks had written are deleted before the index is let go."""
+    rows = texts(6) + [{"id": "short", "text": "a"}]
+    uri = env.upload("data/short.jsonl", rows)
+    job = wait_job(env, submit(env, app, "short", uri, shard_size=2), [worker])
+    assert (job["state"], job["error_code"]) == (FAILED, "INVALID_ARGUMENT"), job
+    assert "'short'" in job["error_message"] and "supervised" in job["error_message"]
+    wait_unlocked(env, "short", timeout=1.0)
+    assert env.s3(index_prefix(TENANT, "short")).list("shards/") == []
+
+
 def test_unexpected_error_fails_job_and_is_recorded(env, worker, app):
     """A non-RiseError: the job is FAILED with INTERNAL, the index unlocked, and the
     exception re-raised so Celery records the task as failed."""

@@ -144,6 +144,9 @@ def fail_job(settings: Settings, js: JobStore, job_id: str, code: str, message: 
         log.warning("name of failed job %s not freed yet: %s", job_id, e)
 
 
+DISCARD_ERRORS: tuple[type[BaseException], ...] = (RiseError, *RETRYABLE)
+
+
 def _discard_planned(settings: Settings, job: dict[str, Any]) -> None:
     """The shards a failed ingest wrote before it failed (a bad record met by one shard
     task while others had written theirs), deleted before the job lets go of the index
@@ -155,7 +158,7 @@ def _discard_planned(settings: Settings, job: dict[str, Any]) -> None:
     try:
         prefix = work.Request.of(job).prefix
         gone = discard_generation(open_store(settings, prefix), plan["generation"])
-    except (RiseError, *RETRYABLE) as e:  # the store is away: the sweeper takes them later
+    except DISCARD_ERRORS as e:  # the store is away: the sweeper takes them later
         log.warning("shards of failed job %s not discarded yet: %s", job.get("id"), e)
         return
     if gone:

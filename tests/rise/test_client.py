@@ -50,7 +50,14 @@ class FakeIndex(rise_pb2_grpc.IndexServiceServicer):
         return rise_pb2.Job(id="j1", state=rise_pb2.JOB_STATE_QUEUED, index=req.index)
 
     def ListIndexes(self, req, context):
-        return rise_pb2.ListIndexesResponse(indexes=[rise_pb2.Index(name="a")])
+        """Three indexes in pages of page_size (default: all); the token is the last name."""
+        SEEN.append(("list", req))
+        names = [n for n in ("a", "b", "c") if n > req.page_token]
+        size = req.page_size or len(names)
+        page = names[:size]
+        token = page[-1] if len(names) > size else ""
+        return rise_pb2.ListIndexesResponse(indexes=[rise_pb2.Index(name=n) for n in page],
+                                            next_page_token=token)
 
     def AppendToIndex(self, req, context):
         """Index 'flaky-N': UNAVAILABLE for the first N attempts of each request id."""
@@ -138,6 +145,13 @@ def test_bearer_token_is_sent(client, address):
     with RiseClient(address, "") as anonymous:
         anonymous.get_index("ok")
     assert SEEN[-1] == ("auth", None)
+
+
+def test_listing_follows_page_tokens(client):
+    assert [i.name for i in client.list_indexes()] == ["a", "b", "c"]
+    SEEN.clear()
+    assert [i.name for i in client.iter_indexes(page_size=2)] == ["a", "b", "c"]
+    assert [(r.page_size, r.page_token) for _, r in SEEN] == [(2, ""), (2, "b")]
 
 
 def test_unreachable_gateway_is_unavailable(fast_backoff):

@@ -15,7 +15,6 @@ read per shard under concurrency).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import queue
 import re
@@ -477,10 +476,11 @@ def test_bad_requests_map_to_status_codes(scorer, corpus):
                              gh=torch.zeros(0, 64, dtype=torch.float64))
     # A generation whose manifest records another sha256 for one shard.
     store = open_store(corpus.settings, PREFIX)
-    m = json.loads(store.get("manifest-00000002.json"))
-    m["generation"] = 50
-    m["shards"][5]["sha256"] = "0" * 64
-    store.put("manifest-00000050.json", json.dumps(m).encode())
+    m = I.read_manifest(store, 2)
+    bad = list(m.shards)
+    bad[5] = bad[5].model_copy(update={"sha256": "0" * 64})
+    I.write_generation(store, 50, model=m.model, config=m.config, ingests=m.ingests,
+                       parts=[I.write_part(store, 50, bad)], deletes=list(m.deletes))
 
     NF, IA, FP, DL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)

@@ -629,6 +629,20 @@ def test_an_index_copied_in_is_invisible_until_imported(env, embedded, capsys, m
         with pytest.raises(errors.NotFound):
             c.get_index("other")
 
+    # A shard damaged after the copy: DATA_LOSS, and the index stays invisible.
+    code, _, err = run_cli(capsys, "copy", embedded.folder, f"{area}/damaged/")
+    assert code == 0, err
+    bucket = env.stack.s3["bucket"]
+    key = next(o.object_name for o in env.s3.list_objects(
+        bucket, prefix="tenants/c/indexes/damaged/shards/", recursive=True)
+        if o.object_name.endswith(".safetensors"))
+    env.s3.put_object(bucket, key, io.BytesIO(b"not a shard"), 11)
+    with RiseClient(env.gateway, TOKENS["c"], timeout=120) as c:
+        with pytest.raises(errors.Corrupt, match="does not verify"):
+            c.import_index("damaged", POOL)
+        with pytest.raises(errors.NotFound):
+            c.get_index("damaged")
+
     # The CLI: copy and `rise remote import`.
     code, _, err = run_cli(capsys, "copy", embedded.folder, f"{area}/viacli/")
     assert code == 0, err

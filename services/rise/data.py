@@ -699,7 +699,9 @@ def _parquet_ranges(path: StrPath, scan: DataScan, shard_size: int, name: str) -
         lo, hi = scan.size, 0
         for c in range(rg.num_columns):
             col = rg.column(c)
-            first = col.dictionary_page_offset if col.has_dictionary_page else None
+            # some writers leave offset 0 for "no dictionary page": never before the data
+            first = col.dictionary_page_offset if col.has_dictionary_page \
+                and col.dictionary_page_offset else None
             begin = min(x for x in (first, col.data_page_offset) if x is not None)
             lo, hi = min(lo, begin), max(hi, begin + col.total_compressed_size)
         bounds.append((row, rg.num_rows, lo, max(hi, lo)))

@@ -7,11 +7,12 @@ one is InvalidInput naming the extra.
 
 What is indexed.  Every row x of the covered shards as the concatenation of its two stored
 unit channels, each renormalised in float64 (``rise.score.stored_unit``) and rounded to
-float32:  v(x) = [x_rh, x_gh]  (kr*kh + kg*kh values, |v| = sqrt 2).  Nothing in v depends
-on lambda, on the channel choice or on the pool mean, so the ANN index never goes stale
-when those change: only new shards (appended, not covered: scanned exactly) or compaction
-(rebuilt) touch it.  Kinds: ``ivf-flat`` (FAISS IndexIVFFlat, inner product, float32
-vectors: 4 bytes a value) and ``ivf-pq`` (IndexIVFPQ: ``m`` bytes a row; its inner
+float16 as the shards store them:  v(x) = [x_rh, x_gh]  (kr*kh + kg*kh values, |v| =
+sqrt 2).  Nothing in v depends on lambda, on the channel choice or on the pool mean, so
+the ANN index never goes stale when those change: only new shards (appended, not covered:
+scanned exactly) or compaction (rebuilt) touch it.  Kinds: ``ivf-flat`` (a FAISS
+inverted file holding the rows uncompressed, in float16 like the shards: its fp16 scalar
+quantizer, 2 bytes a value) and ``ivf-pq`` (IndexIVFPQ: ``m`` bytes a row; its inner
 products are approximate, so its candidates are reranked exactly and it carries no
 certificate).
 
@@ -39,14 +40,15 @@ query, once per mean; nothing is rebuilt).  The proxy chooses the lists to probe
 centroids are uncentered rows too) and is what ``ivf-pq`` searches.
 
 Search, ``ivf-flat``.  The ``nprobe`` lists whose centroids have the largest proxy inner
-product with the query are read (FAISS's inverted lists: the rows' float32 values), and
+product with the query are read (FAISS's inverted lists: the rows' float16 values), and
 every row in them is scored by the exact formula above in float32, channel by channel
-(<q'_c, x_c> from the float32 rows, then k_c and the row's n_c): the ANN index holds
+(<q'_c, x_c> from the rows widened to float32, then k_c and the row's n_c): the ANN index holds
 uncentered rows, the centering is all on the query side and in the per-row terms.  The
 best ``fetch`` of them are rescored exactly (the stored float16 rows, read from their
 shards, in float64: ``rise.score.cosine_block``), dead rows dropped; if the ``top``-th
 exact score does not exceed the float32 score of the last one fetched plus the float32
-error bound (a dot of unit vectors of m values: gamma_m + 3u, over the smallest n_c),
+error bound (a dot of unit vectors of m values: gamma_m + 3u, plus 2^-11 for the float16
+rounding of the indexed rows, over the smallest n_c),
 ``fetch`` doubles, up to every probed row.  So the answer is exact within the probed
 lists, and with ``nprobe`` = the number of lists it is the exact scan's top: ids, order,
 and scores equal to the float64 reference (``tests/rise/test_ann.py``).  With fewer lists,
@@ -195,7 +197,9 @@ def build(store: Store, index: Index, *, kind: str = "ivf-flat", lists: int | No
         raise InvalidInput(f"lists must be in [1, {rows}], got {nl}")
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf-flat":
-        ivf = faiss.IndexIVFFlat(quantizer, dim, nl, faiss.METRIC_INNER_PRODUCT)
+        # the rows as stored: float16 (FAISS's fp16 scalar quantizer), 2 bytes a value
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nl, faiss.ScalarQuantizer.QT_fp16,
+                                            faiss.METRIC_INNER_PRODUCT)
     else:
         if pq_m < 1 or dim % pq_m:
             raise InvalidInput(f"pq_m must divide the row width {dim}, got {pq_m}")
@@ -218,7 +222,8 @@ def build(store: Store, index: Index, *, kind: str = "ivf-flat", lists: int | No
             b = min(len(sd), a + ADD_BATCH)
             labels = (np.int64(pos) << np.int64(32)) + np.arange(a, b, dtype=np.int64)
             ivf.add_with_ids(unit_vectors(sd, slice(a, b)), labels)
-    data = bytes(faiss.serialize_index(ivf))
+    data = faiss.serialize_index(ivf)  # a numpy buffer: no second copy of the rows
+    del ivf
     fkey = f"{ANN_DIR}/g{index.generation:08d}-{kind}.faiss"
     store.put(fkey, data)
     meta = AnnMeta(kind=kind, generation=index.generation, lists=nl,
@@ -403,7 +408,7 @@ def _flat(ann: AnnIndex, qs: QuerySet, i: int, spec: ScoreSpec, top: int, probe:
         if size == 0:
             continue
         rows = faiss.rev_swig_ptr(lists.get_codes(ln), size * ivf.code_size
-                                  ).view(np.float32).reshape(size, dim)
+                                  ).view(np.float16).reshape(size, dim).astype(np.float32)
         ids = faiss.rev_swig_ptr(lists.get_ids(ln), size).copy()
         s = np.zeros(size, dtype=np.float64)
         where = offsets[ids >> 32] + (ids & 0xFFFFFFFF) if terms is not None else None
@@ -428,7 +433,8 @@ def _flat(ann: AnnIndex, qs: QuerySet, i: int, spec: ScoreSpec, top: int, probe:
     for col, (lo, hi) in enumerate(((0, split), (split, dim))):
         m = hi - lo
         low = float(terms[col].min()) if terms is not None else 1.0
-        eps += w[col] * (m * _U32 / (1 - m * _U32) + 3 * _U32) / max(low, 1e-30)
+        # + the float16 rounding of the indexed unit rows: |x16 - x| <= 2^-11 |x|
+        eps += w[col] * (m * _U32 / (1 - m * _U32) + 3 * _U32 + 2.0 ** -11) / max(low, 1e-30)
     fetch = min(len(lab), max(top * FETCH_FACTOR, top + 16))
     while True:
         scored = _rescore(ann, qs, i, spec, lab[order[:fetch]], dead, mean, load)

@@ -1591,3 +1591,72 @@ def test_helm_refuses_bad_model_settings(helm, args, message):
     proc = run_helm(helm, "template", RELEASE, CHART, "-f", DEFAULT_CI, *args, check=False)
     assert proc.returncode != 0, f"helm accepted {args}"
     assert message in proc.stderr, proc.stderr
+
+
+# --- README "Deploy on a GPU cluster" and its values file -----------------------------------
+
+GPU_EXAMPLE = REPO / "deploy" / "examples" / "gpu-cluster-values.yaml"
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def test_gpu_cluster_example_validates_against_schema(schema_validator):
+    assert schema_errors(schema_validator, values_for(GPU_EXAMPLE)) == []
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["as-is", "with-readme-sets"])
+def test_gpu_cluster_example_renders_and_validates(helm, kube_validate, optional):
+    """The README's example renders, as is and with every `--set` the README names (ingress,
+    KEDA, ServiceMonitor and PrometheusRule on; S3 by workload identity), and every manifest
+    passes the strict Kubernetes (and CRD field) schemas at the chart's kubeVersion floor."""
+    section = readme_section("Deploy on a GPU cluster")
+    assert str(GPU_EXAMPLE.relative_to(REPO)) in section
+    sets = re.findall(r"--set ([\w.\-]+=[^\s`]*)", section)
+    assert len(sets) >= 5, sets
+    extra = [a for s in sets for a in ("--set", s)] if optional else []
+    docs = render(helm, GPU_EXAMPLE, *extra)
+    kinds = {d["kind"] for d in docs}
+    if optional:
+        assert {"Ingress", "ScaledObject", "ServiceMonitor", "PrometheusRule"} <= kinds
+    failures = []
+    for doc in docs:
+        try:
+            validate_manifest(kube_validate, doc, KUBE_VERSIONS[0])
+        except Exception as e:  # noqa: BLE001 - collect every manifest's failure
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: "
+                            f"{getattr(e, 'message', None) or e}")
+    assert failures == []
+    images = {c["image"] for _, _, spec in pod_specs(docs) for c in spec["containers"]}
+    assert "registry.example.com/ml/rise:0.1.0-cuda" in images  # the pool's CUDA image
+
+
+def test_readme_creates_the_secrets_the_gpu_example_needs(helm):
+    """Every Secret the rendered example reads but does not create itself is created by a
+    `kubectl create secret` line of the README, with exactly the keys the pods read."""
+    docs = render(helm, GPU_EXAMPLE)
+    rendered = {d["metadata"]["name"] for d in by_kind(docs, "Secret")}
+    needed: dict[str, set[str]] = {}
+    for _, _, spec in pod_specs(docs):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    needed.setdefault(ref["name"], set()).add(ref["key"])
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                keys = {i["key"] for i in v["secret"].get("items", [])} or {"tls.crt", "tls.key"}
+                needed.setdefault(v["secret"]["secretName"], set()).update(keys)
+    needed = {k: v for k, v in needed.items() if k not in rendered}
+    created: dict[str, set[str]] = {}
+    section = readme_section("Deploy on a GPU cluster")
+    for m in re.finditer(r"kubectl -n \S+ create secret (generic|tls) (\S+)([^\n]*)", section):
+        kind, name, rest = m.groups()
+        keys = ({"tls.crt", "tls.key"} if kind == "tls"
+                else set(re.findall(r"--from-(?:literal|file)=([^=\s]+)=", rest)))
+        created[name] = keys
+    assert needed == created

@@ -253,7 +253,7 @@ IMAGE_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LOCAL_BASE := localhost/rise-base:bookworm
 BASE_IMAGE ?= $(LOCAL_BASE)
-BUILDAH_BUD = nice -n 10 buildah bud --isolation chroot --layers -f deploy/images/Containerfile \
+BUILDAH_BUD = nice -n 10 buildah bud --isolation chroot --layers --force-rm -f deploy/images/Containerfile \
 	--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(IMAGE_VERSION) \
 	--build-arg REVISION=$(IMAGE_REVISION)
 

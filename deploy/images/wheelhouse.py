@@ -10,9 +10,10 @@ writes ``deploy/images/requirements-<variant>.txt``: one ``name==version --hash=
 line per wheel, the whole dependency tree.  ``fetch`` downloads exactly those files again
 (``pip download --require-hashes``: a file whose hash differs is refused, wherever it comes
 from), builds the ``rise`` wheel from this checkout and writes the build context of the
-image: ``DIR/wheelhouse/`` and ``DIR/requirements.txt`` (the lock plus rise's own hashed
-line).  The image then installs with ``pip install --no-index --require-hashes``: nothing is
-fetched at image build time, which is how air-gapped clusters build.
+image: ``DIR/wheelhouse/`` and ``DIR/requirements.txt`` (the lock), ``DIR/rise/`` (rise's
+wheel and its own hashed line).  The image then installs with ``pip install --no-index
+--require-hashes``: nothing is fetched at image build time, which is how air-gapped
+clusters build.
 
 Where the wheels come from:
 - cpu: pip's own configuration (``pip config list``: an index, a mirror, find-links) plus
@@ -205,7 +206,8 @@ def build_rise_wheel(dest: Path, tmp_root: str | None) -> Path:
         shutil.copytree(ROOT / "services" / "rise", src / "services" / "rise",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
         run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-             "--no-index", "-w", str(dest), str(src)], dict(os.environ))
+             "--no-index", "-w", str(dest), str(src)],
+            {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "315532800")})
     wheels = list(dest.glob("rise-*.whl"))
     if len(wheels) != 1:
         raise SystemExit(f"wheelhouse: expected one rise wheel, found {wheels}")
@@ -236,13 +238,17 @@ def fetch(args: argparse.Namespace) -> None:
     if keep != set(locked):
         raise SystemExit(f"wheelhouse: missing after download: {sorted(set(locked) - keep)}")
     keep.discard("pip")
-    rise = build_rise_wheel(house, args.tmp)
-    version = wheel_key(rise)[1]
-    text = lock_path(args.variant).read_text()
-    text += f"rise=={version} \\\n    --hash=sha256:{sha256(rise)}\n"
-    (out / "requirements.txt").write_text(text)
+    (out / "requirements.txt").write_text(lock_path(args.variant).read_text())
+    # rise's own wheel apart (its own layer: a change of the sources leaves the
+    # dependencies' layer cached), with fixed timestamps: the same sources, the same hash.
+    app = out / "rise"
+    shutil.rmtree(app, ignore_errors=True)
+    app.mkdir()
+    rise = build_rise_wheel(app, args.tmp)
+    (app / "requirements.txt").write_text(
+        f"rise=={wheel_key(rise)[1]} \\\n    --hash=sha256:{sha256(rise)}\n")
     size = sum(p.stat().st_size for p in house.glob("*.whl"))
-    print(f"wheelhouse: {house}: {len(keep) + 1} wheels, {size / 2**20:.0f} MiB")
+    print(f"wheelhouse: {house}: {len(keep)} wheels, {size / 2**20:.0f} MiB; {rise.name}")
 
 
 def main(argv: list[str] | None = None) -> None:

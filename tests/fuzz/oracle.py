@@ -523,6 +523,8 @@ def check_generation(gen: Any, found: Found) -> None:
     t = gen.temperature
     if not (t == 0 or 0.001 <= t <= 100):  # NaN fails both
         found.add("generation temperature", INVALID_ARGUMENT)
+    if gen.seed >= 2**63:  # as SketchConfig's seed (torch's generator takes an int64)
+        found.add("generation seed", INVALID_ARGUMENT)
 
 
 def check_collapse(req: Any, state: State, found: Found) -> bool:
@@ -556,7 +558,10 @@ def _Attribute(req: Any, state: State, found: Found, dataset: Any) -> Expect:
     check_generation(req.generate, found)
     soft = Found()
     _scoring_call(req, req.queries, state, found, soft)
-    if found.items or not soft.items:
+    if found.items:  # a record's fault may be found first, at the door
+        return Expect(found.codes() | ({INVALID_ARGUMENT} if soft.items else set()),
+                      found.names() + soft.names())
+    if not soft.items:
         return _finish(found, {OK, INVALID_ARGUMENT})  # what the prompts yield: unstated
     return Expect(frozenset({OK, INVALID_ARGUMENT}), ["prompt records: " + soft.names()[0]])
 

@@ -245,3 +245,20 @@ def test_every_case_of_the_issue_names_tests_that_exist():
             path, name = t.split("::")
             src = (root / path).read_text()
             assert re.search(rf"^(async )?def {re.escape(name)}\(", src, re.M), t
+
+
+def test_the_oracle_knows_generation():
+    """Attribute's generate: the proto's bounds, the seed's int64 range, and a record's
+    fault that the door may find before an absent index (a full run once counted those
+    INVALID_ARGUMENT answers as wrong)."""
+    s = _state()
+    at, gen = rise_pb2.AttributeRequest, rise_pb2.Generation
+    q = [common_pb2.Record(id="q1", text="a fox")]
+    assert oracle.expect("Attribute", at(index="base", queries=q, generate=gen()), s).allowed \
+        == {"OK", "INVALID_ARGUMENT"}
+    for g in (gen(seed=2**64 - 1), gen(temperature=1e-300), gen(max_new_tokens=4097)):
+        assert oracle.expect("Attribute", at(index="base", queries=q, generate=g), s).allowed \
+            == {"INVALID_ARGUMENT"}, g
+    twice = q + [common_pb2.Record(id="q1", text="a dog")]
+    assert oracle.expect("Attribute", at(index="nope", queries=twice, generate=gen()),
+                         s).allowed == {"NOT_FOUND", "INVALID_ARGUMENT"}

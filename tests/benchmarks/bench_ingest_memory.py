@@ -153,8 +153,9 @@ synthetic JSONL file (ids `rec-NNNNNNNNN`, about 400 bytes of text per record): 
 The streaming pass grows by the id checker's chunk (1 MiB of digests, full from 64 Ki
 records on) and the plan's list of ranges (one small entry per shard): a few MiB whatever
 the size of the file, 100x the records adding about 3 MiB. Holding the whole file grows
-linearly (about 4 KiB per record of 400 bytes here). Shard tasks read only their own range (1,024 records by default) and the
-Parquet footer, so their data memory is one shard's records.
+linearly (about 4 KiB per record of 400 bytes here). Shard tasks read only their own
+range (1,024 records by default) and the Parquet footer, so their data memory is one
+shard's records.
 """
 
 

@@ -9,8 +9,12 @@ equals the reference index's, and every shard object's bytes hash to the referen
 Manifest fields that are not shards (ingest entries, versions) are compared too, but only
 reported (``manifest_equal``): a fix may add per-job fields to a manifest.
 
+Manifests are resolved by ``rise.index.read_manifest`` (a format-3 manifest is a list of
+shard lists and delete files), so every format version is measured the same way.
+
 Orphans: in each index folder ``tenants/<tenant>/indexes/<name>/`` the objects under
-``shards/`` that no manifest of that folder names.  Manifests and the registry record
+``shards/`` (and the id files, shard lists and delete files) that no manifest of that
+folder uses (``rise.index.generation_keys``).  Manifests and the registry record
 (``registry.json``) are never orphans of a live index; anything else is reported as
 ``unknown``.  In the folder of an index the harness deleted, every object left is an orphan.
 """
@@ -26,7 +30,10 @@ from typing import Any
 from rise import errors
 from rise.client import TERMINAL, state_name
 from rise.constants import SHARD_DIR, parse_manifest_key
+from rise.errors import RiseError
+from rise.index import IDS_DIR, META_DIR, generation_keys, read_manifest
 from rise.jobs import index_prefix
+from rise.s3store import S3Store
 
 try:  # the S3 registry record of an index (rise.registry); absent before that fix
     from rise.registry import RECORD_KEY as REGISTRY_KEY
@@ -34,6 +41,7 @@ except ImportError:
     REGISTRY_KEY = "registry.json"
 
 BUCKET = "rise"
+_INDEX_DIRS = (SHARD_DIR + "/", IDS_DIR + "/", META_DIR + "/")  # what a manifest owns
 LIST_LIMIT = 100_000  # objects listed under one prefix at most
 S3_RETRY_S = 30.0  # how long a read of the bucket is retried after an outage
 
@@ -95,16 +103,31 @@ def fingerprint(s3, tenant: str, index: str) -> dict[str, Any] | None:
     gen, mkey = gens[-1]
     raw = get_bytes(s3, mkey)
     manifest = json.loads(raw) if raw is not None else {}
-    shards = [[s["key"], s["sha256"], s["count"], s["bytes"]]
-              for s in manifest.get("shards", [])]
+    resolved = _retry(f"read {mkey}",
+                      lambda: read_manifest(_store(s3, prefix), gen, cached=False))
+    shards = [[s.key, s.sha256, s.count, s.bytes] for s in resolved.shards]
     objects = {s[0]: sha256(get_bytes(s3, prefix + s[0])) for s in shards}
     return {"generation": gen, "manifest": manifest, "shards": shards, "objects": objects}
+
+
+def _store(s3, prefix: str) -> S3Store:
+    return S3Store(s3, BUCKET, prefix)
+
+
+def _keys_or_none(store: S3Store, generation: int) -> set[str]:
+    """The keys a generation uses; an empty set for a damaged manifest (it owns nothing)."""
+    try:
+        return generation_keys(store, generation)
+    except RiseError:
+        return set()
 
 
 def compare(ref: dict[str, Any], got: dict[str, Any] | None) -> tuple[bool, str, bool]:
     """(byte-identical, why not, the manifests equal but for their shards' fields)."""
     if got is None:
         return False, "no committed manifest", False
+    if not ref["shards"]:  # a comparison of two empty lists would prove nothing
+        return False, "the reference index lists no shards", False
     manifest_equal = _strip(got["manifest"]) == _strip(ref["manifest"])
     if got["shards"] != ref["shards"]:
         ref_keys = {s[0]: s for s in ref["shards"]}
@@ -145,19 +168,21 @@ def census(s3, tenant: str, deleted: set[str]) -> dict[str, dict[str, Any]]:
     for name, rels in sorted(by_index.items()):
         manifests = [r for r in rels if parse_manifest_key(r) is not None]
         referenced: set[str] = set()
+        store = _store(s3, root + name + "/")
         for m in manifests:
-            raw = get_bytes(s3, root + name + "/" + m)
+            gen = parse_manifest_key(m)
+            assert gen is not None
             try:
-                referenced |= {s["key"] for s in json.loads(raw or b"{}").get("shards", [])}
-            except (ValueError, AttributeError, TypeError, KeyError):
+                referenced |= _retry(f"read {m}", lambda g=gen, st=store: _keys_or_none(st, g))
+            except RuntimeError:
                 pass  # an unreadable manifest references nothing
-        shards = [r for r in rels if r.startswith(SHARD_DIR + "/")]
+        shards = [r for r in rels if r.startswith(_INDEX_DIRS)]
         if name in deleted:
             orphans = list(rels)
         else:
             orphans = [r for r in shards if r not in referenced]
         unknown = [r for r in rels if r not in manifests and r != REGISTRY_KEY
-                   and not r.startswith(SHARD_DIR + "/")]
+                   and r not in shards]
         out[name] = {"objects": len(rels), "manifests": len(manifests),
                      "referenced": len(referenced & set(shards)),
                      "registry": int(REGISTRY_KEY in rels), "orphans": sorted(orphans),

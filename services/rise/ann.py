@@ -200,6 +200,7 @@ def build(store: Store, index: Index, *, kind: str = "ivf-flat", lists: int | No
         # the rows as stored: float16 (FAISS's fp16 scalar quantizer), 2 bytes a value
         ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nl, faiss.ScalarQuantizer.QT_fp16,
                                             faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = False  # the rows themselves, not their offsets from the centroid
     else:
         if pq_m < 1 or dim % pq_m:
             raise InvalidInput(f"pq_m must divide the row width {dim}, got {pq_m}")
@@ -409,6 +410,8 @@ def _flat(ann: AnnIndex, qs: QuerySet, i: int, spec: ScoreSpec, top: int, probe:
             continue
         rows = faiss.rev_swig_ptr(lists.get_codes(ln), size * ivf.code_size
                                   ).view(np.float16).reshape(size, dim).astype(np.float32)
+        if ivf.by_residual:  # codes of offsets from the list's centroid (older builds)
+            rows += ivf.quantizer.reconstruct(ln)[None, :]
         ids = faiss.rev_swig_ptr(lists.get_ids(ln), size).copy()
         s = np.zeros(size, dtype=np.float64)
         where = offsets[ids >> 32] + (ids & 0xFFFFFFFF) if terms is not None else None

@@ -191,3 +191,13 @@ def test_cli_builds(store, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "ivf-flat" and out["rows"] == 400 and out["lists"] == 4
     assert ann.find(store, open_index(store)) is not None
+
+
+def test_deep_top_over_every_list(store):
+    """A top that spans every list: each list's float32 scores must be on one scale (the
+    rows themselves, not offsets from their list's centroid)."""
+    index = open_index(store)
+    api.build_ann(index, lists=8)
+    qs = _queries(3, seed=17)
+    got = api.attribute_approximate(index, qs, ScoreSpec(), 120, nprobe=8)
+    assert [[(h.id, h.score) for h in g] for g in got] == _reference(index, qs, ScoreSpec(), 120)

@@ -76,9 +76,19 @@ bench: install assets-model assets-lee
 # resident, over its cache budget, split over 2 replicas and through S3, and rise.ann's
 # recall and speed-up.  About an hour on 2 cores; never in CI.
 # Writes the committed report tests/benchmarks/reports/scale.{json,md}.
-.PHONY: bench-scale
+# Then an ingest through the local stack (tests/benchmarks/bench_ingest_scale.py): records of
+# ~10 KB of real text (Lee and enwiki passages from $(CACHE)/corpus), a tiny random model,
+# gateway and worker RSS growth sampled from /proc, 1 vs 2 worker processes; the data (1 GB
+# at 10^5 records) lives in $(CACHE)/ingest-scale and is deleted at the end.
+# Writes tests/benchmarks/reports/ingest-scale.{json,md}.
+.PHONY: bench-scale bench-ingest-scale
 bench-scale: install
 	nice -n 10 $(PY) tests/benchmarks/bench_scale.py
+	$(MAKE) bench-ingest-scale
+
+bench-ingest-scale: install
+	$(PY) tests/assets.py --cache $(CACHE) corpus --only lee,queries,wiki
+	nice -n 10 $(PY) tests/benchmarks/bench_ingest_scale.py --sizes 10000,100000
 
 # Fairness under abuse (tests/benchmarks/bench_fairness.py): tenant A's 50 concurrent
 # Attribute calls alone and while tenant B holds 100 WatchJob streams and runs a long shard

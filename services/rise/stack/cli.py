@@ -3,7 +3,7 @@
     python -m rise.stack up      [--dir .cache/stack] [--pool NAME=MODEL ...] [--no-push]
                                  [--token TENANT=TOKEN ...] [--gateway-port 50051]
                                  [--scorer-port 50052] [--metrics-port 9464]
-                                 [--redis-port auto] [--s3-port auto]
+                                 [--redis-port auto] [--s3-port auto] [--worker-concurrency 1]
     python -m rise.stack status  [--dir .cache/stack] [--json]
     python -m rise.stack down    [--dir .cache/stack]
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: 9464)")
     up.add_argument("--redis-port", default="auto")
     up.add_argument("--s3-port", default="auto")
+    up.add_argument("--worker-concurrency", type=int, default=1, metavar="N",
+                    help="processes of each pool's Celery worker (default: 1)")
     up.add_argument("--pool", action="append", metavar="NAME=MODEL",
                     help="a worker pool, repeatable: a model folder, s3://bucket/prefix/ or a "
                          f"hub id (default: {DEFAULT_POOL})")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                              gateway_port=a.gateway_port, scorer_port=a.scorer_port,
                              metrics_port=a.metrics_port, redis_port=a.redis_port,
                              s3_port=a.s3_port, push_models=not a.no_push,
+                             worker_concurrency=a.worker_concurrency,
                              log=lambda m: print(m, file=sys.stderr))
             _print_up(stack)
             return 0

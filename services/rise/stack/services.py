@@ -122,17 +122,23 @@ class Stack:
            worker_metrics_port: int | str | None = None,
            scorer_metrics_port: int | str | None = None, redis_port: int | str = "auto",
            s3_port: int | str = "auto", die_with_parent: bool = False,
-           env: dict[str, str] | None = None, push_models: bool = True, log=None) -> Stack:
+           env: dict[str, str] | None = None, push_models: bool = True,
+           worker_concurrency: int = 1, log=None) -> Stack:
         """Start everything and wait until it answers; on failure stop what was started.
 
         ``pools``: name -> model folder (or a model source: ``s3://...``, a hub id);
         ``tokens``: tenant -> token; ``env``: more RISE_* settings for every service (e.g.
-        the controller's intervals).  With ``push_models`` (the default) a model folder is
-        pushed into the stack's S3 (``s3://rise/models/<folder name>/``, skipped when
+        the controller's intervals); ``worker_concurrency``: the processes of each pool's
+        Celery worker (prefork children).  With ``push_models`` (the default) a model folder
+        is pushed into the stack's S3 (``s3://rise/models/<folder name>/``, skipped when
         already there) and the pool names that: the workers fetch it as a cluster's pools
         do (``rise.modelsource``).  Metrics ports of the worker, scorer and controller
         default to ``metrics_port`` + 1, + 2 and + 3 ("auto" when it is)."""
         say = log or (lambda msg: None)
+        if isinstance(worker_concurrency, bool) or not isinstance(worker_concurrency, int) \
+                or worker_concurrency < 1:
+            raise ValueError(f"worker concurrency must be an integer >= 1, got "
+                             f"{worker_concurrency!r}")
         root = Path(dir).resolve()
         root.mkdir(parents=True, exist_ok=True)
         if cls.state_path(root).exists():
@@ -230,8 +236,8 @@ class Stack:
                           settings.control_queue]
                 w = spawn(f"worker-{pool}", [
                     py, "-m", "celery", "-A", "rise.worker.app", "worker", "-Q",
-                    ",".join(queues), "--concurrency", "1", "-n", node, "--loglevel", "INFO",
-                    "--without-gossip", "--without-mingle"], root,
+                    ",".join(queues), "--concurrency", str(worker_concurrency), "-n", node,
+                    "--loglevel", "INFO", "--without-gossip", "--without-mingle"], root,
                     clean_env({**base, "RISE_WORKER_POOL": pool, "RISE_METRICS_PORT": str(mp),
                                "PROMETHEUS_MULTIPROC_DIR": str(prom)}),
                     ports={"metrics": mp}, settings={"node": node, "queues": ",".join(queues)},

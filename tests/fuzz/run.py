@@ -1160,8 +1160,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{h.get('wall_s')} s.", "",
         f"Command: `{h.get('command', '?')}`.", "",
         *([f"Merged from {len(h['runs'])} runs of this code at once, each on its own stack "
-           f"with its own seed, each stopped (SIGINT) once together they passed "
-           f"{h['per_rpc']} requests per RPC (`{h.get('merged_by', '')}`); per run:", ""]
+           f"with its own seed, all stopped by SIGINT at one moment: when together they "
+           f"passed {h['per_rpc']} requests per RPC, or when the time set for them ran out "
+           f"(then the title says PARTIAL) (`{h.get('merged_by', '')}`); per run:", ""]
           + [f"- seed {r['seed']}: {r['requests']} requests, started {r['date']}, load "
              f"average at start {r['loadavg_start']}, fuzzing {r.get('fuzz_s') or '-'} s, "
              f"whole run {r['wall_s']} s, {r.get('aborted') or 'ended'}; `{r['command']}`"

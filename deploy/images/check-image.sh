@@ -1,7 +1,8 @@
 #!/bin/sh
 # What every built RISE image must be: uid 10001, tini as the entrypoint, OCI version and
-# revision labels, the variant's torch build (CUDA: torch.version.cuda set), the chart test
-# pod's grpc_health module, and no installer, compiler or wheelhouse left in it.
+# revision labels, the variant's torch build (CUDA: torch.version.cuda set, and rise[gpu]'s
+# pynvml), the chart test pod's grpc_health module, and no installer, compiler or
+# wheelhouse left in it.
 #   check-image.sh IMAGE cpu|cuda
 set -eu
 image=${1:?image}
@@ -31,6 +32,7 @@ assert os.getuid() == 10001 and os.getgid() == 10001, (os.getuid(), os.getgid())
 cuda = torch.version.cuda
 if variant == "cuda":
     assert cuda, f"torch {torch.__version__} is not a CUDA build"
+    import pynvml  # noqa: F401  (rise[gpu]: the workers' NVML series)
 else:
     assert cuda is None and torch.__version__.endswith("+cpu"), (torch.__version__, cuda)
 for tool in ("pip", "pip3", "gcc", "cc", "make"):

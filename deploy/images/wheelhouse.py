@@ -48,6 +48,9 @@ TORCH = {"cpu": "torch==2.13.0+cpu", "cuda": "torch==2.13.0"}
 # dependencies behind a marker that holds on some CPython 3.11 are added here, so that the
 # lock fits every 3.11 (redis needs async-timeout below 3.11.3; Debian bookworm has 3.11.2).
 MARKER_EXTRAS = ["async-timeout==5.0.1"]
+# pyproject.toml's optional extras each variant carries: the CUDA image has `rise[gpu]`
+# (nvidia-ml-py: the workers' NVML utilisation and memory series).
+VARIANT_EXTRAS = {"cpu": [], "cuda": ["gpu"]}
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 PYPI = "https://pypi.org/simple"
 # The installer the image build runs (from its wheel, never installed into the image).
@@ -59,9 +62,12 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pins() -> list[str]:
-    """The exact pins of pyproject.toml's runtime dependencies."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def pins(extras: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The exact pins of pyproject.toml's runtime dependencies and of the given extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = list(project["dependencies"])
+    for extra in extras:
+        deps += project["optional-dependencies"][extra]
     bad = [d for d in deps if not re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", d)]
     if bad:
         raise SystemExit(f"wheelhouse: not an exact pin in pyproject.toml: {bad}")
@@ -69,7 +75,8 @@ def pins() -> list[str]:
 
 
 def top_level(variant: str) -> list[str]:
-    out = [TORCH[variant] if normalize(d.split("==")[0]) == "torch" else d for d in pins()]
+    out = [TORCH[variant] if normalize(d.split("==")[0]) == "torch" else d
+           for d in pins(VARIANT_EXTRAS[variant])]
     return out + MARKER_EXTRAS
 
 

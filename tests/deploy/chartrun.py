@@ -4,8 +4,14 @@ StatefulSet that ``helm template`` prints, with its own command, args and enviro
 What a kubelet would do is done here, with these substitutions (``Release.substitutions``
 lists each one made, per scenario):
 
-- image: the container's ``command`` runs from this checkout's virtual environment
-  (``python``, ``celery`` on PATH from it), ``redis-server``/``redis-cli`` from the machine;
+- image: the container's process is what Kubernetes makes of the image and the container
+  (``process_of``: ``command`` replaces the image's ENTRYPOINT and CMD, ``args`` alone
+  follow the ENTRYPOINT); the RISE images' ENTRYPOINT and CMD are read from
+  ``deploy/images/Containerfile`` (``tini --``); tini runs from the machine when it is
+  installed, else it is left out and the container's args are the process (the kubelet's
+  SIGTERM then reaches that process directly, as tini would forward it); ``python``,
+  ``celery`` come from this checkout's virtual environment (first on PATH),
+  ``redis-server``/``redis-cli`` from the machine;
 - replicas: one pod per Deployment (the HPA or KEDA would own the count), every pod of a
   StatefulSet (the scorers split shards by replica index);
 - ports: every containerPort of a pod becomes a free loopback port, in the env values
@@ -19,7 +25,7 @@ lists each one made, per scenario):
 - Secrets the values name but do not render (``existingSecret``...) come from the test,
   as an operator would have created them before the install;
 - GPUs: ``RISE_POOLS`` gets ``gpus: 0`` (CPU) and the test's tiny model as every pool's
-  ``model``; ``CUDA_VISIBLE_DEVICES`` is empty;
+  ``model``, without the pool's ``adapter``; ``CUDA_VISIBLE_DEVICES`` is empty;
 - S3 over plain HTTP (``RISE_S3_SECURE=false``) to the local SeaweedFS;
 - workload identity: a ServiceAccount annotated ``eks.amazonaws.com/role-arn`` gets what
   EKS's pod identity webhook injects (``AWS_ROLE_ARN``, ``AWS_WEB_IDENTITY_TOKEN_FILE``
@@ -48,8 +54,56 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rise import stack
 
 VENV_BIN = Path(sys.executable).parent
+CONTAINERFILE = Path(__file__).resolve().parents[2] / "deploy" / "images" / "Containerfile"
 IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
 IRSA_TOKEN = "/var/run/secrets/eks.amazonaws.com/serviceaccount"
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a container runtime takes from an image when the pod does not say."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+
+
+def containerfile_image(path: Path = CONTAINERFILE) -> Image:
+    """ENTRYPOINT and CMD of the final stage of a Containerfile (exec form, JSON)."""
+    final = re.split(r"^FROM\s", path.read_text(), flags=re.M)[-1]
+    found: dict[str, tuple[str, ...]] = {}
+    for m in re.finditer(r"^(ENTRYPOINT|CMD)\s+(\[.*\])\s*$", final, re.M):
+        found[m[1]] = tuple(json.loads(m[2]))
+    return Image(found.get("ENTRYPOINT", ()), found.get("CMD", ()))
+
+
+def process_of(container: dict, image: Image | None) -> list[str]:
+    """The argv Kubernetes starts: ``command`` replaces the image's ENTRYPOINT (and its CMD
+    is then dropped), ``args`` replace its CMD; an empty list counts as unset."""
+    command, args = container.get("command") or [], container.get("args") or []
+    if command:
+        return [*command, *args]
+    if image is None:
+        raise AssertionError(f"container {container.get('name')}: no command, and the "
+                             f"ENTRYPOINT of {container.get('image')} is not known here")
+    return [*image.entrypoint, *(args or image.cmd)]
+
+
+def image_repository(ref: str) -> str:
+    """``repo[:tag][@digest]`` -> ``repo`` (a registry's port stays)."""
+    ref = ref.split("@", 1)[0]
+    head, _, last = ref.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def rise_repositories(values: dict) -> set[str]:
+    """The repositories of the RISE image that the values name (global, workers', pools')."""
+    out = {values["image"]["repository"]}
+    workers = values.get("workers", {})
+    out.add((workers.get("image") or {}).get("repository") or values["image"]["repository"])
+    for pool in (workers.get("pools") or {}).values():
+        if pool and (pool.get("image") or {}).get("repository"):
+            out.add(pool["image"]["repository"])
+    return out
 
 
 @dataclass
@@ -66,6 +120,7 @@ class Local:
     sts_endpoint: str = ""
     redis_binary: str = ""
     secret_values: dict[str, str] = field(default_factory=dict)  # rendered value -> local
+    images: dict[str, Image] = field(default_factory=dict)  # repository -> its ENTRYPOINT, CMD
 
 
 @dataclass
@@ -301,6 +356,8 @@ class Release:
                 self.note(f"pool model {p['model']}: the tiny test model; gpus "
                           f"{p.get('gpus', 0)}: 0")
                 p["model"], p["gpus"] = self.local.model, 0
+                if p.pop("adapter", ""):
+                    self.note("pool adapter: none (the tiny test model has no LoRA adapter)")
             env["RISE_POOLS"] = json.dumps(pools)
             env["CUDA_VISIBLE_DEVICES"] = ""
         self._identity(pod, env, mounts)
@@ -327,15 +384,39 @@ class Release:
         self.note(f"ServiceAccount {IRSA_ANNOTATION}: AWS_ROLE_ARN and a projected "
                   f"web identity token (EKS's webhook); AWS_ENDPOINT_URL_STS: the stub STS")
 
+    def _process(self, c: dict) -> tuple[list[str], list[str]]:
+        """The container's process as the kubelet starts it, as (the image's ENTRYPOINT, with
+        tini as the machine has it; the pod's command or args, which Kubernetes expands)."""
+        if c.get("command"):
+            return [], process_of(c, None)
+        image = self.local.images.get(image_repository(c["image"]))
+        argv = process_of(c, image)
+        entry, rest = argv[:len(image.entrypoint)], argv[len(image.entrypoint):]
+        where = f"{image_repository(c['image'])}'s ENTRYPOINT {list(image.entrypoint)}"
+        if entry and Path(entry[0]).name == "tini":
+            tini = shutil.which("tini")
+            if tini:
+                entry = [tini, *entry[1:]]
+                self.note(f"{where}: the machine's tini ({tini}), not PID 1")
+            else:
+                entry = []
+                self.note(f"{where}: tini left out (not installed here); the args are the "
+                          "process and get the signals tini would forward")
+        else:
+            self.note(f"{where}, then the container's args")
+        return entry, rest
+
     def _argv(self, pod: Pod, c: dict, env: dict[str, str], mounts: dict[str, Path]
               ) -> list[str]:
-        argv = [_expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
+        entry, rest = self._process(c)
+        argv = [_expand(a, env) for a in rest]
         out = []
         for i, a in enumerate(argv):
             prev = argv[i - 1] if i else ""
             if prev in ("--port", "-p") and a.isdigit() and int(a) in pod.ports:
                 a = str(pod.ports[int(a)])
             out.append(self._remap(a, pod, mounts))
+        out = entry + out
         if out and Path(out[0]).name in ("redis-server", "valkey-server"):
             out[0] = self.local.redis_binary or out[0]
             out += ["--bind", "127.0.0.1"]
@@ -481,4 +562,5 @@ def render(helm: Path, chart: Path, values: Path, release: str, namespace: str) 
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-__all__ = ["Local", "Pod", "Release", "render"]
+__all__ = ["Image", "Local", "Pod", "Release", "containerfile_image", "image_repository",
+           "process_of", "render", "rise_repositories"]

@@ -247,6 +247,10 @@ def test_chart_runs_as_rendered(helm, s3, certs, sts, tiny, tmp_path, request, c
                            s3_secret_key=s3.secret_key, model=str(tiny),
                            secrets=operator_secrets(s3, certs), sts_endpoint=sts.endpoint,
                            redis_binary=tls_redis_binary() or stack.redis_binary())
+    # the RISE image's ENTRYPOINT (tini) and CMD, for the containers that give args only
+    rise_image = chartrun.containerfile_image()
+    assert rise_image.entrypoint[:1] == ("/usr/bin/tini",), rise_image
+    local.images = {repo: rise_image for repo in chartrun.rise_repositories(values)}
     if values["s3"]["accessKey"]:  # keys in the values: the chart's Secret gets the local ones
         local.secret_values = {values["s3"]["accessKey"]: s3.access_key,
                                values["s3"]["secretKey"]: s3.secret_key}
@@ -329,9 +333,10 @@ def test_chart_runs_as_rendered(helm, s3, certs, sts, tiny, tmp_path, request, c
 def scale_down_finishes_the_running_shard(release, values, admin, bucket, tenant, address,
                                           token, pool) -> None:
     """What KEDA's scale-down does to a worker pod: SIGTERM to the container's process (the
-    kubelet signals PID 1) while it sketches a shard.  Celery's warm shutdown finishes the
-    shard (well within the pool's terminationGracePeriodSeconds) and exits; the next pod
-    (a scale-up) commits the job without sketching the shard again."""
+    kubelet signals PID 1: tini, which forwards it to Celery's main process alone; without
+    tini here, that process itself) while it sketches a shard.  Celery's warm shutdown
+    finishes the shard (well within the pool's terminationGracePeriodSeconds) and exits;
+    the next pod (a scale-up) commits the job without sketching the shard again."""
     import os
     import signal
 

@@ -30,6 +30,8 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chartrun  # noqa: E402
 import crd_schemas  # noqa: E402
 import deploy_tools  # noqa: E402
 from rise.metrics import CATALOGUE  # noqa: E402
@@ -616,7 +618,7 @@ def test_rendered_release_wiring(helm, ci_file):
     gw = one(docs, "Deployment", f"{RELEASE}-gateway")
     gws = gw["spec"]["template"]["spec"]
     (gc,) = gws["containers"]
-    assert gc["command"] == ["python", "-m", "rise.gateway"]
+    assert gc["args"] == ["python", "-m", "rise.gateway"]
     port, mport = values["gateway"]["port"], values["gateway"]["metricsPort"]
     assert {p["name"]: p["containerPort"] for p in gc["ports"] if p["name"] != "health"} == \
         {"grpc": port, "metrics": mport}
@@ -672,12 +674,12 @@ def test_rendered_release_wiring(helm, ci_file):
     if values["scorer"]["replicaIndexSource"] == "podIndexLabel":
         assert senv["RISE_SCORER_REPLICA"] == {"fieldRef": {
             "fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
-        assert sc["command"] == ["python", "-m", "rise.scorer"]
+        assert sc["args"] == ["python", "-m", "rise.scorer"]
     else:
         assert "RISE_SCORER_REPLICA" not in senv and "POD_NAME" in senv
-        assert sc["command"][:2] == ["sh", "-c"]
-        assert 'RISE_SCORER_REPLICA="${POD_NAME##*-}"' in sc["command"][2]
-        assert sc["command"][2].endswith("exec python -m rise.scorer")
+        assert sc["args"][:2] == ["sh", "-c"]
+        assert 'RISE_SCORER_REPLICA="${POD_NAME##*-}"' in sc["args"][2]
+        assert sc["args"][2].endswith("exec python -m rise.scorer")
 
     # worker pools: one Deployment each, on its own queue, with its GPUs
     pools = enabled_pools(values)
@@ -700,7 +702,7 @@ def test_rendered_release_wiring(helm, ci_file):
         gpus, conc = pool.get("gpus", 1), pool.get("concurrency", 1)
         queues = [pool.get("queue") or f"rise.pool.{name}",
                   f"{values['workers']['queryQueue']}.{name}", values["workers"]["controlQueue"]]
-        cmd = wc["command"]
+        cmd = wc["args"]
         assert cmd[:4] == ["celery", "-A", "rise.worker.app", "worker"]
         assert cmd[cmd.index("-Q") + 1] == ",".join(queues)
         assert cmd[cmd.index("--concurrency") + 1] == str(conc)
@@ -731,7 +733,7 @@ def test_rendered_release_wiring(helm, ci_file):
     cspec = ctl["spec"]["template"]["spec"]
     (cc,) = cspec["containers"]
     assert ctl["spec"]["replicas"] == values["controller"]["replicas"]
-    assert cc["command"] == ["python", "-m", "rise.controller"]
+    assert cc["args"] == ["python", "-m", "rise.controller"]
     cport = values["controller"]["metricsPort"]
     assert cc["ports"] == [{"name": "metrics", "containerPort": cport, "protocol": "TCP"}]
     for probe in ("startupProbe", "livenessProbe"):
@@ -808,7 +810,7 @@ def test_rendered_release_wiring(helm, ci_file):
     assert len(tests) == (1 if values["tests"]["enabled"] else 0)
     for t in tests:
         (tc,) = t["spec"]["containers"]
-        script = tc["command"][-1]
+        script = tc["args"][-1]
         compile(script, "test-health", "exec")
         assert "grpc_health.v1" in script
         targets = env_of(tc)["RISE_TEST_TARGETS"].split(",")
@@ -862,7 +864,7 @@ def test_rendered_env_is_what_the_services_read(helm, ci_file):
             assert pool in settings.pools, f"{where}: RISE_WORKER_POOL {pool!r} not in RISE_POOLS"
             query = env.get("RISE_QUERY_QUEUE", defaults["query_queue"].default)
             control = env.get("RISE_CONTROL_QUEUE", defaults["control_queue"].default)
-            cmd = c["command"]
+            cmd = c["args"]
             assert cmd.count("-Q") == 1, f"{where}: one -Q list expected: {cmd}"
             consumed = cmd[cmd.index("-Q") + 1].split(",")
             for queue in (settings.queue_of(pool), f"{query}.{pool}", control):
@@ -882,11 +884,85 @@ def test_pool_replicas_zero_and_disabled_pools(helm):
     cpu = one(docs, "Deployment", f"{RELEASE}-worker-cpu")
     cpu = cpu["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
-    cmd = cpu["command"]
+    cmd = cpu["args"]
     assert cmd[cmd.index("-Q") + 1] == "rise.pool.cpu,rise.queries.cpu,rise.control"
     pools = json.loads(env_of(cpu)["RISE_POOLS"])
     assert set(pools) == {"default", "cpu"}
     assert pools["cpu"] == {"model": "m", "gpus": 0, "dtype": "bfloat16", "batch_size": 8}
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_every_rise_process_starts_with_tini(helm, ci_file):
+    """In Kubernetes a container's `command` replaces the image's ENTRYPOINT: every container
+    of the RISE image gives `args` only, so that its process (ENTRYPOINT + args, as the
+    kubelet resolves them) is the image's tini, PID 1: it reaps zombies and forwards SIGTERM
+    to the one process it started (no -g: a Celery worker's main process gets it and its
+    warm shutdown finishes the running shard). The bundled Redis runs its own image."""
+    image = chartrun.containerfile_image()
+    assert image.entrypoint == ("/usr/bin/tini", "--"), image
+    values = values_for(ci_file)
+    repos = chartrun.rise_repositories(values)
+    docs = render(helm, ci_file)
+    seen = set()
+    for workload, meta, spec in pod_specs(docs):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{workload['kind']}/{workload['metadata']['name']}/{c['name']}"
+            if meta["labels"].get("app.kubernetes.io/component") == "redis":
+                assert chartrun.image_repository(c["image"]) not in repos, where
+                continue
+            assert chartrun.image_repository(c["image"]) in repos, where
+            assert not c.get("command"), f"{where}: `command` replaces the image's tini"
+            argv = chartrun.process_of(c, image)
+            assert argv[:2] == ["/usr/bin/tini", "--"] and argv[2:] == c["args"], (where, argv)
+            seen.add(c["name"])
+    assert seen >= set(RISE_CONTAINERS) | ({"grpc-health"} if values["tests"]["enabled"]
+                                           else set())
+
+
+def test_process_of_resolves_like_kubernetes():
+    image = chartrun.Image(("/usr/bin/tini", "--"), ("rise", "--help"))
+    assert chartrun.process_of({}, image) == ["/usr/bin/tini", "--", "rise", "--help"]
+    assert chartrun.process_of({"args": ["a"]}, image) == ["/usr/bin/tini", "--", "a"]
+    # `command` replaces the ENTRYPOINT and drops the image's CMD
+    assert chartrun.process_of({"command": ["c"]}, image) == ["c"]
+    assert chartrun.process_of({"command": ["c"], "args": ["a"]}, image) == ["c", "a"]
+    assert chartrun.image_repository("reg:5000/ml/rise:0.1.0-cuda") == "reg:5000/ml/rise"
+    assert chartrun.image_repository("rise@sha256:" + "ab" * 32) == "rise"
+
+
+def test_an_image_override_without_its_own_digest_drops_the_inherited_digest(helm):
+    """`image.digest` is the global (CPU) image's digest: a worker image that names an image
+    of its own (a tag or a repository) without a digest pulls `repository:tag`, never the
+    CPU image by that digest; with a digest of its own it pins that. The same for a pool's
+    image over `workers.image`."""
+    cpu, cuda, pool = ("sha256:" + c * 32 for c in ("ab", "cd", "ef"))
+
+    def images(*sets: str) -> tuple[str, str]:
+        docs = render(helm, DEFAULT_CI, *(x for s in sets for x in ("--set", s)))
+        (gc,) = one(docs, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"][
+            "containers"]
+        (wc,) = one(docs, "Deployment", f"{RELEASE}-worker-default")["spec"]["template"][
+            "spec"]["containers"]
+        return gc["image"], wc["image"]
+
+    # no override: every RISE container by the global digest
+    assert images(f"image.digest={cpu}") == (f"rise@{cpu}", f"rise@{cpu}")
+    # a tag only, a repository only: the override's image, not the CPU image's digest
+    assert images(f"image.digest={cpu}", "workers.image.tag=0.1.0-cuda") == \
+        (f"rise@{cpu}", "rise:0.1.0-cuda")
+    assert images(f"image.digest={cpu}", "workers.image.repository=reg/rise-cuda") == \
+        (f"rise@{cpu}", "reg/rise-cuda:0.1.0")
+    # a digest of its own pins it
+    assert images(f"image.digest={cpu}", "workers.image.tag=0.1.0-cuda",
+                  f"workers.image.digest={cuda}") == (f"rise@{cpu}", f"rise@{cuda}")
+    # a pool's tag drops the workers' digest; a pool without an image keeps it
+    assert images(f"image.digest={cpu}", f"workers.image.digest={cuda}",
+                  "workers.pools.default.image.tag=0.2.0-cuda") == \
+        (f"rise@{cpu}", "rise:0.2.0-cuda")
+    assert images(f"image.digest={cpu}", f"workers.image.digest={cuda}",
+                  f"workers.pools.default.image.digest={pool}") == \
+        (f"rise@{cpu}", f"rise@{pool}")
+    assert images(f"workers.image.digest={cuda}") == ("rise:0.1.0", f"rise@{cuda}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1119,7 +1195,8 @@ def test_redis_password_reaches_every_component(helm, ci_file):
     assert not [d for d in by_kind(off, "Secret") if d["metadata"]["name"] == name]
     for _, _, spec in pod_specs(off):
         for c in spec["containers"]:
-            assert "REDIS_PASSWORD" not in env_of(c) and "--requirepass" not in c.get("command", [])
+            argv = (c.get("command") or []) + (c.get("args") or [])
+            assert "REDIS_PASSWORD" not in env_of(c) and "--requirepass" not in argv
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)

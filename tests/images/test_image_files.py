@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,38 @@ def test_lock_has_every_pin_of_pyproject(variant):
         assert any(n.startswith("nvidia-") for n in locked)
     else:
         assert not any(n.startswith(("nvidia-", "triton")) for n in locked)
+    # the extras the variant carries, at pyproject's pins: rise[gpu] (nvidia-ml-py, the
+    # workers' NVML series) in the CUDA image only
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert wheelhouse.VARIANT_EXTRAS[variant] == (["gpu"] if variant == "cuda" else [])
+    for pin in extras["gpu"]:
+        name, version = pin.split("==")
+        got = locked.get(wheelhouse.normalize(name), (None,))[0]
+        assert got == (version if variant == "cuda" else None), (variant, name, got)
+
+
+def test_check_lock_refuses_a_lock_without_an_extras_pin(tmp_path):
+    lock = wheelhouse.lock_path("cuda").read_text()
+    without = re.sub(r"^nvidia-ml-py==.*\n.*\n", "", lock, flags=re.M)
+    assert without != lock
+    (tmp_path / "r.txt").write_text(without)
+    with pytest.raises(SystemExit, match="nvidia-ml-py"):
+        wheelhouse.check_lock("cuda", tmp_path / "r.txt")
+
+
+def test_containerfile_names_the_images_make_tags():
+    """The header's `make images`/`make image-cuda` lines name the tags the Makefile gives."""
+    make = (ROOT / "Makefile").read_text()
+    image = re.search(r"^IMAGE \?= (\S+)$", make, re.M)[1]
+    tagged = {}
+    for target in ("images", "image-cuda"):
+        recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", make, re.M)[1]
+        suffix = re.search(r"-t \$\(IMAGE\):\$\(IMAGE_VERSION\)(\S*)", recipe)[1]
+        tagged[target] = f"{image}:<version>{suffix}"
+    header = (IMAGES / "Containerfile").read_text().split("ARG ", 1)[0]
+    named = dict(re.findall(r"make (images|image-cuda)\b.*?->\s*(\S+)", header, re.S))
+    assert named == tagged
 
 
 def test_build_lock_pins_the_installer():

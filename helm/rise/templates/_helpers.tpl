@@ -103,12 +103,15 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Images --------------------------------------------------------------------- */}}
 
 {{/* (dict "ctx" $ "override" map-with-optional-repository-tag-and-digest). A digest pins
-     the image (`repo@sha256:...`, the tag is then ignored); an override's repository
-     drops the global digest, which names another image. */}}
+     the image (`repo@sha256:...`, the tag is then ignored). An override that names an
+     image of its own (a repository or a tag) without a digest of its own drops the global
+     `image.digest`: that digest is the global image's, and would otherwise pin the
+     override back to it (a worker `tag: 1.2.0-cuda` would run the CPU image). */}}
 {{- define "rise.image" -}}
 {{- $o := .override | default dict }}
 {{- $repo := $o.repository | default .ctx.Values.image.repository }}
-{{- $digest := $o.digest | default (ternary "" (.ctx.Values.image.digest | default "") (not (empty $o.repository))) }}
+{{- $own := or (not (empty $o.repository)) (not (empty $o.tag)) }}
+{{- $digest := $o.digest | default (ternary "" (.ctx.Values.image.digest | default "") $own) }}
 {{- if $digest }}
 {{- include "rise.checkDigest" $digest }}
 {{- printf "%s@%s" $repo $digest }}

@@ -68,7 +68,13 @@ def featurize(
     sketcher = None
     if config.sketched:
         sketcher = make_sketcher(config.seed, head.vocab, head.hidden, config.dims)
-    rh_parts, gh_parts, counts, factors = [], [], [], []
+    # A shard's sketches are filled in place, batch by batch: concatenating per-batch parts
+    # at the end held every float64 sketch twice (about 200 MB for 1,024 examples at the
+    # default dims; tests/benchmarks/reports/ingest-scale.md).
+    rh_all: torch.Tensor | None = None
+    gh_all: torch.Tensor | None = None
+    counts: list[torch.Tensor] = []
+    factors: list[TokenFactors] = []
     # Sorting by length inside the call would change which examples share a batch but not
     # any example's features (padding is masked); keep input order for simplicity.
     for rng in _batches(len(encoded), batch_size):
@@ -83,17 +89,21 @@ def featurize(
             if sketcher is not None:
                 rh, gh = sketch_batch(pos, head, sketcher, config.topk, config.temperature,
                                       chunk, len(encs))
-                rh_parts.append(rh.cpu())
-                gh_parts.append(gh.cpu())
             else:
                 factors.extend(_factors(pos, head, config, chunk, len(encs)))
+        if sketcher is not None:  # outside inference mode: the result is a normal tensor
+            if rh_all is None or gh_all is None:
+                rh_all = torch.empty((len(encoded), rh.shape[1]), dtype=rh.dtype)
+                gh_all = torch.empty((len(encoded), gh.shape[1]), dtype=gh.dtype)
+            rh_all[rng.start:rng.stop] = rh.cpu()
+            gh_all[rng.start:rng.stop] = gh.cpu()
         if progress is not None:
             progress(len(encs), int(pos.counts.sum()))
     feats = Features(token_counts=torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long))
     if sketcher is not None:
         kr, kh, kg = config.dims
-        feats.rh = torch.cat(rh_parts) if rh_parts else torch.zeros(0, kr * kh, dtype=torch.float64)
-        feats.gh = torch.cat(gh_parts) if gh_parts else torch.zeros(0, kg * kh, dtype=torch.float64)
+        feats.rh = rh_all if rh_all is not None else torch.zeros(0, kr * kh, dtype=torch.float64)
+        feats.gh = gh_all if gh_all is not None else torch.zeros(0, kg * kh, dtype=torch.float64)
     else:
         feats.factors = factors
     return feats

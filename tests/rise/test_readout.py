@@ -140,6 +140,26 @@ def test_chunking_changes_nothing(models64):
     torch.testing.assert_close(big.gh, tiny.gh, rtol=1e-10, atol=1e-12)
 
 
+def test_batches_fill_the_shard_tensors_in_place(models64):
+    """Each batch's sketches land in their rows of one (n, k) tensor per channel (no
+    concatenation of per-batch parts): the same bytes as featurizing each batch alone,
+    the last batch short; no records give empty tensors of the right width."""
+    lm = models64["gpt_neox"]
+    encs = [encode_record(r, lm.tokenizer, 64) for r in _records(False)]
+    assert len(encs) % 3  # a short last batch
+    cfg = make_config(topk=8, dims=(16, 8, 8))
+    whole = featurize(lm, encs, cfg, batch_size=3)
+    parts = [featurize(lm, encs[i:i + 3], cfg, batch_size=3) for i in range(0, len(encs), 3)]
+    assert whole.rh is not None and whole.gh is not None
+    assert whole.rh.shape == (len(encs), 16 * 8) and whole.gh.shape == (len(encs), 8 * 8)
+    assert not whole.rh.is_inference() and not whole.gh.is_inference()  # callers may edit
+    assert torch.equal(whole.rh, torch.cat([p.rh for p in parts if p.rh is not None]))
+    assert torch.equal(whole.gh, torch.cat([p.gh for p in parts if p.gh is not None]))
+    none = featurize(lm, [], cfg)
+    assert none.rh is not None and none.gh is not None
+    assert none.rh.shape == (0, 16 * 8) and none.gh.shape == (0, 8 * 8)
+
+
 def test_topk_keeps_target_and_top_entries(models64):
     """Residual entries: TopK(p) U {y}; the dense residual restricted to them, zero elsewhere."""
     from rise.readout import readout

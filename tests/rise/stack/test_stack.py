@@ -236,6 +236,89 @@ def test_value_writes_every_value_to_parquet(built, a, env):
     assert table["rank"].to_pylist() == list(range(1, 13))
 
 
+# ------------------------------------------------------------------ explain, generations
+# Before the tests that delete from, append to or copy index "c": they compare with the
+# embedded index as built.
+
+
+def test_explain_equals_embedded(built, a, b, embedded):
+    """Explain runs on the pool's worker (it reads the hit back from the dataset in S3)
+    and answers what the embedded rise.explain answers."""
+    from rise import api
+    from rise.client import explanation_dict
+    from rise.data import Record
+
+    resp = a.explain("c", QUERIES[:2], "doc-0", query_id="q-fox", top=4)
+    got = explanation_dict(resp)
+    q = Record(id="q-fox", number=0, text=QUERIES[0]["text"], prompt=None, response=None, raw={})
+    want = api.explain(embedded.index, embedded.lm, q, "doc-0", top=4).to_dict()
+    assert resp.generation == 1
+    for key in ("score", "pair_total", "centering", "sketched_score"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["pair_rows"] == want["pair_rows"] and got["pair_cols"] == want["pair_cols"]
+    assert [t["text"] for t in got["hit_tokens"]] == [t["text"] for t in want["hit_tokens"]]
+    assert got["score"] == pytest.approx(got["pair_total"] + got["centering"], abs=1e-12)
+    assert len(got["top_pairs"]) == 4
+    # the sketched score is the one Attribute answers for that pair
+    hits = dict((i, s) for i, s, _ in a.attribute("c", QUERIES[:1], top=12)[0][1])
+    assert hits["doc-0"] == pytest.approx(got["sketched_score"], abs=1e-6)
+    with pytest.raises(errors.NotFound, match="doc-404"):
+        a.explain("c", QUERIES[:2], "doc-404", query_id="q-fox")
+    with pytest.raises(errors.InvalidInput, match="not among the queries"):
+        a.explain("c", QUERIES[:2], "doc-0", query_id="q-nope")
+    with pytest.raises(errors.InvalidInput, match="name one"):
+        a.explain("c", QUERIES[:2], "doc-0")
+    with pytest.raises(errors.NotFound):
+        b.explain("c", QUERIES[:1], "doc-0")
+
+
+def test_attribute_generated_equals_embedded(built, a, embedded):
+    from rise import api
+    from rise.data import Record
+    from rise.generate import GenerateSpec
+
+    prompts = [{"id": "g1", "text": "The quick brown"}, {"id": "g2", "text": "Shards are"}]
+    got = a.attribute_generated("c", prompts, max_new_tokens=6, top=3)
+    recs = [Record(id=p["id"], number=i, text=p["text"], prompt=None, response=None, raw={})
+            for i, p in enumerate(prompts)]
+    want = api.attribute_generated(embedded.index, embedded.lm, recs,
+                                   GenerateSpec(max_new_tokens=6), top=3)
+    assert [(q, p, g) for q, p, g, _ in got] == [(r.id, r.prompt, r.response) for r, _ in want]
+    for (_, _, _, hits), (_, local) in zip(got, want, strict=True):
+        assert [h[0] for h in hits] == [h.id for h in local]
+        assert [h[1] for h in hits] == pytest.approx([h.score for h in local], abs=1e-6)
+    sampled = a.attribute_generated("c", prompts, max_new_tokens=6, temperature=1.3, seed=4)
+    assert sampled == a.attribute_generated("c", prompts, max_new_tokens=6, temperature=1.3,
+                                            seed=4)
+    with pytest.raises(errors.InvalidInput, match="max new tokens must be in"):
+        a.attribute_generated("c", prompts, max_new_tokens=100_000)
+    with pytest.raises(errors.InvalidInput, match="below the index's max_length"):
+        a.attribute_generated("c", prompts, max_new_tokens=1000)
+
+
+def test_remote_explain_and_generate(built, env, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RISE_GATEWAY", env.gateway)
+    monkeypatch.setenv("RISE_TOKEN", TOKENS["a"])
+    html = tmp_path / "e.html"
+    code, out, err = run_cli(capsys, "remote", "explain", "c", "--queries", env.queries,
+                             "--query", "q-shard", "--hit", "doc-4", "--html", html, "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert (d["query_id"], d["hit_id"]) == ("q-shard", "doc-4")
+    assert html.read_text().startswith("<!DOCTYPE html>")
+    code, _, err = run_cli(capsys, "remote", "explain", "c", "--queries", env.queries,
+                           "--query", "q-shard", "--hit", "nope")
+    assert code == 3 and "nope" in err
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "text": "A fox"}])
+    out_file = tmp_path / "gen.jsonl"
+    code, _, err = run_cli(capsys, "remote", "attribute", "c", "--generate", "--prompts",
+                           prompts, "--max-new-tokens", "5", "--output", out_file)
+    assert code == 0, err
+    row = json.loads(out_file.read_text())
+    assert row["query_id"] == "p1" and row["prompt"] == "A fox" and row["generated"]
+    assert len(row["results"]) == 10
+
+
 def test_bearer_token_is_required(env):
     for token in ("", "not-a-token"):
         with RiseClient(env.gateway, token, timeout=30) as c:
@@ -650,87 +733,6 @@ def test_an_index_copied_in_is_invisible_until_imported(env, embedded, capsys, m
                              TOKENS["c"], "import", "viacli", "--pool", POOL, "--json")
     assert code == 0, err
     assert json.loads(out)["live_count"] == 12
-
-
-# ------------------------------------------------------------------ explain, generations
-
-
-def test_explain_equals_embedded(built, a, b, embedded):
-    """Explain runs on the pool's worker (it reads the hit back from the dataset in S3)
-    and answers what the embedded rise.explain answers."""
-    from rise import api
-    from rise.client import explanation_dict
-    from rise.data import Record
-
-    resp = a.explain("c", QUERIES[:2], "doc-0", query_id="q-fox", top=4)
-    got = explanation_dict(resp)
-    q = Record(id="q-fox", number=0, text=QUERIES[0]["text"], prompt=None, response=None, raw={})
-    want = api.explain(embedded.index, embedded.lm, q, "doc-0", top=4).to_dict()
-    assert resp.generation == 1
-    for key in ("score", "pair_total", "centering", "sketched_score"):
-        assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    assert got["pair_rows"] == want["pair_rows"] and got["pair_cols"] == want["pair_cols"]
-    assert [t["text"] for t in got["hit_tokens"]] == [t["text"] for t in want["hit_tokens"]]
-    assert got["score"] == pytest.approx(got["pair_total"] + got["centering"], abs=1e-12)
-    assert len(got["top_pairs"]) == 4
-    # the sketched score is the one Attribute answers for that pair
-    hits = dict((i, s) for i, s, _ in a.attribute("c", QUERIES[:1], top=12)[0][1])
-    assert hits["doc-0"] == pytest.approx(got["sketched_score"], abs=1e-6)
-    with pytest.raises(errors.NotFound, match="doc-404"):
-        a.explain("c", QUERIES[:2], "doc-404", query_id="q-fox")
-    with pytest.raises(errors.InvalidInput, match="not among the queries"):
-        a.explain("c", QUERIES[:2], "doc-0", query_id="q-nope")
-    with pytest.raises(errors.InvalidInput, match="name one"):
-        a.explain("c", QUERIES[:2], "doc-0")
-    with pytest.raises(errors.NotFound):
-        b.explain("c", QUERIES[:1], "doc-0")
-
-
-def test_attribute_generated_equals_embedded(built, a, embedded):
-    from rise import api
-    from rise.data import Record
-    from rise.generate import GenerateSpec
-
-    prompts = [{"id": "g1", "text": "The quick brown"}, {"id": "g2", "text": "Shards are"}]
-    got = a.attribute_generated("c", prompts, max_new_tokens=6, top=3)
-    recs = [Record(id=p["id"], number=i, text=p["text"], prompt=None, response=None, raw={})
-            for i, p in enumerate(prompts)]
-    want = api.attribute_generated(embedded.index, embedded.lm, recs,
-                                   GenerateSpec(max_new_tokens=6), top=3)
-    assert [(q, p, g) for q, p, g, _ in got] == [(r.id, r.prompt, r.response) for r, _ in want]
-    for (_, _, _, hits), (_, local) in zip(got, want, strict=True):
-        assert [h[0] for h in hits] == [h.id for h in local]
-        assert [h[1] for h in hits] == pytest.approx([h.score for h in local], abs=1e-6)
-    sampled = a.attribute_generated("c", prompts, max_new_tokens=6, temperature=1.3, seed=4)
-    assert sampled == a.attribute_generated("c", prompts, max_new_tokens=6, temperature=1.3,
-                                            seed=4)
-    with pytest.raises(errors.InvalidInput, match="max new tokens must be in"):
-        a.attribute_generated("c", prompts, max_new_tokens=100_000)
-    with pytest.raises(errors.InvalidInput, match="below the index's max_length"):
-        a.attribute_generated("c", prompts, max_new_tokens=1000)
-
-
-def test_remote_explain_and_generate(built, env, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("RISE_GATEWAY", env.gateway)
-    monkeypatch.setenv("RISE_TOKEN", TOKENS["a"])
-    html = tmp_path / "e.html"
-    code, out, err = run_cli(capsys, "remote", "explain", "c", "--queries", env.queries,
-                             "--query", "q-shard", "--hit", "doc-4", "--html", html, "--json")
-    assert code == 0, err
-    d = json.loads(out)
-    assert (d["query_id"], d["hit_id"]) == ("q-shard", "doc-4")
-    assert html.read_text().startswith("<!DOCTYPE html>")
-    code, _, err = run_cli(capsys, "remote", "explain", "c", "--queries", env.queries,
-                           "--query", "q-shard", "--hit", "nope")
-    assert code == 3 and "nope" in err
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "text": "A fox"}])
-    out_file = tmp_path / "gen.jsonl"
-    code, _, err = run_cli(capsys, "remote", "attribute", "c", "--generate", "--prompts",
-                           prompts, "--max-new-tokens", "5", "--output", out_file)
-    assert code == 0, err
-    row = json.loads(out_file.read_text())
-    assert row["query_id"] == "p1" and row["prompt"] == "A fox" and row["generated"]
-    assert len(row["results"]) == 10
 
 
 # Last: it stops the module's stack.

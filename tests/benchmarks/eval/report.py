@@ -324,6 +324,8 @@ def write_report(cache: Path, out: Path, tasks: list[str] | None = None, smoke: 
               f"{c['greedy']['clean']['starts_with_howdy']:.0%} of clean ones; mean per-token "
               f"P(Howdy response) {c['p_howdy_token_triggered']:.3f} triggered vs "
               f"{c['p_howdy_token_clean']:.3f} clean.")
+            if (out / "backdoor_explain.md").exists():
+                w("  Explained hits and attributed generations: [backdoor_explain.md](backdoor_explain.md).")
         if t == "quality" and "loop" in m:
             lc = m["loop"]
             w(f"  Closed loop: top {m.get('select_fraction', 0.3):.0%} by value (mean score over "

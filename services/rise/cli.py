@@ -8,7 +8,6 @@ shows a progress bar with examples/s and tokens/s on stderr.  Bad input prints o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,10 +24,9 @@ from rise.cliutil import (
     check_output,
     emit,
     fields_from_args,
-    format_explanation,
     read_ids,
+    show_explanation,
     write_jsonl,
-    write_text,
 )
 from rise.config import check_collapse, make_config, parse_dims
 from rise.data import FieldMap, read_records
@@ -347,7 +345,6 @@ def cmd_value(a: argparse.Namespace) -> None:
 def cmd_explain(a: argparse.Namespace) -> None:
     # start-up: torch only in the verbs that need it (note at the top)
     from rise.api import explain, pick_query
-    from rise.explainview import render_html
 
     spec = _spec(a)
     if a.html:
@@ -361,14 +358,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     e = explain(idx, lm, query, a.hit, fields=fields, spec=spec, top=a.top,
                 batch_size=a.batch_size)
     d = e.to_dict()
-    if a.html:
-        write_text(a.html, render_html(d))
-    if a.json:
-        print(json.dumps(d, ensure_ascii=False, sort_keys=True))
-        return
-    print(format_explanation(d, a.top))
-    if a.html:
-        print(f"wrote {a.html}")
+    show_explanation(a, d)
 
 
 def cmd_copy(a: argparse.Namespace) -> None:

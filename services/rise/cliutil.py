@@ -15,6 +15,7 @@ from typing import Any
 from rise import constants
 from rise.data import FieldMap
 from rise.errors import InvalidInput, NotFound
+from rise.explainview import render_html
 
 
 def add_field_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +109,19 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def show_explanation(a: argparse.Namespace, d: dict[str, Any]) -> None:
+    """What ``rise explain`` and ``rise remote explain`` print: the page with ``--html``,
+    then the explanation as JSON with ``--json``, else as text."""
+    if a.html:
+        write_text(a.html, render_html(d))
+    if a.json:
+        print(json.dumps(d, ensure_ascii=False, sort_keys=True))
+        return
+    print(format_explanation(d, a.top))
+    if a.html:
+        print(f"wrote {a.html}")
 
 
 def format_explanation(d: dict[str, Any], top: int) -> str:

@@ -19,7 +19,6 @@ the same command again after a lost answer gets the first job, never a second on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -44,15 +43,13 @@ from rise.cliutil import (
     check_output,
     emit,
     fields_from_args,
-    format_explanation,
     read_ids,
+    show_explanation,
     write_jsonl,
-    write_text,
 )
 from rise.config import check_collapse, make_config, parse_dims
 from rise.data import FieldMap, read_records
 from rise.errors import InvalidInput, Unauthenticated
-from rise.explainview import render_html
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
@@ -348,14 +345,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
         resp = c.explain(_name(a), queries, a.hit, query_id=a.query or "", top=a.top,
                          **_scoring(a))
     d = explanation_dict(resp)
-    if a.html:
-        write_text(a.html, render_html(d))
-    if a.json:
-        print(json.dumps(d, ensure_ascii=False, sort_keys=True))
-        return
-    print(format_explanation(d, a.top))
-    if a.html:
-        print(f"wrote {a.html}")
+    show_explanation(a, d)
 
 
 def cmd_value(a: argparse.Namespace) -> None:

@@ -23,9 +23,9 @@ import torch
 
 from rise import ann, constants
 from rise.config import check_collapse
-from rise.data import FieldMap, Record, file_sha256, iter_records, read_records, write_records
-from rise.errors import InvalidInput, Mismatch
-from rise.explain import Explanation, explain, pick_query
+from rise.data import FieldMap, Record, read_records, write_records
+from rise.errors import InvalidInput
+from rise.explain import Explanation, explain, ingest_records, pick_query
 from rise.factors import check_finite
 from rise.featurize import CancelFn, ProgressFn, featurize
 from rise.generate import GenerateSpec, generate_responses
@@ -446,13 +446,7 @@ def fetch_records(index: Index, ids: Iterable[str],
         numbers = where.get(ing.generation)
         if not numbers:
             continue
-        uri = ing.dataset_uri
-        path = resolve(uri) if resolve is not None else uri
-        if not os.path.exists(path):
-            raise Mismatch(f"dataset {uri} of ingest generation {ing.generation} is gone")
-        if file_sha256(path, uri) != ing.dataset_sha256:
-            raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
-        for rec in iter_records(path, FieldMap(**ing.fields.model_dump()), name=uri):
+        for rec in ingest_records(ing, resolve):
             if rec.number in numbers:
                 out[rec.id] = rec.raw
     return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from rise.errors import InvalidInput, Mismatch, NotFound
 from rise.factors import Features, TokenFactors, check_finite
 from rise.featurize import featurize
 from rise.index import Index
+from rise.manifest import IngestEntry
 from rise.model import LoadedModel
 from rise.score import PoolMean, ScoreSpec, make_queryset, pool_mean, shard_scores
 from rise.shard import ShardData
@@ -182,6 +183,19 @@ def find_hit(index: Index, hit_id: str) -> tuple[ShardData, int]:
     raise NotFound(f"hit id {hit_id!r} is not an example of the index")
 
 
+def ingest_records(ing: IngestEntry, resolve: Resolve | None = None) -> Iterator[Record]:
+    """The records of an ingest's dataset, read back (``resolve`` maps its URI to a local
+    file; by default URIs are local paths), once the file still matches the sha256 the
+    manifest recorded."""
+    uri = ing.dataset_uri
+    path = resolve(uri) if resolve is not None else uri
+    if not os.path.exists(path):
+        raise Mismatch(f"dataset {uri} of ingest generation {ing.generation} is gone")
+    if file_sha256(path, uri) != ing.dataset_sha256:
+        raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
+    return iter_records(path, FieldMap(**ing.fields.model_dump()), name=uri)
+
+
 def hit_record(index: Index, sd: ShardData, row: int, resolve: Resolve | None = None,
                ) -> tuple[Record, FieldMap]:
     """The original record of a shard row, read back from its ingest's dataset (which must
@@ -190,16 +204,9 @@ def hit_record(index: Index, sd: ShardData, row: int, resolve: Resolve | None = 
     for ing in index.manifest.ingests:
         if ing.generation != gen:
             continue
-        uri = ing.dataset_uri
-        path = resolve(uri) if resolve is not None else uri
-        if not os.path.exists(path):
-            raise Mismatch(f"dataset {uri} of ingest generation {gen} is gone")
-        if file_sha256(path, uri) != ing.dataset_sha256:
-            raise Mismatch(f"dataset {uri} changed since it was indexed (sha256 differs)")
-        fields = FieldMap(**ing.fields.model_dump())
-        for rec in iter_records(path, fields, name=uri):
+        for rec in ingest_records(ing, resolve):
             if rec.number == number:
-                return rec, fields
+                return rec, FieldMap(**ing.fields.model_dump())
         break
     raise Mismatch(f"record {number} of ingest generation {gen} is missing from its dataset")
 

@@ -39,18 +39,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
 import importlib.util
 import inspect
 import io
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +55,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import rise
 from rise import errors
 from rise.client import RiseClient, state_name
 from rise.stack import Stack, free_port
@@ -398,31 +394,13 @@ def as_expected(rec: dict[str, Any]) -> bool:
 
 
 def stamp(opts, env: dict[str, str]) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ours = Path(rise.__file__).resolve().is_relative_to(REPO)
-    code = opts.code_label or (
-        f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}"
-        + (" plus uncommitted changes under services/" if ours and git(
-            "status", "--porcelain", "--untracked-files=no", "--", "services") else "")
-        if ours else "rise imported from outside this checkout")
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    runstamp = importlib.import_module("runstamp")  # tests/runstamp.py
     return {
-        "code": code,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "code": runstamp.code_label(opts.code_label),
+        **runstamp.machine(),
         "mode": "quick" if opts.quick else "full",
-        "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "settings": env,
         "params": {"records": opts.records, "shard_size": opts.shard_size,
                    "max_length": MAX_LENGTH, "model": f"llama hidden {opts.hidden}, "

@@ -48,15 +48,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +63,6 @@ from typing import Any
 
 import grpc
 import redis
-import rise
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from rise.client import RiseClient, state_name
@@ -916,31 +912,13 @@ def build_model(folder: Path) -> Path:
 
 
 def stamp(opts: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ours = Path(rise.__file__).resolve().is_relative_to(REPO)
-    code = opts.code_label or (
-        f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}"
-        + (" plus uncommitted changes under services/" if ours and git(
-            "status", "--porcelain", "--untracked-files=no", "--", "services") else "")
-        if ours else "rise imported from outside this checkout")
-    return {"code": code, "command": opts.command,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    runstamp = importlib.import_module("runstamp")  # tests/runstamp.py
+    return {"code": runstamp.code_label(opts.code_label), "command": opts.command,
+            **runstamp.machine(),
             "mode": "quick" if opts.quick else "full", "seed": opts.seed,
-            "per_rpc": opts.per_rpc, "rpcs": opts.rpcs, "python": platform.python_version(),
-            "cpu": cpu, "cpu_count": os.cpu_count(),
-            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "settings": env,
+            "per_rpc": opts.per_rpc, "rpcs": opts.rpcs, "settings": env,
             "mix": {"wire_percent": 0 if opts.no_wire else WIRE_PERCENT,
                     "unknown_fields_percent": UNKNOWN_PERCENT,
                     "dataset_percent": DATASET_PERCENT, "cancel_percent": CANCEL_PERCENT,

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from rise.adapter import merge_adapter, read_adapter
 from rise.constants import cache_dir
-from rise.errors import InvalidInput, Mismatch, NotFound, UnsupportedModel
+from rise.errors import InvalidInput, NotFound, UnsupportedModel
 from rise.readout import Head
 
 # transformers (and huggingface_hub's API) are imported in the functions that load a model:
@@ -61,17 +61,6 @@ class ModelIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def check_same(self, other: dict[str, Any]) -> None:
-        """Raise Mismatch naming the first differing hash."""
-        for key in ("config_sha256", "head_sha256", "tokenizer_sha256", "adapter_sha256"):
-            if other.get(key) != getattr(self, key):
-                raise Mismatch(
-                    f"model mismatch: index was built with {other.get('name')!r} but the query "
-                    f"model {self.name!r} differs in {key.removesuffix('_sha256')} "
-                    f"({str(other.get(key) or 'none')[:12]} vs "
-                    f"{str(getattr(self, key) or 'none')[:12]})"
-                )
 
 
 def _sha256_json(obj: Any) -> str:

@@ -151,16 +151,6 @@ def build_manifest(folder: str | os.PathLike) -> ModelManifest:
     return ModelManifest(files=files)
 
 
-def verify_folder(folder: Path, manifest: ModelManifest) -> list[str]:
-    """Files of ``folder`` that are missing or differ from ``manifest`` (empty: all good)."""
-    bad = []
-    for f in manifest.files:
-        p = folder / f.path
-        if not p.is_file() or p.stat().st_size != f.size or file_sha256(p) != f.sha256:
-            bad.append(f.path)
-    return bad
-
-
 # ---------------------------------------------------------------------------- sources
 
 

@@ -253,15 +253,6 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return sq.sqrt()
 
 
-def shard_norms(sd: ShardData, channel: str) -> torch.Tensor:
-    """The shard's float64 row norms of a channel's stored sketches, computed once per
-    load (n values: the shard's memory is its stored bytes and these)."""
-    key = ("norm", channel)
-    if key not in sd.derived:
-        sd.derived[key] = row_norms(getattr(sd, channel))
-    return sd.derived[key]
-
-
 def shard_dots(sd: ShardData, channel: str, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dots (n, m) float32 of the stored rows against ``q``, the rows' float64 norms),
     one ``scan_dots`` pass: the first scan of a loaded shard computes the norms in the
